@@ -1,0 +1,175 @@
+//! The policy file: what the gateway serves, to whom, and how it fails over.
+//!
+//! A policy is TOML. Unknown fields are rejected; every error names the file, line, column and field path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+/// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Listener and request limits.
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+    /// The Azure OpenAI deployments (regions) the gateway sends traffic to.
+    pub backends: Vec<BackendSpec>,
+    /// Logical deployments that clients may call.
+    pub deployments: Vec<DeploymentSpec>,
+    /// How attempts fail over between backends.
+    #[serde(default)]
+    pub failover: FailoverSettings,
+    /// When a backend's circuit opens.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSettings,
+    /// Applications allowed to call the gateway.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerSpec>,
+}
+
+/// `[gateway]`: the listener and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Address to listen on, e.g. `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests (streams included) may run after SIGTERM/SIGINT.
+    pub shutdown_grace_seconds: u64,
+}
+
+/// `[[backends]]`: one Azure OpenAI resource in one region.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// Unique name, shown in `x-served-by`.
+    pub name: String,
+    /// Azure region, e.g. `Sweden Central`.
+    pub region: String,
+    /// Base URL of the resource, e.g. `https://my-aoai.openai.azure.com`.
+    pub endpoint: String,
+    /// Priority group: lower numbers are tried first.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Relative share of traffic inside the priority group.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Secret reference for an `api-key` credential.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Secret reference for an `Authorization: Bearer` token.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Logical deployment name -> this backend's own deployment name.
+    pub deployments: BTreeMap<String, String>,
+    /// Known tokens-per-minute limit of this backend, if any.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Known requests-per-minute limit of this backend, if any.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+}
+
+/// `[[deployments]]`: a logical deployment clients call by name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSpec {
+    /// The name clients use in the path or in `model`.
+    pub name: String,
+    /// The model behind it (used to choose a tokenizer); defaults to the name.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// `[failover]`: how attempts move between backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverSettings {
+    /// Most attempts for one client request, across all backends.
+    pub max_attempts: u32,
+    /// Overall deadline for one client request until its response headers, in milliseconds.
+    pub deadline_ms: u64,
+    /// How long to wait for one backend's response headers, in milliseconds.
+    pub response_header_timeout_ms: u64,
+    /// Cooldown when a throttled backend gives no usable hint, in milliseconds.
+    pub default_cooldown_ms: u64,
+    /// Longest cooldown honoured from a backend's hint, in milliseconds.
+    pub max_cooldown_ms: u64,
+    /// Upstream statuses that fail over to the next backend.
+    pub on_status: Vec<u16>,
+}
+
+/// `[circuit_breaker]`: when a failing backend is taken out of rotation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerSettings {
+    /// Failures within `interval_seconds` that open the circuit.
+    pub failures: u32,
+    /// Window in which failures are counted.
+    pub interval_seconds: u64,
+    /// How long an open circuit stays open before a probe is let through.
+    pub trip_seconds: u64,
+}
+
+/// `[[consumers]]`: an application allowed to call the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSpec {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Secret references for the API keys this consumer may present.
+    pub keys: Vec<String>,
+    /// Logical deployments this consumer may call; all when absent.
+    #[serde(default)]
+    pub deployments: Option<Vec<String>>,
+}
+
+fn default_priority() -> u32 {
+    1
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+// === impl GatewaySettings ===
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+// === impl FailoverSettings ===
+
+impl Default for FailoverSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            deadline_ms: 120_000,
+            response_header_timeout_ms: 30_000,
+            default_cooldown_ms: 10_000,
+            max_cooldown_ms: 300_000,
+            on_status: vec![408, 429, 500, 502, 503, 504],
+        }
+    }
+}
+
+// === impl CircuitBreakerSettings ===
+
+impl Default for CircuitBreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            interval_seconds: 10,
+            trip_seconds: 30,
+        }
+    }
+}
