@@ -1,11 +1,52 @@
 //! The policy file: what the gateway serves, to whom, and how it fails over.
 //!
-//! A policy is TOML. Unknown fields are rejected; every error names the file, line, column and field path.
+//! A policy is TOML. Unknown fields are rejected; every error names the file, line, column and field
+//! path, and all semantic errors are reported at once.
+//!
+//! ```
+//! use gateway_core::policy::Policy;
+//! use gateway_core::secret::{MapSecrets, NoSecrets};
+//!
+//! let text = r#"
+//! [[deployments]]
+//! name = "gpt-4o"
+//!
+//! [[backends]]
+//! name = "sweden"
+//! region = "Sweden Central"
+//! endpoint = "https://sweden.openai.azure.com/"
+//! api_key = "env:SWEDEN_KEY"
+//! deployments = { gpt-4o = "gpt-4o-2024-08-06" }
+//! "#;
+//! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
+//! assert_eq!(policy.backends[0].normalized_endpoint(), "https://sweden.openai.azure.com");
+//!
+//! let secrets = MapSecrets::with_fallback(NoSecrets).with_env("SWEDEN_KEY", "k");
+//! let resolved = policy.resolve_secrets(&secrets, None).unwrap();
+//! assert_eq!(resolved.backends[0].secret().expose(), "k");
+//!
+//! let errors = Policy::from_toml_str(&text.replace("api_key", "apikey"), "policy.toml").unwrap_err();
+//! assert_eq!(
+//!     errors.to_string(),
+//!     "policy.toml:9:1: backends[0].apikey: unknown field `apikey`, expected one of \
+//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`"
+//! );
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::Deserialize;
+
+mod error;
+mod locate;
+mod parse;
+mod resolve;
+mod summary;
+mod validate;
+
+pub use error::{PolicyError, PolicyErrors, PolicySource};
+pub use resolve::ResolvedSecrets;
 
 /// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +68,10 @@ pub struct Policy {
     /// Applications allowed to call the gateway.
     #[serde(default)]
     pub consumers: Vec<ConsumerSpec>,
+    /// Where the policy was read from: names the file in errors found after loading, and is the
+    /// base for relative `file:` secrets. Not part of the TOML.
+    #[serde(skip)]
+    pub source: PolicySource,
 }
 
 /// `[gateway]`: the listener and request limits.
@@ -133,6 +178,29 @@ fn default_priority() -> u32 {
 
 fn default_weight() -> u32 {
     1
+}
+
+// === impl BackendSpec ===
+
+impl BackendSpec {
+    /// The endpoint without trailing slashes, ready for `{endpoint}/openai/...`.
+    pub fn normalized_endpoint(&self) -> &str {
+        self.endpoint.trim_end_matches('/')
+    }
+
+    /// The backend's deployment name for logical deployment `logical`, if it serves it.
+    pub fn deployment_for(&self, logical: &str) -> Option<&str> {
+        self.deployments.get(logical).map(String::as_str)
+    }
+}
+
+// === impl DeploymentSpec ===
+
+impl DeploymentSpec {
+    /// The model behind the deployment: `model`, or the name when absent.
+    pub fn model_name(&self) -> &str {
+        self.model.as_deref().unwrap_or(&self.name)
+    }
 }
 
 // === impl GatewaySettings ===

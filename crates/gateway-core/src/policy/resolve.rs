@@ -1,0 +1,82 @@
+//! Resolving a policy's secret references into the credentials and keys the gateway uses.
+
+use std::path::Path;
+
+use super::locate::{Locator, field, index};
+use super::{Policy, PolicyErrors};
+use crate::secret::{Credential, Secret, SecretRef, SecretSource};
+
+/// The secrets a policy refers to, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedSecrets {
+    /// Each backend's credential, parallel to [`Policy::backends`].
+    pub backends: Vec<Credential>,
+    /// Each consumer's keys, parallel to [`Policy::consumers`] and to each consumer's `keys`.
+    pub consumers: Vec<Vec<Secret>>,
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Resolves every backend credential and consumer key through `src`. Relative `file:` paths
+    /// are joined to `policy_dir`, else to the directory of the file given to [`Policy::load`],
+    /// else left relative to the current directory.
+    ///
+    /// Every unresolvable reference is reported, located at its value and naming the reference
+    /// (never a secret value).
+    pub fn resolve_secrets(
+        &self,
+        src: &dyn SecretSource,
+        policy_dir: Option<&Path>,
+    ) -> Result<ResolvedSecrets, PolicyErrors> {
+        let locator = Locator::new(&self.source);
+        let dir = policy_dir.or(self.source.dir());
+        let mut errors = Vec::new();
+        let resolve = |path: &str, reference: &str| {
+            SecretRef::parse(reference)
+                .and_then(|parsed| parsed.resolve(src, dir))
+                .map_err(|error| locator.at_value(path, error.to_string()))
+        };
+
+        let mut backends = Vec::with_capacity(self.backends.len());
+        for (i, backend) in self.backends.iter().enumerate() {
+            let path = index("backends", i);
+            let credential = match (&backend.api_key, &backend.bearer_token) {
+                (Some(api_key), None) => {
+                    resolve(&field(&path, "api_key"), api_key).map(Credential::ApiKey)
+                }
+                (None, Some(token)) => {
+                    resolve(&field(&path, "bearer_token"), token).map(Credential::Bearer)
+                }
+                _ => Err(locator.at_value(&path, "set exactly one of `api_key` or `bearer_token`")),
+            };
+            match credential {
+                Ok(credential) => backends.push(credential),
+                Err(error) => errors.push(error),
+            }
+        }
+
+        let mut consumers = Vec::with_capacity(self.consumers.len());
+        for (i, consumer) in self.consumers.iter().enumerate() {
+            let keys = field(&index("consumers", i), "keys");
+            let mut resolved = Vec::with_capacity(consumer.keys.len());
+            for (j, key) in consumer.keys.iter().enumerate() {
+                match resolve(&index(&keys, j), key) {
+                    Ok(secret) => resolved.push(secret),
+                    Err(error) => errors.push(error),
+                }
+            }
+            consumers.push(resolved);
+        }
+
+        if errors.is_empty() {
+            Ok(ResolvedSecrets {
+                backends,
+                consumers,
+            })
+        } else {
+            errors.sort_by_key(|error| (error.line, error.column));
+            Err(PolicyErrors(errors))
+        }
+    }
+}

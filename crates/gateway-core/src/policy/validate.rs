@@ -1,0 +1,509 @@
+//! Semantic validation: everything the types alone do not rule out, all errors collected at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::locate::{Locator, field, index};
+use super::{BackendSpec, Policy, PolicyError, PolicyErrors};
+use crate::secret::SecretRef;
+
+/// Limits checked here, also quoted in the messages.
+const MAX_BODY_BYTES: std::ops::RangeInclusive<usize> = 1024..=100 * 1024 * 1024;
+const WEIGHT: std::ops::RangeInclusive<u32> = 1..=1000;
+const PRIORITY: std::ops::RangeInclusive<u32> = 1..=100;
+const MAX_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=50;
+const MAX_COOLDOWN_MS: u64 = 86_400_000;
+
+/// Collects errors for one policy.
+struct Checker<'a> {
+    locator: Locator<'a>,
+    errors: Vec<PolicyError>,
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Checks everything the types do not: names, references between sections, ranges, URLs and
+    /// secret reference syntax. Returns every problem found, each located in the source text.
+    ///
+    /// [`Policy::from_toml_str`] and [`Policy::load`] call this; call it yourself only for a
+    /// policy built in code (its errors then have no line and column).
+    pub fn validate(&self) -> Result<(), PolicyErrors> {
+        let mut check = Checker {
+            locator: Locator::new(&self.source),
+            errors: Vec::new(),
+        };
+        check.gateway(self);
+        check.deployments(self);
+        check.backends(self);
+        check.failover(self);
+        check.circuit_breaker(self);
+        check.consumers(self);
+        if check.errors.is_empty() {
+            return Ok(());
+        }
+        let mut errors = check.errors;
+        errors.sort_by_key(|error| (error.line, error.column));
+        Err(PolicyErrors(errors))
+    }
+
+    /// Things that are allowed but probably unintended, located like errors: a secret reference
+    /// used twice (two consumers sharing a key cannot be told apart; a consumer key that is also a
+    /// backend credential hands out the backend's key), or a response header timeout longer than
+    /// the whole deadline.
+    pub fn warnings(&self) -> Vec<PolicyError> {
+        let locator = Locator::new(&self.source);
+        let mut warnings = Vec::new();
+        let mut references: Vec<(&str, String)> = Vec::new();
+        for (i, backend) in self.backends.iter().enumerate() {
+            let path = index("backends", i);
+            if let Some(reference) = &backend.api_key {
+                references.push((reference, field(&path, "api_key")));
+            }
+            if let Some(reference) = &backend.bearer_token {
+                references.push((reference, field(&path, "bearer_token")));
+            }
+        }
+        for (i, consumer) in self.consumers.iter().enumerate() {
+            let keys = field(&index("consumers", i), "keys");
+            for (j, reference) in consumer.keys.iter().enumerate() {
+                references.push((reference, index(&keys, j)));
+            }
+        }
+        let mut first: BTreeMap<&str, &str> = BTreeMap::new();
+        for (reference, path) in &references {
+            match first.get(reference) {
+                Some(first_path) => warnings.push(locator.at_value(
+                    path,
+                    format!("secret reference `{reference}` is also used at {first_path}"),
+                )),
+                None => {
+                    first.insert(reference, path);
+                }
+            }
+        }
+        let failover = &self.failover;
+        if failover.response_header_timeout_ms > failover.deadline_ms {
+            warnings.push(locator.at_value(
+                "failover.response_header_timeout_ms",
+                format!(
+                    "{} ms is longer than failover.deadline_ms ({} ms), so the deadline always fires first",
+                    failover.response_header_timeout_ms, failover.deadline_ms
+                ),
+            ));
+        }
+        warnings.sort_by_key(|warning| (warning.line, warning.column));
+        warnings
+    }
+}
+
+/// An absolute `http://` or `https://` URL with a host, optionally a port and a path, and no
+/// user info, query or fragment. Returns why not.
+fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    const SHAPE: &str =
+        "must be an absolute http:// or https:// URL such as `https://my-aoai.openai.azure.com`";
+    let rest = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .ok_or(SHAPE)?;
+    if endpoint
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("must not contain whitespace");
+    }
+    if endpoint.contains('?') || endpoint.contains('#') {
+        return Err("must not have a query or fragment (the gateway adds `api-version` itself)");
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("must not contain user info; put credentials in `api_key` or `bearer_token`");
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            // `[::1]:8080`; anything but `:PORT` after the bracket is an invalid port.
+            Some((host, "")) => (host, None),
+            Some((host, rest)) => (host, Some(rest.strip_prefix(':').unwrap_or(""))),
+            None => return Err("has an unclosed `[` in its host"),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |port| port == 0) {
+            return Err("has an invalid port (expected 1-65535)");
+        }
+    }
+    Ok(())
+}
+
+/// Azure deployment names: letters, digits, `-`, `_` and `.` (they go into a URL path).
+fn is_deployment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Why `status` may not be listed in `failover.on_status`, if it may not.
+fn forbidden_status(status: u16) -> Option<String> {
+    let why = match status {
+        400 => {
+            "400 is a client error (an invalid request, or `content_filter`): it fails the same way on every backend and is never failed over"
+        }
+        401 => {
+            "401 is an authentication failure, not a transient one: failing over on it would hide a wrong credential"
+        }
+        403 => {
+            "403 is an authorization or quota refusal, not a transient one: failing over on it would hide a misconfiguration"
+        }
+        404 => {
+            "404 means the deployment or path does not exist (`DeploymentNotFound`): fix the backend's `deployments` mapping instead of failing over"
+        }
+        402 | 405..=599 => return None,
+        _ => {
+            return Some(format!(
+                "status {status} is not an HTTP error status; expected 400..=599"
+            ));
+        }
+    };
+    Some(why.to_owned())
+}
+
+fn range_message<T: std::fmt::Display>(value: T, low: T, high: T) -> String {
+    format!("must be between {low} and {high}, found {value}")
+}
+
+// === impl Checker ===
+
+impl Checker<'_> {
+    fn at_value(&mut self, path: &str, message: impl Into<String>) {
+        let error = self.locator.at_value(path, message);
+        self.errors.push(error);
+    }
+
+    fn at_key(&mut self, path: &str, message: impl Into<String>) {
+        let error = self.locator.at_key(path, message);
+        self.errors.push(error);
+    }
+
+    fn secret_ref(&mut self, path: &str, reference: &str) {
+        if let Err(error) = SecretRef::parse(reference) {
+            self.at_value(path, error.to_string());
+        }
+    }
+
+    /// Reports every repeated name; `names` yields (path of the name, name).
+    fn unique_names<'n>(&mut self, what: &str, names: impl Iterator<Item = (String, &'n str)>) {
+        let mut first: BTreeMap<&str, String> = BTreeMap::new();
+        for (path, name) in names {
+            match first.get(name) {
+                Some(first_path) => {
+                    let line = self.locator.line_of(first_path);
+                    let message = if line > 0 {
+                        format!(
+                            "duplicate {what} name `{name}` (first defined at {first_path}, line {line})"
+                        )
+                    } else {
+                        format!("duplicate {what} name `{name}` (first defined at {first_path})")
+                    };
+                    self.at_value(&path, message);
+                }
+                None => {
+                    first.insert(name, path);
+                }
+            }
+        }
+    }
+
+    fn gateway(&mut self, policy: &Policy) {
+        let max_body = policy.gateway.max_body_bytes;
+        if !MAX_BODY_BYTES.contains(&max_body) {
+            self.at_value(
+                "gateway.max_body_bytes",
+                format!(
+                    "must be between {} (1 KiB) and {} (100 MiB), found {max_body}",
+                    MAX_BODY_BYTES.start(),
+                    MAX_BODY_BYTES.end()
+                ),
+            );
+        }
+    }
+
+    fn deployments(&mut self, policy: &Policy) {
+        if policy.deployments.is_empty() {
+            self.at_value(
+                "deployments",
+                "at least one `[[deployments]]` entry is required",
+            );
+        }
+        let served: BTreeSet<&str> = policy
+            .backends
+            .iter()
+            .flat_map(|backend| backend.deployments.keys().map(String::as_str))
+            .collect();
+        for (i, deployment) in policy.deployments.iter().enumerate() {
+            let path = index("deployments", i);
+            let name = &deployment.name;
+            if !is_deployment_name(name) {
+                self.at_value(
+                    &field(&path, "name"),
+                    "must be a non-empty deployment name of letters, digits, `-`, `_` and `.`",
+                );
+            } else if !policy.backends.is_empty() && !served.contains(name.as_str()) {
+                self.at_value(
+                    &field(&path, "name"),
+                    format!("empty pool: no backend serves deployment `{name}`; map it in some backend's `deployments`"),
+                );
+            }
+            if deployment.model.as_deref().is_some_and(str::is_empty) {
+                self.at_value(
+                    &field(&path, "model"),
+                    "must not be empty (leave it out to use the name)",
+                );
+            }
+        }
+        self.unique_names(
+            "deployment",
+            policy
+                .deployments
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (field(&index("deployments", i), "name"), d.name.as_str())),
+        );
+    }
+
+    fn backends(&mut self, policy: &Policy) {
+        if policy.backends.is_empty() {
+            self.at_value("backends", "at least one `[[backends]]` entry is required");
+        }
+        let declared: BTreeSet<&str> = policy.deployments.iter().map(|d| d.name.as_str()).collect();
+        for (i, backend) in policy.backends.iter().enumerate() {
+            self.backend(&index("backends", i), backend, &declared);
+        }
+        self.unique_names(
+            "backend",
+            policy
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (field(&index("backends", i), "name"), b.name.as_str())),
+        );
+    }
+
+    fn backend(&mut self, path: &str, backend: &BackendSpec, declared: &BTreeSet<&str>) {
+        if backend.name.trim().is_empty() {
+            self.at_value(&field(path, "name"), "must not be empty");
+        }
+        if let Err(why) = check_endpoint(&backend.endpoint) {
+            self.at_value(&field(path, "endpoint"), why);
+        }
+        if !PRIORITY.contains(&backend.priority) {
+            let message = range_message(backend.priority, *PRIORITY.start(), *PRIORITY.end());
+            self.at_value(&field(path, "priority"), message);
+        }
+        if !WEIGHT.contains(&backend.weight) {
+            let message = range_message(backend.weight, *WEIGHT.start(), *WEIGHT.end());
+            self.at_value(&field(path, "weight"), message);
+        }
+        match (&backend.api_key, &backend.bearer_token) {
+            (Some(api_key), None) => self.secret_ref(&field(path, "api_key"), api_key),
+            (None, Some(token)) => self.secret_ref(&field(path, "bearer_token"), token),
+            (Some(_), Some(_)) => self.at_key(
+                &field(path, "bearer_token"),
+                "set exactly one of `api_key` or `bearer_token`, not both (Azure rejects requests carrying both)",
+            ),
+            (None, None) => self.at_value(
+                path,
+                "missing credential: set exactly one of `api_key` or `bearer_token`",
+            ),
+        }
+        let mapping = field(path, "deployments");
+        if backend.deployments.is_empty() {
+            self.at_value(
+                &mapping,
+                "maps no deployments; add e.g. `deployments = { gpt-4o = \"my-gpt-4o\" }`",
+            );
+        }
+        for (logical, own) in &backend.deployments {
+            let entry = field(&mapping, logical);
+            if !declared.contains(logical.as_str()) {
+                let known = declared
+                    .iter()
+                    .map(|d| format!("`{d}`"))
+                    .collect::<Vec<_>>();
+                let known = if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                };
+                self.at_key(
+                    &entry,
+                    format!("unknown deployment `{logical}`: not declared in `[[deployments]]` (declared: {known})"),
+                );
+            }
+            if !is_deployment_name(own) {
+                self.at_value(
+                    &entry,
+                    "must be this backend's deployment name: letters, digits, `-`, `_` and `.`",
+                );
+            }
+        }
+        for (name, limit) in [("tpm", backend.tpm), ("rpm", backend.rpm)] {
+            if limit == Some(0) {
+                self.at_value(
+                    &field(path, name),
+                    "must be greater than 0 when set (leave it out if unknown)",
+                );
+            }
+        }
+    }
+
+    fn failover(&mut self, policy: &Policy) {
+        let failover = &policy.failover;
+        if !MAX_ATTEMPTS.contains(&failover.max_attempts) {
+            let message = range_message(
+                failover.max_attempts,
+                *MAX_ATTEMPTS.start(),
+                *MAX_ATTEMPTS.end(),
+            );
+            self.at_value("failover.max_attempts", message);
+        }
+        for (name, value) in [
+            ("deadline_ms", failover.deadline_ms),
+            (
+                "response_header_timeout_ms",
+                failover.response_header_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                self.at_value(&field("failover", name), "must be greater than 0");
+            }
+        }
+        if failover.max_cooldown_ms > MAX_COOLDOWN_MS {
+            self.at_value(
+                "failover.max_cooldown_ms",
+                format!(
+                    "must be at most {MAX_COOLDOWN_MS} (24 hours), found {}",
+                    failover.max_cooldown_ms
+                ),
+            );
+        }
+        if failover.default_cooldown_ms > failover.max_cooldown_ms {
+            self.at_value(
+                "failover.default_cooldown_ms",
+                format!(
+                    "{} must not exceed failover.max_cooldown_ms ({})",
+                    failover.default_cooldown_ms, failover.max_cooldown_ms
+                ),
+            );
+        }
+        for (i, status) in failover.on_status.iter().enumerate() {
+            if let Some(why) = forbidden_status(*status) {
+                self.at_value(&index("failover.on_status", i), why);
+            }
+        }
+    }
+
+    fn circuit_breaker(&mut self, policy: &Policy) {
+        let breaker = &policy.circuit_breaker;
+        if breaker.failures == 0 {
+            self.at_value("circuit_breaker.failures", "must be at least 1");
+        }
+        for (name, value) in [
+            ("interval_seconds", breaker.interval_seconds),
+            ("trip_seconds", breaker.trip_seconds),
+        ] {
+            if value == 0 {
+                self.at_value(&field("circuit_breaker", name), "must be greater than 0");
+            }
+        }
+    }
+
+    fn consumers(&mut self, policy: &Policy) {
+        let declared: BTreeSet<&str> = policy.deployments.iter().map(|d| d.name.as_str()).collect();
+        for (i, consumer) in policy.consumers.iter().enumerate() {
+            let path = index("consumers", i);
+            if consumer.name.trim().is_empty() {
+                self.at_value(&field(&path, "name"), "must not be empty");
+            }
+            let keys = field(&path, "keys");
+            if consumer.keys.is_empty() {
+                self.at_value(
+                    &keys,
+                    "a consumer needs at least one key reference, e.g. `keys = [\"env:APP_KEY\"]`",
+                );
+            }
+            for (j, key) in consumer.keys.iter().enumerate() {
+                self.secret_ref(&index(&keys, j), key);
+            }
+            for (j, deployment) in consumer.deployments.iter().flatten().enumerate() {
+                if !declared.contains(deployment.as_str()) {
+                    self.at_value(
+                        &index(&field(&path, "deployments"), j),
+                        format!(
+                            "unknown deployment `{deployment}`: not declared in `[[deployments]]`"
+                        ),
+                    );
+                }
+            }
+        }
+        self.unique_names(
+            "consumer",
+            policy
+                .consumers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (field(&index("consumers", i), "name"), c.name.as_str())),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        for ok in [
+            "https://a.openai.azure.com",
+            "https://a.openai.azure.com/",
+            "http://127.0.0.1:9001/prefix/",
+            "http://[::1]:8080",
+            "http://[::1]",
+        ] {
+            assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("a.openai.azure.com", "must be an absolute"),
+            ("ftp://a", "must be an absolute"),
+            ("https://", "has no host"),
+            ("https:///x", "has no host"),
+            ("https://a?x=1", "must not have a query"),
+            ("https://a/#f", "must not have a query"),
+            ("https://u:p@a", "must not contain user info"),
+            ("https://a:99999", "invalid port"),
+            ("https://a:", "invalid port"),
+            ("http://[::1", "unclosed"),
+            ("http://[::1]x", "invalid port"),
+            ("https://a b", "whitespace"),
+        ] {
+            let error = check_endpoint(bad).err().unwrap_or_default();
+            assert!(error.contains(why), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(forbidden_status(429), None);
+        assert_eq!(forbidden_status(599), None);
+        for status in [400, 401, 403, 404, 200, 600, 0] {
+            assert!(forbidden_status(status).is_some(), "{status}");
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! One backend's mutable state: cooldown, circuit breaker, not-found marks and the last quota seen.
+//!
+//! Nothing here runs on a timer: every state is derived from the `now` passed in.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{BackendState, Outcome, PoolSettings, RemainingQuota};
+
+/// Mutable state of one backend, kept behind a `Mutex` by the pool.
+#[derive(Debug)]
+pub(super) struct Health {
+    /// Not selectable before this instant (throttled, auth failure, or a 5xx with a hint).
+    cooling_until: Option<Instant>,
+    /// Instants of the circuit failures still inside the interval, oldest first.
+    window: VecDeque<Instant>,
+    /// Failures since the last success, for the status page only.
+    consecutive_failures: u32,
+    /// Set while the circuit is not closed: open before this instant, half-open from it on.
+    open_until: Option<Instant>,
+    /// When the pending half-open probe was let through.
+    probe_started: Option<Instant>,
+    /// Deployments this backend answered `DeploymentNotFound` for, and until when they are skipped.
+    not_found: Vec<(Box<str>, Instant)>,
+    remaining_tokens: Option<(u64, Instant)>,
+    remaining_requests: Option<(u64, Instant)>,
+}
+
+/// Whether a backend can take a request for one deployment right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Availability {
+    /// Closed circuit, no cooldown.
+    Ready,
+    /// Half-open and no probe pending: it may take exactly one request.
+    Probe,
+    /// Skipped for this deployment after a `DeploymentNotFound`.
+    NotFound,
+    /// Circuit open, or half-open with a probe pending.
+    CircuitOpen,
+    /// Cooling down for this much longer.
+    CoolingDown(Duration),
+}
+
+/// A circuit breaker transition caused by an outcome, reported so the pool can log it outside the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CircuitChange {
+    Opened,
+    Reopened,
+    Closed,
+}
+
+/// What a recorded outcome changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Recorded {
+    /// The cooldown applied by this outcome (before merging with a longer one in force).
+    pub(super) cooldown: Option<Duration>,
+    pub(super) circuit: Option<CircuitChange>,
+}
+
+/// A read-only copy of the state for [`super::BackendPool::snapshot`].
+#[derive(Debug)]
+pub(super) struct HealthView {
+    pub(super) state: BackendState,
+    pub(super) cooldown_remaining: Option<Duration>,
+    pub(super) circuit_open_remaining: Option<Duration>,
+    pub(super) consecutive_failures: u32,
+    pub(super) window_failures: u32,
+    pub(super) not_found: Vec<String>,
+    pub(super) remaining_tokens: Option<RemainingQuota>,
+    pub(super) remaining_requests: Option<RemainingQuota>,
+}
+
+/// `now + d`, saturating far in the future instead of panicking on an absurd duration.
+pub(super) fn later(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(d)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
+
+// === impl Health ===
+
+impl Health {
+    pub(super) fn new(settings: &PoolSettings) -> Self {
+        Self {
+            cooling_until: None,
+            window: VecDeque::with_capacity(settings.circuit.failures.min(16) as usize),
+            consecutive_failures: 0,
+            open_until: None,
+            probe_started: None,
+            not_found: Vec::new(),
+            remaining_tokens: None,
+            remaining_requests: None,
+        }
+    }
+
+    pub(super) fn availability(
+        &self,
+        deployment: &str,
+        now: Instant,
+        settings: &PoolSettings,
+    ) -> Availability {
+        if self.is_not_found(deployment, now) {
+            return Availability::NotFound;
+        }
+        let half_open = match self.open_until {
+            Some(until) if now < until => return Availability::CircuitOpen,
+            Some(_) => true,
+            None => false,
+        };
+        if let Some(remaining) = self.cooldown_remaining(now) {
+            return Availability::CoolingDown(remaining);
+        }
+        if !half_open {
+            return Availability::Ready;
+        }
+        match self.probe_started {
+            Some(started) if now.saturating_duration_since(started) < settings.probe_timeout => {
+                Availability::CircuitOpen
+            }
+            _ => Availability::Probe,
+        }
+    }
+
+    /// Re-checks availability under the same lock and, for a half-open backend, takes the probe slot.
+    /// `false` when another thread changed the state since the scan.
+    pub(super) fn claim(
+        &mut self,
+        deployment: &str,
+        now: Instant,
+        settings: &PoolSettings,
+    ) -> bool {
+        match self.availability(deployment, now, settings) {
+            Availability::Ready => true,
+            Availability::Probe => {
+                self.probe_started = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn record(
+        &mut self,
+        deployment: &str,
+        outcome: Outcome,
+        now: Instant,
+        settings: &PoolSettings,
+    ) -> Recorded {
+        let mut recorded = Recorded::default();
+        match outcome {
+            Outcome::Success => {
+                self.consecutive_failures = 0;
+                recorded.circuit = self.success(now);
+            }
+            Outcome::Throttled { hint } | Outcome::AuthFailure { hint } => {
+                recorded.cooldown = Some(self.cool_down(hint, now, settings));
+                self.release_probe(now);
+            }
+            Outcome::ServerError { hint } => {
+                if hint.is_some() {
+                    recorded.cooldown = Some(self.cool_down(hint, now, settings));
+                }
+                recorded.circuit = self.failure(now, settings);
+            }
+            Outcome::Timeout | Outcome::ConnectError | Outcome::StreamBroken => {
+                recorded.circuit = self.failure(now, settings);
+            }
+            Outcome::DeploymentNotFound => {
+                self.mark_not_found(deployment, now, settings);
+                self.release_probe(now);
+            }
+        }
+        recorded
+    }
+
+    pub(super) fn observe_remaining(
+        &mut self,
+        tokens: Option<u64>,
+        requests: Option<u64>,
+        now: Instant,
+    ) {
+        if let Some(tokens) = tokens {
+            self.remaining_tokens = Some((tokens, now));
+        }
+        if let Some(requests) = requests {
+            self.remaining_requests = Some((requests, now));
+        }
+    }
+
+    pub(super) fn view(&self, now: Instant, settings: &PoolSettings) -> HealthView {
+        let cooldown_remaining = self.cooldown_remaining(now);
+        let circuit_open_remaining = self
+            .open_until
+            .map(|until| until.saturating_duration_since(now))
+            .filter(|d| !d.is_zero());
+        let state = match (self.open_until, circuit_open_remaining, cooldown_remaining) {
+            (_, Some(_), _) => BackendState::CircuitOpen,
+            (_, None, Some(_)) => BackendState::CoolingDown,
+            (Some(_), None, None) => BackendState::HalfOpen,
+            (None, None, None) => BackendState::Available,
+        };
+        let quota = |seen: Option<(u64, Instant)>| {
+            seen.map(|(value, at)| RemainingQuota {
+                value,
+                age: now.saturating_duration_since(at),
+            })
+        };
+        HealthView {
+            state,
+            cooldown_remaining,
+            circuit_open_remaining,
+            consecutive_failures: self.consecutive_failures,
+            window_failures: u32::try_from(self.window_failures(now, settings.circuit.interval))
+                .unwrap_or(u32::MAX),
+            not_found: self
+                .not_found
+                .iter()
+                .filter(|(_, until)| now < *until)
+                .map(|(deployment, _)| deployment.to_string())
+                .collect(),
+            remaining_tokens: quota(self.remaining_tokens),
+            remaining_requests: quota(self.remaining_requests),
+        }
+    }
+
+    fn is_not_found(&self, deployment: &str, now: Instant) -> bool {
+        // Usually empty: no cost in the common path.
+        self.not_found
+            .iter()
+            .any(|(name, until)| now < *until && &**name == deployment)
+    }
+
+    fn cooldown_remaining(&self, now: Instant) -> Option<Duration> {
+        self.cooling_until
+            .map(|until| until.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Cools down for `hint` (or the default), clamped to the maximum. A cooldown already in force that
+    /// ends later is kept: a shorter hint never shortens it.
+    fn cool_down(
+        &mut self,
+        hint: Option<Duration>,
+        now: Instant,
+        settings: &PoolSettings,
+    ) -> Duration {
+        let cooldown = hint
+            .unwrap_or(settings.default_cooldown)
+            .min(settings.max_cooldown);
+        let until = later(now, cooldown);
+        if self.cooling_until.is_none_or(|current| current < until) {
+            self.cooling_until = Some(until);
+        }
+        cooldown
+    }
+
+    fn success(&mut self, now: Instant) -> Option<CircuitChange> {
+        match self.open_until {
+            // Still open: an answer to a request sent before the trip; it proves nothing new.
+            Some(until) if now < until => None,
+            Some(_) => {
+                self.close();
+                Some(CircuitChange::Closed)
+            }
+            None => None,
+        }
+    }
+
+    fn failure(&mut self, now: Instant, settings: &PoolSettings) -> Option<CircuitChange> {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        let circuit = &settings.circuit;
+        if circuit.failures == 0 {
+            return None;
+        }
+        match self.open_until {
+            // Already open: a straggler sent before the trip does not extend it.
+            Some(until) if now < until => None,
+            Some(_) => {
+                self.open(now, circuit.trip);
+                Some(CircuitChange::Reopened)
+            }
+            None => {
+                self.prune_window(now, circuit.interval);
+                let threshold = circuit.failures as usize;
+                if self.window.len() >= threshold {
+                    self.window.pop_front();
+                }
+                self.window.push_back(now);
+                if self.window.len() >= threshold {
+                    self.open(now, circuit.trip);
+                    Some(CircuitChange::Opened)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, now: Instant, trip: Duration) {
+        self.open_until = Some(later(now, trip));
+        self.probe_started = None;
+        self.window.clear();
+    }
+
+    fn close(&mut self) {
+        self.open_until = None;
+        self.probe_started = None;
+        self.window.clear();
+    }
+
+    /// A half-open probe answered with something that is neither success nor failure (429, 401/403,
+    /// 404): the circuit stays half-open and the next probe may go once the backend is selectable.
+    fn release_probe(&mut self, now: Instant) {
+        if self.open_until.is_some_and(|until| until <= now) {
+            self.probe_started = None;
+        }
+    }
+
+    fn mark_not_found(&mut self, deployment: &str, now: Instant, settings: &PoolSettings) {
+        let until = later(now, settings.not_found_cooldown);
+        self.not_found.retain(|(_, until)| now < *until);
+        match self
+            .not_found
+            .iter_mut()
+            .find(|(name, _)| &**name == deployment)
+        {
+            Some(entry) => entry.1 = entry.1.max(until),
+            None => self.not_found.push((deployment.into(), until)),
+        }
+    }
+
+    fn prune_window(&mut self, now: Instant, interval: Duration) {
+        while let Some(&oldest) = self.window.front() {
+            if now.saturating_duration_since(oldest) >= interval {
+                self.window.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn window_failures(&self, now: Instant, interval: Duration) -> usize {
+        self.window
+            .iter()
+            .filter(|&&at| now.saturating_duration_since(at) < interval)
+            .count()
+    }
+}

@@ -1,0 +1,849 @@
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const DEP: &str = "gpt-4o";
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn backend(name: &str, priority: u32, weight: u32) -> Backend {
+    backend_for(name, priority, weight, &[DEP])
+}
+
+fn backend_for(name: &str, priority: u32, weight: u32, deployments: &[&str]) -> Backend {
+    Backend {
+        name: name.to_owned(),
+        region: format!("{name}-region"),
+        endpoint: format!("https://{name}.openai.azure.com"),
+        priority,
+        weight,
+        deployments: deployments
+            .iter()
+            .map(|d| ((*d).to_owned(), format!("{d}-{name}")))
+            .collect(),
+        credential: None,
+    }
+}
+
+fn settings() -> PoolSettings {
+    PoolSettings {
+        default_cooldown: secs(10),
+        max_cooldown: secs(60),
+        circuit: CircuitSettings {
+            failures: 3,
+            interval: secs(10),
+            trip: secs(30),
+        },
+        probe_timeout: secs(5),
+        not_found_cooldown: secs(60),
+    }
+}
+
+fn pool(backends: Vec<Backend>) -> BackendPool {
+    BackendPool::new(backends, settings()).with_rng_seed(42)
+}
+
+#[track_caller]
+fn pick(pool: &BackendPool, tried: &[BackendId], now: Instant) -> BackendId {
+    match pool.select(DEP, tried, now) {
+        Selection::Backend(id) => id,
+        Selection::Exhausted(e) => panic!("expected a backend, got {e:?}"),
+    }
+}
+
+#[track_caller]
+fn exhausted(pool: &BackendPool, tried: &[BackendId], now: Instant) -> Exhausted {
+    match pool.select(DEP, tried, now) {
+        Selection::Exhausted(e) => e,
+        Selection::Backend(id) => panic!("expected exhaustion, got backend {id}"),
+    }
+}
+
+fn state(pool: &BackendPool, id: BackendId, now: Instant) -> BackendState {
+    pool.snapshot(now)[id.0].state
+}
+
+fn fail_n(pool: &BackendPool, id: BackendId, n: usize, now: Instant) {
+    for _ in 0..n {
+        pool.record(id, DEP, Outcome::Timeout, now);
+    }
+}
+
+const A: BackendId = BackendId(0);
+const B: BackendId = BackendId(1);
+const C: BackendId = BackendId(2);
+
+// --- routing ---
+
+#[test]
+fn lowest_priority_number_wins() {
+    let pool = pool(vec![
+        backend("a", 2, 1),
+        backend("b", 1, 1),
+        backend("c", 3, 1),
+    ]);
+    let now = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(pick(&pool, &[], now), B);
+    }
+    assert_eq!(pick(&pool, &[B], now), A);
+    assert_eq!(pick(&pool, &[B, A], now), C);
+    let e = exhausted(&pool, &[B, A, C], now);
+    assert_eq!(
+        e,
+        Exhausted {
+            tried: 3,
+            ..Exhausted::default()
+        }
+    );
+}
+
+#[test]
+fn lower_priority_only_when_the_whole_group_is_out() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 1, 1),
+        backend("c", 2, 1),
+    ]);
+    let now = Instant::now();
+    pool.record(A, DEP, Outcome::Throttled { hint: None }, now);
+    for _ in 0..100 {
+        assert_eq!(pick(&pool, &[], now), B);
+    }
+    fail_n(&pool, B, 3, now);
+    assert_eq!(pick(&pool, &[], now), C);
+}
+
+#[test]
+fn weights_spread_load_in_proportion() {
+    let pool = pool(vec![
+        backend("a", 1, 3),
+        backend("b", 1, 1),
+        backend("c", 2, 100),
+    ]);
+    let now = Instant::now();
+    let n = 10_000;
+    let a = (0..n).filter(|_| pick(&pool, &[], now) == A).count();
+    let share = a as f64 / n as f64;
+    assert!(
+        (share - 0.75).abs() < 0.03,
+        "share of weight 3 of 4: {share}"
+    );
+}
+
+#[test]
+fn equal_weights_spread_evenly_whatever_the_order() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 1, 1),
+        backend("c", 1, 1),
+    ]);
+    let now = Instant::now();
+    let mut counts = [0usize; 3];
+    for _ in 0..9_000 {
+        counts[pick(&pool, &[], now).0] += 1;
+    }
+    for count in counts {
+        assert!((2_700..=3_300).contains(&count), "{counts:?}");
+    }
+}
+
+#[test]
+fn thread_rng_also_spreads() {
+    let pool = BackendPool::new(vec![backend("a", 1, 1), backend("b", 1, 1)], settings());
+    let now = Instant::now();
+    let a = (0..1_000).filter(|_| pick(&pool, &[], now) == A).count();
+    assert!((300..=700).contains(&a), "{a}");
+}
+
+#[test]
+fn weight_zero_is_a_last_resort_in_its_group() {
+    let pool = pool(vec![
+        backend("a", 1, 0),
+        backend("b", 1, 1),
+        backend("c", 2, 1),
+    ]);
+    let now = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(pick(&pool, &[], now), B);
+    }
+    assert_eq!(pick(&pool, &[B], now), A);
+    assert_eq!(pick(&pool, &[A, B], now), C);
+}
+
+#[test]
+fn tried_backends_are_excluded() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 1, 1),
+        backend("c", 1, 1),
+    ]);
+    let now = Instant::now();
+    for _ in 0..200 {
+        let id = pick(&pool, &[A, C], now);
+        assert_eq!(id, B);
+        assert_ne!(pick(&pool, &[B], now), B);
+    }
+}
+
+#[test]
+fn only_backends_serving_the_deployment_are_candidates() {
+    let pool = pool(vec![
+        backend_for("a", 1, 1, &["other"]),
+        backend_for("b", 2, 1, &[DEP, "other"]),
+    ]);
+    let now = Instant::now();
+    assert_eq!(pick(&pool, &[], now), B);
+    assert_eq!(pool.get(B).deployment_name(DEP), Some("gpt-4o-b"));
+    assert_eq!(pool.get(A).deployment_name(DEP), None);
+
+    let Selection::Exhausted(e) = pool.select("unknown", &[], now) else {
+        panic!("unknown deployment selected a backend");
+    };
+    assert!(e.no_candidates);
+    assert_eq!(e.shortest_cooldown, None);
+    assert!(!exhausted(&pool, &[B], now).no_candidates);
+}
+
+#[test]
+fn empty_pool_is_exhausted() {
+    let pool = pool(vec![]);
+    assert!(exhausted(&pool, &[], Instant::now()).no_candidates);
+}
+
+// --- cooldowns ---
+
+#[test]
+fn throttle_cools_down_for_the_hint_and_expires_on_its_own() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    let t0 = Instant::now();
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(ms(2_500)),
+        },
+        t0,
+    );
+    assert_eq!(state(&pool, A, t0), BackendState::CoolingDown);
+    assert_eq!(pool.snapshot(t0)[0].cooldown_remaining, Some(ms(2_500)));
+    assert_eq!(pick(&pool, &[], t0 + ms(2_499)), B);
+    assert_eq!(pick(&pool, &[], t0 + ms(2_500)), A);
+    assert_eq!(state(&pool, A, t0 + ms(2_500)), BackendState::Available);
+}
+
+#[test]
+fn cooldown_defaults_and_is_clamped() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 1, 1),
+        backend("c", 1, 1),
+    ]);
+    let t0 = Instant::now();
+    pool.record(A, DEP, Outcome::Throttled { hint: None }, t0);
+    pool.record(
+        B,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(86_400)),
+        },
+        t0,
+    );
+    pool.record(C, DEP, Outcome::AuthFailure { hint: None }, t0);
+    let snapshot = pool.snapshot(t0);
+    assert_eq!(snapshot[0].cooldown_remaining, Some(secs(10)));
+    assert_eq!(snapshot[1].cooldown_remaining, Some(secs(60)));
+    assert_eq!(snapshot[2].cooldown_remaining, Some(secs(10)));
+}
+
+#[test]
+fn server_errors_cool_down_only_with_a_hint() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 1, 1)]);
+    let t0 = Instant::now();
+    pool.record(A, DEP, Outcome::ServerError { hint: None }, t0);
+    pool.record(
+        B,
+        DEP,
+        Outcome::ServerError {
+            hint: Some(secs(3)),
+        },
+        t0,
+    );
+    let snapshot = pool.snapshot(t0);
+    assert_eq!(snapshot[0].state, BackendState::Available);
+    assert_eq!(snapshot[1].cooldown_remaining, Some(secs(3)));
+    // Both still counted as circuit failures.
+    assert_eq!(snapshot[0].window_failures, 1);
+    assert_eq!(snapshot[1].window_failures, 1);
+}
+
+#[test]
+fn a_shorter_hint_never_shortens_a_cooldown() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(30)),
+        },
+        t0,
+    );
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(1)),
+        },
+        t0 + secs(1),
+    );
+    assert_eq!(
+        pool.snapshot(t0 + secs(2))[0].cooldown_remaining,
+        Some(secs(28))
+    );
+    // A longer one extends it.
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(40)),
+        },
+        t0 + secs(2),
+    );
+    assert_eq!(
+        pool.snapshot(t0 + secs(2))[0].cooldown_remaining,
+        Some(secs(40))
+    );
+    // A success (from a request sent earlier) does not end it either.
+    pool.record(A, DEP, Outcome::Success, t0 + secs(3));
+    assert_eq!(state(&pool, A, t0 + secs(3)), BackendState::CoolingDown);
+}
+
+#[test]
+fn zero_hint_means_no_cooldown() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(Duration::ZERO),
+        },
+        t0,
+    );
+    assert_eq!(pick(&pool, &[], t0), A);
+}
+
+#[test]
+fn absurd_durations_do_not_panic() {
+    let mut settings = settings();
+    settings.max_cooldown = Duration::MAX;
+    settings.circuit.trip = Duration::MAX;
+    settings.not_found_cooldown = Duration::MAX;
+    let pool = BackendPool::new(vec![backend("a", 1, 1)], settings);
+    let t0 = Instant::now();
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(Duration::MAX),
+        },
+        t0,
+    );
+    pool.record(A, DEP, Outcome::DeploymentNotFound, t0);
+    fail_n(&pool, A, 3, t0);
+    assert!(
+        pool.snapshot(t0 + secs(86_400))[0]
+            .cooldown_remaining
+            .is_some()
+    );
+}
+
+#[test]
+fn all_throttled_reports_the_shortest_cooldown() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 2, 1),
+        backend("c", 3, 1),
+    ]);
+    let t0 = Instant::now();
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(5)),
+        },
+        t0,
+    );
+    pool.record(
+        B,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(2)),
+        },
+        t0,
+    );
+    pool.record(
+        C,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(8)),
+        },
+        t0,
+    );
+    let e = exhausted(&pool, &[], t0 + secs(1));
+    assert_eq!(
+        e,
+        Exhausted {
+            shortest_cooldown: Some(secs(1)),
+            throttled: 3,
+            ..Exhausted::default()
+        }
+    );
+    // Tried backends count too: the client will come back later, not within this request.
+    let e = exhausted(&pool, &[B], t0 + secs(1));
+    assert_eq!(e.shortest_cooldown, Some(secs(1)));
+}
+
+#[test]
+fn exhaustion_without_cooldowns_has_no_retry_hint() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 1, 1),
+        backend("c", 1, 1),
+    ]);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    pool.record(B, DEP, Outcome::DeploymentNotFound, t0);
+    let e = exhausted(&pool, &[C], t0);
+    assert_eq!(
+        e,
+        Exhausted {
+            circuit_open: 1,
+            not_found: 1,
+            tried: 1,
+            ..Exhausted::default()
+        }
+    );
+}
+
+#[test]
+fn circuit_open_and_cooling_counts_as_circuit_open() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 1, 1)]);
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        pool.record(
+            A,
+            DEP,
+            Outcome::ServerError {
+                hint: Some(secs(1)),
+            },
+            t0,
+        );
+    }
+    pool.record(
+        B,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(4)),
+        },
+        t0,
+    );
+    let e = exhausted(&pool, &[], t0);
+    assert_eq!(e.circuit_open, 1);
+    assert_eq!(e.throttled, 1);
+    assert_eq!(e.shortest_cooldown, Some(secs(4)));
+}
+
+// --- circuit breaker ---
+
+#[test]
+fn circuit_opens_after_n_failures_within_the_interval() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    let t0 = Instant::now();
+    pool.record(A, DEP, Outcome::Timeout, t0);
+    pool.record(A, DEP, Outcome::ConnectError, t0 + secs(4));
+    assert_eq!(state(&pool, A, t0 + secs(4)), BackendState::Available);
+    pool.record(A, DEP, Outcome::StreamBroken, t0 + ms(9_999));
+    let t1 = t0 + ms(9_999);
+    assert_eq!(state(&pool, A, t1), BackendState::CircuitOpen);
+    assert_eq!(pool.snapshot(t1)[0].circuit_open_remaining, Some(secs(30)));
+    assert_eq!(pick(&pool, &[], t1), B);
+    assert_eq!(exhausted(&pool, &[B], t1).circuit_open, 1);
+}
+
+#[test]
+fn failures_spread_beyond_the_interval_do_not_open() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    for i in 0..20 {
+        pool.record(
+            A,
+            DEP,
+            Outcome::ServerError { hint: None },
+            t0 + secs(5 * i),
+        );
+    }
+    let end = t0 + secs(95);
+    assert_eq!(state(&pool, A, end), BackendState::Available);
+    let status = &pool.snapshot(end)[0];
+    assert_eq!(status.window_failures, 2);
+    assert_eq!(status.consecutive_failures, 20);
+}
+
+#[test]
+fn successes_do_not_reset_the_sliding_count() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    for i in 0..3 {
+        pool.record(A, DEP, Outcome::Timeout, t0 + secs(i));
+        pool.record(A, DEP, Outcome::Success, t0 + secs(i));
+    }
+    assert_eq!(state(&pool, A, t0 + secs(2)), BackendState::CircuitOpen);
+}
+
+#[test]
+fn throttles_auth_failures_and_not_found_are_not_circuit_failures() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        pool.record(A, DEP, Outcome::Throttled { hint: Some(ms(1)) }, t0);
+        pool.record(A, DEP, Outcome::AuthFailure { hint: Some(ms(1)) }, t0);
+        pool.record(A, DEP, Outcome::DeploymentNotFound, t0);
+    }
+    let status = &pool.snapshot(t0 + ms(1))[0];
+    assert_eq!(status.state, BackendState::Available);
+    assert_eq!(status.window_failures, 0);
+    assert_eq!(status.consecutive_failures, 0);
+}
+
+#[test]
+fn zero_failures_disables_the_circuit_breaker() {
+    let mut settings = settings();
+    settings.circuit.failures = 0;
+    let pool = BackendPool::new(vec![backend("a", 1, 1)], settings);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 100, t0);
+    assert_eq!(pick(&pool, &[], t0), A);
+}
+
+#[test]
+fn half_open_lets_exactly_one_probe_through() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    let t1 = t0 + secs(29);
+    assert_eq!(pick(&pool, &[], t1), B);
+
+    let t2 = t0 + secs(30);
+    assert_eq!(state(&pool, A, t2), BackendState::HalfOpen);
+    assert_eq!(pick(&pool, &[], t2), A, "the probe");
+    for _ in 0..10 {
+        assert_eq!(pick(&pool, &[], t2 + ms(4_999)), B, "probe pending");
+    }
+    // The probe never answered: after probe_timeout another probe goes.
+    assert_eq!(pick(&pool, &[], t2 + secs(5)), A, "second probe");
+    assert_eq!(pick(&pool, &[], t2 + secs(6)), B);
+}
+
+#[test]
+fn probe_success_closes_the_circuit_and_resets_the_count() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    pool.record(A, DEP, Outcome::Timeout, t0);
+    fail_n(&pool, A, 2, t0 + secs(1));
+    let t1 = t0 + secs(31);
+    assert_eq!(pick(&pool, &[], t1), A);
+    pool.record(A, DEP, Outcome::Success, t1);
+    assert_eq!(state(&pool, A, t1), BackendState::Available);
+    for _ in 0..10 {
+        assert_eq!(pick(&pool, &[], t1), A);
+    }
+    // A fresh count: two failures do not reopen it.
+    fail_n(&pool, A, 2, t1);
+    assert_eq!(state(&pool, A, t1), BackendState::Available);
+    fail_n(&pool, A, 1, t1);
+    assert_eq!(state(&pool, A, t1), BackendState::CircuitOpen);
+}
+
+#[test]
+fn probe_failure_reopens_the_circuit_for_trip() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    let t1 = t0 + secs(40);
+    assert_eq!(pick(&pool, &[], t1), A);
+    pool.record(A, DEP, Outcome::ConnectError, t1 + secs(2));
+    let t2 = t1 + secs(2);
+    assert_eq!(state(&pool, A, t2), BackendState::CircuitOpen);
+    assert_eq!(pool.snapshot(t2)[0].circuit_open_remaining, Some(secs(30)));
+    assert_eq!(exhausted(&pool, &[], t2 + ms(29_999)).circuit_open, 1);
+    assert_eq!(pick(&pool, &[], t2 + secs(30)), A);
+}
+
+#[test]
+fn throttled_probe_frees_the_slot_after_its_cooldown() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    let t1 = t0 + secs(30);
+    assert_eq!(pick(&pool, &[], t1), A);
+    pool.record(
+        A,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(1)),
+        },
+        t1,
+    );
+    assert_eq!(state(&pool, A, t1), BackendState::CoolingDown);
+    let e = exhausted(&pool, &[], t1);
+    assert_eq!(e.shortest_cooldown, Some(secs(1)));
+    // Still half-open: one probe after the cooldown, well before probe_timeout.
+    let t2 = t1 + secs(1);
+    assert_eq!(state(&pool, A, t2), BackendState::HalfOpen);
+    assert_eq!(pick(&pool, &[], t2), A);
+    assert_eq!(exhausted(&pool, &[], t2).circuit_open, 1);
+}
+
+#[test]
+fn stragglers_while_open_change_nothing() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    // Answers to requests sent before the trip.
+    pool.record(A, DEP, Outcome::Success, t0 + secs(10));
+    fail_n(&pool, A, 5, t0 + secs(20));
+    assert_eq!(pool.snapshot(t0)[0].circuit_open_remaining, Some(secs(30)));
+    assert_eq!(state(&pool, A, t0 + secs(30)), BackendState::HalfOpen);
+}
+
+#[test]
+fn concurrent_selects_share_one_probe() {
+    let pool = Arc::new(pool(vec![backend("a", 1, 1)]));
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    let probe_time = t0 + secs(30);
+    let threads = 8;
+    let barrier = Arc::new(Barrier::new(threads));
+    let winners: usize = (0..threads)
+        .map(|_| {
+            let pool = Arc::clone(&pool);
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                matches!(pool.select(DEP, &[], probe_time), Selection::Backend(_))
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|handle| usize::from(handle.join().unwrap()))
+        .sum();
+    assert_eq!(winners, 1);
+}
+
+// --- not found ---
+
+#[test]
+fn not_found_excludes_a_backend_for_that_deployment_only() {
+    let pool = pool(vec![
+        backend_for("a", 1, 1, &[DEP, "embed"]),
+        backend_for("b", 2, 1, &[DEP, "embed"]),
+    ]);
+    let t0 = Instant::now();
+    pool.record(A, DEP, Outcome::DeploymentNotFound, t0);
+    assert_eq!(pick(&pool, &[], t0), B);
+    assert_eq!(pool.select("embed", &[], t0), Selection::Backend(A));
+    assert_eq!(state(&pool, A, t0), BackendState::Available);
+    assert_eq!(pool.snapshot(t0)[0].not_found, vec![DEP.to_owned()]);
+
+    let e = exhausted(&pool, &[B], t0);
+    assert_eq!(e.not_found, 1);
+    assert_eq!(e.shortest_cooldown, None);
+
+    let t1 = t0 + secs(60);
+    assert_eq!(pick(&pool, &[], t1), A);
+    assert!(pool.snapshot(t1)[0].not_found.is_empty());
+}
+
+// --- snapshot and quota ---
+
+#[test]
+fn snapshot_reports_identity_and_quota() {
+    let pool = pool(vec![backend("a", 1, 3), backend("b", 2, 1)]);
+    let t0 = Instant::now();
+    pool.observe_remaining(A, Some(1_000), Some(50), t0);
+    pool.observe_remaining(A, None, Some(49), t0 + secs(2));
+    let snapshot = pool.snapshot(t0 + secs(3));
+    let a = &snapshot[0];
+    assert_eq!(
+        (a.id, a.name.as_str(), a.region.as_str()),
+        (A, "a", "a-region")
+    );
+    assert_eq!((a.priority, a.weight), (1, 3));
+    assert_eq!(
+        a.remaining_tokens,
+        Some(RemainingQuota {
+            value: 1_000,
+            age: secs(3)
+        })
+    );
+    assert_eq!(
+        a.remaining_requests,
+        Some(RemainingQuota {
+            value: 49,
+            age: secs(1)
+        })
+    );
+    assert_eq!(snapshot[1].remaining_tokens, None);
+    assert_eq!(snapshot[1].state, BackendState::Available);
+}
+
+#[test]
+fn unknown_ids_are_ignored_by_record_and_observe() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let now = Instant::now();
+    pool.record(BackendId(7), DEP, Outcome::Timeout, now);
+    pool.observe_remaining(BackendId(7), Some(1), None, now);
+    assert_eq!(pick(&pool, &[], now), A);
+}
+
+// --- settings and threads ---
+
+#[test]
+fn settings_from_policy() {
+    let failover = FailoverSettings {
+        default_cooldown_ms: 1_500,
+        max_cooldown_ms: 120_000,
+        response_header_timeout_ms: 20_000,
+        ..FailoverSettings::default()
+    };
+    let circuit = CircuitBreakerSettings {
+        failures: 4,
+        interval_seconds: 15,
+        trip_seconds: 45,
+    };
+    let settings = PoolSettings::from_policy(&failover, &circuit);
+    assert_eq!(
+        settings,
+        PoolSettings {
+            default_cooldown: ms(1_500),
+            max_cooldown: secs(120),
+            circuit: CircuitSettings {
+                failures: 4,
+                interval: secs(15),
+                trip: secs(45),
+            },
+            probe_timeout: secs(20),
+            not_found_cooldown: secs(60),
+        }
+    );
+}
+
+#[test]
+fn backend_from_spec() {
+    let spec = BackendSpec {
+        name: "swc".to_owned(),
+        region: "Sweden Central".to_owned(),
+        endpoint: "https://swc.openai.azure.com".to_owned(),
+        priority: 2,
+        weight: 5,
+        api_key: Some("env:KEY".to_owned()),
+        bearer_token: None,
+        deployments: BTreeMap::from([(DEP.to_owned(), "gpt-4o-swc".to_owned())]),
+        tpm: None,
+        rpm: None,
+    };
+    let backend = Backend::from_spec(&spec, None);
+    assert_eq!(backend.name, "swc");
+    assert_eq!((backend.priority, backend.weight), (2, 5));
+    assert_eq!(backend.deployment_name(DEP), Some("gpt-4o-swc"));
+}
+
+#[test]
+fn pool_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<BackendPool>();
+    assert_send_sync::<Selection>();
+}
+
+#[test]
+fn concurrent_selects_and_records_smoke() {
+    let pool = Arc::new(
+        BackendPool::new(
+            vec![backend("a", 1, 2), backend("b", 1, 1), backend("c", 2, 1)],
+            PoolSettings {
+                default_cooldown: ms(3),
+                max_cooldown: ms(5),
+                circuit: CircuitSettings {
+                    failures: 3,
+                    interval: ms(20),
+                    trip: ms(5),
+                },
+                probe_timeout: ms(2),
+                not_found_cooldown: ms(5),
+            },
+        )
+        .with_rng_seed(1),
+    );
+    let base = Instant::now();
+    let handles: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let pool = Arc::clone(&pool);
+            thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let mut selected = 0usize;
+                // Each thread has its own clock: instants arrive out of order across threads.
+                for i in 0..5_000 {
+                    let now = base + ms(i);
+                    let mut tried = Vec::new();
+                    while let Selection::Backend(id) = pool.select(DEP, &tried, now) {
+                        selected += 1;
+                        let outcome = match rng.u8(0..10) {
+                            0 => Outcome::Throttled { hint: None },
+                            1 => Outcome::Timeout,
+                            2 => Outcome::DeploymentNotFound,
+                            3 => Outcome::ServerError { hint: Some(ms(1)) },
+                            _ => Outcome::Success,
+                        };
+                        pool.record(id, DEP, outcome, now);
+                        pool.observe_remaining(id, Some(rng.u64(..)), None, now);
+                        if outcome == Outcome::Success {
+                            break;
+                        }
+                        tried.push(id);
+                    }
+                    assert_eq!(pool.snapshot(now).len(), 3);
+                }
+                selected
+            })
+        })
+        .collect();
+    let selected: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(selected > 5_000, "{selected}");
+
+    // Long after, every backend is back (a tripped one as half-open, taking a probe).
+    let later = base + secs(60);
+    for status in pool.snapshot(later) {
+        assert!(
+            matches!(
+                status.state,
+                BackendState::Available | BackendState::HalfOpen
+            ),
+            "{status:?}"
+        );
+    }
+    assert!(matches!(
+        pool.select(DEP, &[], later),
+        Selection::Backend(_)
+    ));
+}
