@@ -68,6 +68,9 @@ pub struct Policy {
     /// Applications allowed to call the gateway.
     #[serde(default)]
     pub consumers: Vec<ConsumerSpec>,
+    /// Which headers cross the gateway, and rules that set, append or delete them.
+    #[serde(default)]
+    pub headers: HeaderSettings,
     /// Where the policy was read from: names the file in errors found after loading, and is the
     /// base for relative `file:` secrets. Not part of the TOML.
     #[serde(skip)]
@@ -170,6 +173,53 @@ pub struct ConsumerSpec {
     /// Logical deployments this consumer may call; all when absent.
     #[serde(default)]
     pub deployments: Option<Vec<String>>,
+}
+
+/// `[headers]`: which headers cross the gateway in each direction.
+///
+/// Client credentials (`api-key`, `Authorization`) and hop-by-hop headers are never forwarded,
+/// whatever `forward` says.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderSettings {
+    /// Client headers sent upstream (`name` or `prefix*`); the built-in list when absent.
+    pub forward: Option<Vec<String>>,
+    /// Upstream headers returned to the client (`name` or `prefix*`); the built-in list when absent.
+    #[serde(rename = "return")]
+    pub return_headers: Option<Vec<String>>,
+    /// Rules applied to every upstream request, in order.
+    pub request: Vec<HeaderRuleSpec>,
+    /// Rules applied to every response to the client, in order.
+    pub response: Vec<HeaderRuleSpec>,
+}
+
+/// `[[headers.request]]` / `[[headers.response]]`: one set-header rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRuleSpec {
+    /// The header name.
+    pub name: String,
+    /// The value to set or append (not needed for `delete`).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// What to do if the header exists, as API Management's `exists-action`.
+    #[serde(default)]
+    pub action: HeaderAction,
+}
+
+/// API Management's `exists-action`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderAction {
+    /// Replace any existing value.
+    #[default]
+    Override,
+    /// Set only when absent.
+    Skip,
+    /// Add another value.
+    Append,
+    /// Remove the header.
+    Delete,
 }
 
 fn default_priority() -> u32 {

@@ -126,7 +126,7 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:1:1: listen: unknown field `listen`, expected one of `gateway`, `backends`, \
-         `deployments`, `failover`, `circuit_breaker`, `consumers`"
+         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`"
     );
 }
 
@@ -554,4 +554,36 @@ consumers (2):
   search: 1 key, deployments: embeddings
 ";
     assert_eq!(summary, expected);
+}
+
+#[test]
+fn header_rules_are_checked() {
+    let text = format!(
+        "{BASE}\n[headers]\nforward = [\"traceparent\", \"api-key\", \"bad header\"]\nreturn = [\"x-ratelimit-*\"]\n\n[[headers.request]]\nname = \"x-gateway-name\"\n\n[[headers.response]]\nname = \"x-ok\"\naction = \"delete\"\n"
+    );
+    let all = errors(&text);
+    assert_eq!(
+        all,
+        [
+            "p.toml:12:27: headers.forward[1]: `api-key` is a client credential and is never forwarded upstream: the gateway sends each backend's own credential",
+            "p.toml:12:38: headers.forward[2]: `bad header` is not a header name (expected e.g. `x-request-id` or the prefix `x-ratelimit-*`)",
+            "p.toml:15:1: headers.request[0]: missing field `value` (needed unless action = \"delete\")",
+        ]
+    );
+    let ok = format!(
+        "{BASE}\n[headers]\nforward = [\"x-team-*\"]\n\n[[headers.response]]\nname = \"cache-control\"\nvalue = \"no-store\"\naction = \"skip\"\n"
+    );
+    let policy = Policy::from_toml_str(&ok, "p.toml").unwrap();
+    assert_eq!(
+        policy.headers.response[0].value.as_deref(),
+        Some("no-store")
+    );
+    let bad_action = format!(
+        "{BASE}\n[[headers.response]]\nname = \"x\"\nvalue = \"v\"\naction = \"replace\"\n"
+    );
+    let err = error(&bad_action);
+    assert!(
+        err.starts_with("p.toml:14:10: headers.response[0].action: unknown variant `replace`"),
+        "{err}"
+    );
 }

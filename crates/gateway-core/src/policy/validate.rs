@@ -38,6 +38,7 @@ impl Policy {
         check.failover(self);
         check.circuit_breaker(self);
         check.consumers(self);
+        check.headers(self);
         if check.errors.is_empty() {
             return Ok(());
         }
@@ -143,6 +144,14 @@ fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
 }
 
 /// Azure deployment names: letters, digits, `-`, `_` and `.` (they go into a URL path).
+/// An HTTP header name: RFC 9110 token characters.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 fn is_deployment_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -421,6 +430,55 @@ impl Checker<'_> {
         ] {
             if value == 0 {
                 self.at_value(&field("circuit_breaker", name), "must be greater than 0");
+            }
+        }
+    }
+
+    fn headers(&mut self, policy: &Policy) {
+        let h = &policy.headers;
+        let lists = [("forward", &h.forward), ("return", &h.return_headers)];
+        for (key, list) in lists {
+            let Some(list) = list else { continue };
+            let path = field("headers", key);
+            for (i, pattern) in list.iter().enumerate() {
+                let item = index(&path, i);
+                let name = pattern.strip_suffix('*').unwrap_or(pattern);
+                if !is_header_name(name) {
+                    self.at_value(
+                        &item,
+                        format!("`{pattern}` is not a header name (expected e.g. `x-request-id` or the prefix `x-ratelimit-*`)"),
+                    );
+                } else if key == "forward"
+                    && ["api-key", "authorization"].contains(&name.to_ascii_lowercase().as_str())
+                {
+                    self.at_value(
+                        &item,
+                        format!("`{pattern}` is a client credential and is never forwarded upstream: the gateway sends each backend's own credential"),
+                    );
+                }
+            }
+        }
+        for (key, rules) in [("request", &h.request), ("response", &h.response)] {
+            for (i, rule) in rules.iter().enumerate() {
+                let path = index(&field("headers", key), i);
+                if !is_header_name(&rule.name) {
+                    self.at_value(
+                        &field(&path, "name"),
+                        format!("`{}` is not a header name", rule.name),
+                    );
+                }
+                match (&rule.value, rule.action) {
+                    (None, action) if action != super::HeaderAction::Delete => self.at_key(
+                        &path,
+                        "missing field `value` (needed unless action = \"delete\")",
+                    ),
+                    (Some(v), _) if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') => self
+                        .at_value(
+                            &field(&path, "value"),
+                            "header values cannot contain control characters",
+                        ),
+                    _ => {}
+                }
             }
         }
     }
