@@ -1,1 +1,242 @@
-fn main() {}
+//! `aoai-sim`: serve one simulated Azure OpenAI region until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use simulator::{DeploymentConfig, Fault, RegionConfig};
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+aoai-sim: a simulated Azure OpenAI resource in one region
+
+USAGE:
+    aoai-sim [OPTIONS]
+
+OPTIONS:
+    --listen ADDR            address to bind [default: 127.0.0.1:9001]
+    --region NAME            region name sent in x-ms-region [default: Sweden Central]
+    --deployment NAME=TPM[:MODEL]
+                             add a deployment (repeatable); a name containing \"embedding\" is an
+                             embeddings deployment, anything else a chat deployment
+                             [default: gpt-4o=30000 text-embedding-3-small=100000]
+    --api-key KEY            accepted API key (repeatable) [default: sim-key]
+    --token-delay-ms N       delay before each streamed token [default: 0]
+    --seed N                 seed for fault percentages and generated text [default: 0]
+    --fault JSON             start-up fault (repeatable), e.g. '{\"kind\":\"status\",\"status\":503,\"percent\":10}'
+    -h, --help               print this help
+
+ADMIN API (no auth):
+    POST /sim/faults (one fault or an array; replaces)   DELETE /sim/faults
+    GET /sim/faults   GET /sim/stats   POST /sim/reset (empties rate-limit windows)
+
+Logs go to stderr; set RUST_LOG (default: info).";
+
+struct Args {
+    listen: SocketAddr,
+    config: RegionConfig,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("aoai-sim: {message}\n\nRun `aoai-sim --help` for usage.");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = args.config;
+    let summary: Vec<String> = config
+        .deployments
+        .iter()
+        .map(|d| format!("{}={} ({:?}, {})", d.name, d.tpm, d.kind, d.model))
+        .collect();
+    let keys = config.api_keys.join(", ");
+    let region = match simulator::spawn(config, args.listen).await {
+        Ok(region) => region,
+        Err(error) => {
+            eprintln!("aoai-sim: cannot listen on {}: {error}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = region.handle();
+    println!("aoai-sim: region {:?} on {}", handle.region(), region.url());
+    println!("aoai-sim: api keys: {keys}");
+    println!("aoai-sim: deployments: {}", summary.join(", "));
+    tracing::info!(url = %region.url(), "serving; Ctrl-C to stop");
+
+    if let Err(error) = tokio::signal::ctrl_c().await {
+        tracing::error!(%error, "cannot wait for Ctrl-C");
+    }
+    tracing::info!(requests = handle.request_count(), "shutting down");
+    region.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Parses the arguments; `Ok(None)` means `--help`.
+fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut listen: SocketAddr = ([127, 0, 0, 1], 9001).into();
+    let mut region = "Sweden Central".to_owned();
+    let mut deployments = Vec::new();
+    let mut keys = Vec::new();
+    let mut token_delay = Duration::ZERO;
+    let mut seed = 0;
+    let mut faults = Vec::new();
+
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(None);
+        }
+        // Accept both `--flag value` and `--flag=value`.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--listen" => {
+                let v = value()?;
+                listen = v.parse().map_err(|e| format!("--listen {v}: {e}"))?;
+            }
+            "--region" => region = value()?,
+            "--deployment" => deployments.push(parse_deployment(&value()?)?),
+            "--api-key" => keys.push(value()?),
+            "--token-delay-ms" => {
+                let v = value()?;
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|e| format!("--token-delay-ms {v}: {e}"))?;
+                token_delay = Duration::from_millis(ms);
+            }
+            "--seed" => {
+                let v = value()?;
+                seed = v.parse().map_err(|e| format!("--seed {v}: {e}"))?;
+            }
+            "--fault" => {
+                let v = value()?;
+                let fault: Fault =
+                    serde_json::from_str(&v).map_err(|e| format!("--fault {v}: {e}"))?;
+                fault.validate().map_err(|e| format!("--fault {v}: {e}"))?;
+                faults.push(fault);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+
+    if deployments.is_empty() {
+        deployments.push(parse_deployment("gpt-4o=30000")?);
+        deployments.push(parse_deployment("text-embedding-3-small=100000")?);
+    }
+    if keys.is_empty() {
+        keys.push("sim-key".to_owned());
+    }
+    let mut config = RegionConfig::new(region, keys.remove(0))
+        .token_delay(token_delay)
+        .seed(seed);
+    config.api_keys.extend(keys);
+    config.deployments = deployments;
+    config.faults = faults;
+    Ok(Some(Args { listen, config }))
+}
+
+/// `name=tpm` or `name=tpm:model`.
+fn parse_deployment(spec: &str) -> Result<DeploymentConfig, String> {
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("--deployment {spec}: expected NAME=TPM[:MODEL]"))?;
+    let (tpm, model) = match rest.split_once(':') {
+        Some((tpm, model)) => (tpm, Some(model)),
+        None => (rest, None),
+    };
+    let tpm: u64 = tpm
+        .parse()
+        .map_err(|e| format!("--deployment {spec}: bad TPM: {e}"))?;
+    if name.is_empty() {
+        return Err(format!("--deployment {spec}: empty name"));
+    }
+    let deployment = if name.contains("embedding") {
+        DeploymentConfig::embeddings(name, tpm)
+    } else {
+        DeploymentConfig::chat(name, tpm)
+    };
+    Ok(match model {
+        Some(model) if !model.is_empty() => deployment.model(model),
+        _ => deployment,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simulator::DeploymentKind;
+
+    fn args(list: &[&str]) -> Result<Option<Args>, String> {
+        parse(list.iter().map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn parses_everything() {
+        let parsed = args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--region=East US",
+            "--deployment",
+            "gpt-4o=1000:gpt-4o-mini",
+            "--deployment",
+            "text-embedding-3-large=5000",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--token-delay-ms",
+            "20",
+            "--seed",
+            "7",
+            "--fault",
+            r#"{"kind":"drop","percent":5}"#,
+        ])
+        .unwrap()
+        .unwrap();
+        let c = parsed.config;
+        assert_eq!(c.region, "East US");
+        assert_eq!(c.api_keys, ["a", "b"]);
+        assert_eq!(c.deployments[0].model, "gpt-4o-mini");
+        assert_eq!(c.deployments[0].kind, DeploymentKind::Chat);
+        assert_eq!(c.deployments[1].kind, DeploymentKind::Embeddings);
+        assert_eq!(c.token_delay, Duration::from_millis(20));
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.faults, vec![Fault::drop_connection().percent(5.0)]);
+    }
+
+    #[test]
+    fn defaults_help_and_errors() {
+        let c = args(&[]).unwrap().unwrap().config;
+        assert_eq!(c.api_keys, ["sim-key"]);
+        assert_eq!(c.deployments.len(), 2);
+        assert!(args(&["--help"]).unwrap().is_none());
+        assert!(args(&["--bogus"]).is_err());
+        assert!(args(&["--deployment", "x"]).is_err());
+        assert!(args(&["--fault", r#"{"kind":"status","status":9999}"#]).is_err());
+        assert!(args(&["--seed"]).is_err());
+    }
+}
