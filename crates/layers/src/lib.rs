@@ -1,1 +1,45 @@
-//! placeholder
+//! tower Layers for gateways in front of Azure OpenAI.
+//!
+//! Each layer is usable alone in any axum (or plain tower) application, and the `gateway` binary
+//! composes them all:
+//!
+//! | module | layer | what it does |
+//! |---|---|---|
+//! | [`context`] | [`RequestContextLayer`] | reads a request once: request id, operation, deployment, replayable body |
+//! | [`auth`] | [`ConsumerAuthLayer`] | authenticates client API keys as named consumers |
+//! | [`propagate`] | [`PropagateHeadersLayer`] | which headers cross the gateway in each direction |
+//! | [`failover`] | [`FailoverLayer`] | picks a backend, replays the request, fails over on 429/5xx/timeouts |
+//!
+//! [`client::ReqwestClient`] is the HTTP client service the failover layer sends attempts through.
+//!
+//! # Example: a complete gateway in a plain axum app
+//!
+//! ```
+//! use std::sync::Arc;
+//! use gateway_core::pool::{Backend, BackendPool, PoolSettings};
+//! use gateway_layers::{FailoverLayer, RequestContextLayer, client::ReqwestClient, failover::FailoverConfig};
+//! use tower::ServiceBuilder;
+//!
+//! let pool = Arc::new(BackendPool::new(vec![], PoolSettings::default()));
+//! let proxy = ServiceBuilder::new()
+//!     .layer(RequestContextLayer::new(4 << 20))
+//!     .layer(FailoverLayer::new(pool, FailoverConfig::default()))
+//!     .service(ReqwestClient::new());
+//! let app: axum::Router = axum::Router::new().route_service("/openai/{*path}", proxy);
+//! # let _ = app;
+//! ```
+
+pub mod auth;
+pub mod client;
+pub mod context;
+pub mod error;
+pub mod failover;
+pub mod propagate;
+
+pub use auth::ConsumerAuthLayer;
+pub use context::RequestContextLayer;
+pub use failover::FailoverLayer;
+pub use propagate::PropagateHeadersLayer;
+
+/// The error type layers use for bodies and inner services they do not know.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

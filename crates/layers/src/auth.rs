@@ -1,0 +1,311 @@
+//! Client authentication: API keys that identify named consumers.
+//!
+//! Clients present their key as Azure's SDKs do, in `api-key` or `Authorization: Bearer`.
+//! [`ConsumerAuthLayer`] answers 401 in Azure's shape for a missing or unknown key (the same answer for
+//! both, so keys cannot be probed), compares keys in constant time, answers 403 when the consumer may not
+//! call the requested deployment, and stores the [`Consumer`] in the request extensions.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{Extension, Router, body::Body, routing::post};
+//! use gateway_layers::auth::{Consumer, ConsumerAuthLayer, ConsumerKeys};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let keys = ConsumerKeys::new().consumer("billing-app", ["s3cret"], None);
+//! let app = Router::new()
+//!     .route("/openai/v1/chat/completions", post(|Extension(c): Extension<Consumer>| async move { c.name.to_string() }))
+//!     .layer(ConsumerAuthLayer::new(Arc::new(keys)));
+//!
+//! let call = |key: &'static str| {
+//!     http::Request::post("/openai/v1/chat/completions").header("api-key", key).body(Body::empty()).unwrap()
+//! };
+//! let ok = app.clone().oneshot(call("s3cret")).await.unwrap();
+//! assert_eq!(ok.status(), 200);
+//! let denied = app.oneshot(call("guess")).await.unwrap();
+//! assert_eq!(denied.status(), 401);
+//! # }
+//! ```
+
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::Either;
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use tower::{Layer, Service};
+
+use crate::context::RequestContext;
+use crate::error::azure_error;
+
+/// The authenticated caller, stored in request extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumer {
+    /// The consumer's name from the policy.
+    pub name: Arc<str>,
+}
+
+/// The consumers the gateway knows and the keys each may present.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumerKeys {
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    consumer: Consumer,
+    keys: Vec<Box<[u8]>>,
+    deployments: Option<Vec<String>>,
+}
+
+/// Layer that authenticates consumers. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ConsumerAuthLayer {
+    keys: Arc<ConsumerKeys>,
+}
+
+/// Service produced by [`ConsumerAuthLayer`].
+#[derive(Clone, Debug)]
+pub struct ConsumerAuth<S> {
+    inner: S,
+    keys: Arc<ConsumerKeys>,
+}
+
+enum Verdict<'a> {
+    Allowed(&'a Consumer),
+    Unauthenticated,
+    Forbidden(&'a Consumer, String),
+}
+
+// === impl ConsumerKeys ===
+
+impl ConsumerKeys {
+    /// No consumers: every request is refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a consumer with its keys; `deployments` restricts which logical deployments it may call.
+    pub fn consumer<K: AsRef<str>>(
+        mut self,
+        name: &str,
+        keys: impl IntoIterator<Item = K>,
+        deployments: Option<Vec<String>>,
+    ) -> Self {
+        self.entries.push(Entry {
+            consumer: Consumer {
+                name: Arc::from(name),
+            },
+            keys: keys
+                .into_iter()
+                .map(|k| k.as_ref().as_bytes().into())
+                .collect(),
+            deployments,
+        });
+        self
+    }
+
+    /// The consumer whose key is `presented`, comparing every key in constant time.
+    pub fn find(&self, presented: &[u8]) -> Option<&Consumer> {
+        let mut found = None;
+        // No early exit: the time taken must not depend on which key matched.
+        for entry in &self.entries {
+            for key in &entry.keys {
+                if constant_time_eq(key, presented) && found.is_none() {
+                    found = Some(&entry.consumer);
+                }
+            }
+        }
+        found
+    }
+
+    fn verdict(&self, headers: &HeaderMap, deployment: Option<&str>) -> Verdict<'_> {
+        let Some(presented) = presented_key(headers) else {
+            return Verdict::Unauthenticated;
+        };
+        let Some(consumer) = self.find(presented) else {
+            return Verdict::Unauthenticated;
+        };
+        let entry = self.entries.iter().find(|e| e.consumer == *consumer);
+        if let (Some(allowed), Some(d)) = (entry.and_then(|e| e.deployments.as_ref()), deployment) {
+            if !allowed.iter().any(|a| a == d) {
+                return Verdict::Forbidden(
+                    consumer,
+                    format!(
+                        "Consumer '{}' is not allowed to call deployment '{d}'.",
+                        consumer.name
+                    ),
+                );
+            }
+        }
+        Verdict::Allowed(consumer)
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("consumer", &self.consumer)
+            .field("keys", &self.keys.len())
+            .field("deployments", &self.deployments)
+            .finish()
+    }
+}
+
+// === impl ConsumerAuthLayer ===
+
+impl ConsumerAuthLayer {
+    /// Authenticates against `keys`.
+    pub fn new(keys: Arc<ConsumerKeys>) -> Self {
+        Self { keys }
+    }
+}
+
+impl<S> Layer<S> for ConsumerAuthLayer {
+    type Service = ConsumerAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConsumerAuth {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+// === impl ConsumerAuth ===
+
+impl<S> ConsumerAuth<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ConsumerAuth<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: From<Bytes>,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Response<ResB>, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let deployment = req
+            .extensions()
+            .get::<RequestContext>()
+            .and_then(|c| c.deployment.as_deref());
+        let consumer = match self.keys.verdict(req.headers(), deployment) {
+            Verdict::Allowed(c) => c.clone(),
+            Verdict::Unauthenticated => {
+                tracing::info!(path = req.uri().path(), "rejected: missing or unknown key");
+                return Either::Right(ready(Ok(azure_error(
+                    StatusCode::UNAUTHORIZED,
+                    "401",
+                    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+                ))));
+            }
+            Verdict::Forbidden(c, msg) => {
+                tracing::info!(consumer = %c.name, "rejected: deployment not allowed");
+                return Either::Right(ready(Ok(azure_error(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &msg,
+                ))));
+            }
+        };
+        req.extensions_mut().insert(consumer);
+        Either::Left(self.inner.call(req))
+    }
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get("api-key") {
+        return Some(v.as_bytes());
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let scheme = auth.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| auth[7..].trim_ascii())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(!x);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn keys_match_only_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn bearer_and_api_key_are_both_accepted() {
+        let keys = ConsumerKeys::new().consumer("a", ["k1", "k2"], None);
+        assert!(matches!(
+            keys.verdict(&headers("api-key", "k2"), None),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            keys.verdict(&headers("authorization", "Bearer k1"), None),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            keys.verdict(&headers("authorization", "Basic k1"), None),
+            Verdict::Unauthenticated
+        ));
+        assert!(matches!(
+            keys.verdict(&HeaderMap::new(), None),
+            Verdict::Unauthenticated
+        ));
+    }
+
+    #[test]
+    fn deployment_restriction_gives_forbidden() {
+        let keys = ConsumerKeys::new().consumer("a", ["k"], Some(vec!["gpt-4o".into()]));
+        let h = headers("api-key", "k");
+        assert!(matches!(
+            keys.verdict(&h, Some("gpt-4o")),
+            Verdict::Allowed(_)
+        ));
+        match keys.verdict(&h, Some("o3")) {
+            Verdict::Forbidden(c, msg) => {
+                assert_eq!(&*c.name, "a");
+                assert!(msg.contains("'o3'"));
+            }
+            _ => panic!("expected forbidden"),
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! Request-context capture: reads a request once and records what every later layer needs.
+//!
+//! [`RequestContextLayer`] buffers the body (up to a cap, so it can be replayed on failover), works out
+//! the operation, the logical deployment (from the path, or the body's `model` on v1 and Responses paths),
+//! the `api-version`, whether the call streams and the requested `max_tokens`, and stores a
+//! [`RequestContext`] in the request extensions. It answers 413 for a body over the cap and 400 for
+//! invalid JSON, both in Azure's error shape, and stamps `x-request-id` on every response (and
+//! `x-gateway-attempts: 0` and `x-served-by: gateway` when nothing upstream answered).
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Extension, Router, body::Body, routing::post};
+//! use gateway_layers::context::{Operation, RequestContext, RequestContextLayer};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! async fn handler(Extension(ctx): Extension<RequestContext>) -> String {
+//!     format!("{} {:?} stream={}", ctx.operation.as_str(), ctx.deployment, ctx.stream)
+//! }
+//!
+//! let app = Router::new()
+//!     .route("/openai/deployments/{d}/chat/completions", post(handler))
+//!     .layer(RequestContextLayer::new(1024 * 1024));
+//!
+//! let req = http::Request::post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+//!     .header("x-request-id", "abc-123")
+//!     .body(Body::from(r#"{"messages":[],"stream":true}"#))
+//!     .unwrap();
+//! let res = app.oneshot(req).await.unwrap();
+//! assert_eq!(res.headers()["x-request-id"], "abc-123");
+//! let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+//! assert_eq!(&body[..], b"chat Some(\"gpt-4o\") stream=true");
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use tower::{Layer, Service};
+
+use crate::BoxError;
+use crate::error::azure_error;
+
+/// `x-request-id`: the id the gateway answers with and sends upstream.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-ms-client-request-id`: Azure SDKs' own request id, accepted when `x-request-id` is absent.
+pub static X_MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
+/// `x-served-by`: which backend (`name (region)`) answered, or `gateway` when the gateway did.
+pub static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+/// `x-gateway-attempts`: how many upstream attempts the gateway made for this request.
+pub static X_GATEWAY_ATTEMPTS: HeaderName = HeaderName::from_static("x-gateway-attempts");
+
+/// What kind of Azure OpenAI call a request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// `chat/completions`.
+    ChatCompletions,
+    /// Legacy `completions`.
+    Completions,
+    /// `embeddings`.
+    Embeddings,
+    /// The Responses API.
+    Responses,
+    /// Anything else (audio, images, files, models...).
+    Other,
+}
+
+/// Where a request names its deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeploymentSource {
+    /// In the path: `/openai/deployments/{deployment}/...`. `rest` is what follows the name.
+    Path {
+        /// The path after `/openai/deployments/{deployment}`, starting with `/`.
+        rest: String,
+    },
+    /// In the JSON body's `model` field (v1 and Responses paths).
+    Body,
+    /// Nowhere: the request is not deployment-scoped.
+    None,
+}
+
+/// Everything captured from one client request. Stored in the request extensions.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    /// The client's `x-request-id` / `x-ms-client-request-id` when valid, else a new UUID.
+    pub request_id: HeaderValue,
+    /// When the gateway received the request.
+    pub received_at: Instant,
+    /// The kind of call.
+    pub operation: Operation,
+    /// The logical deployment the client called, if any.
+    pub deployment: Option<String>,
+    /// Where the deployment name came from; the failover layer rewrites it there per backend.
+    pub deployment_source: DeploymentSource,
+    /// The `api-version` query parameter.
+    pub api_version: Option<String>,
+    /// Whether the client asked for a Server-Sent Events stream.
+    pub stream: bool,
+    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens` from the body.
+    pub max_tokens: Option<u64>,
+    /// `n` (choices) from the body.
+    pub n: Option<u32>,
+    /// The whole request body, replayable on every attempt.
+    pub body: Bytes,
+}
+
+/// Why a request could not be captured.
+#[derive(Debug)]
+pub enum CaptureError {
+    /// The body exceeds the configured cap.
+    TooLarge {
+        /// The cap in bytes.
+        limit: usize,
+    },
+    /// JSON was required and the body is not a valid JSON object.
+    InvalidJson(String),
+    /// The body could not be read from the client.
+    Body(BoxError),
+}
+
+/// Layer that captures a [`RequestContext`] for each request. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RequestContextLayer {
+    max_body_bytes: usize,
+}
+
+/// Service produced by [`RequestContextLayer`].
+#[derive(Clone, Debug)]
+pub struct CaptureContext<S> {
+    inner: S,
+    max_body_bytes: usize,
+}
+
+/// Response future of [`CaptureContext`]: boxed, since it awaits the body before calling the inner service.
+pub type CaptureFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+// Only the fields the gateway routes and accounts on; everything else is skipped, not allocated.
+#[derive(Deserialize)]
+struct Peek {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+// === impl Operation ===
+
+impl Operation {
+    /// A short, stable name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat",
+            Operation::Completions => "completions",
+            Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
+            Operation::Other => "other",
+        }
+    }
+
+    /// Azure's operation name, as used in its 429 messages.
+    pub fn azure_name(&self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "ChatCompletions_Create",
+            Operation::Completions => "Completions_Create",
+            Operation::Embeddings => "Embeddings_Create",
+            Operation::Responses => "Responses_Create",
+            Operation::Other => "Other",
+        }
+    }
+
+    fn from_suffix(suffix: &str) -> Self {
+        match suffix {
+            "chat/completions" => Operation::ChatCompletions,
+            "completions" => Operation::Completions,
+            "embeddings" => Operation::Embeddings,
+            "responses" => Operation::Responses,
+            _ => Operation::Other,
+        }
+    }
+}
+
+// === impl RequestContext ===
+
+impl RequestContext {
+    /// Reads `body` (at most `max_body_bytes`) and captures the context of a request.
+    ///
+    /// Used by [`RequestContextLayer`], and by layers that need a context when used without it.
+    pub async fn capture<B>(
+        parts: &Parts,
+        body: B,
+        max_body_bytes: usize,
+    ) -> Result<Self, CaptureError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let received_at = Instant::now();
+        if let Some(len) = content_length(&parts.headers) {
+            if len > max_body_bytes as u64 {
+                return Err(CaptureError::TooLarge {
+                    limit: max_body_bytes,
+                });
+            }
+        }
+        let body = match Limited::new(body, max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(err) if err.is::<LengthLimitError>() => {
+                return Err(CaptureError::TooLarge {
+                    limit: max_body_bytes,
+                });
+            }
+            Err(err) => return Err(CaptureError::Body(err)),
+        };
+        Self::from_parts_and_body(parts, body, received_at)
+    }
+
+    /// Captures the context of a request whose body is already buffered.
+    pub fn from_parts_and_body(
+        parts: &Parts,
+        body: Bytes,
+        received_at: Instant,
+    ) -> Result<Self, CaptureError> {
+        let path = parts.uri.path();
+        let (operation, path_deployment, deployment_source) = classify_path(path);
+        let api_version = parts.uri.query().and_then(api_version);
+
+        let wants_json = operation != Operation::Other
+            && parts.method == Method::POST
+            && !is_multipart(&parts.headers);
+        let peek = if wants_json {
+            Some(peek_json(&body)?)
+        } else {
+            None
+        };
+
+        let deployment = match deployment_source {
+            DeploymentSource::Path { .. } => path_deployment,
+            DeploymentSource::Body => peek.as_ref().and_then(|p| p.model.clone()),
+            DeploymentSource::None => None,
+        };
+        let (stream, max_tokens, n) = match &peek {
+            Some(p) => (
+                p.stream.unwrap_or(false),
+                p.max_completion_tokens
+                    .or(p.max_tokens)
+                    .or(p.max_output_tokens),
+                p.n,
+            ),
+            None => (false, None, None),
+        };
+
+        Ok(RequestContext {
+            request_id: request_id(&parts.headers),
+            received_at,
+            operation,
+            deployment,
+            deployment_source,
+            api_version,
+            stream,
+            max_tokens,
+            n,
+            body,
+        })
+    }
+}
+
+// === impl CaptureError ===
+
+impl CaptureError {
+    /// The Azure-shaped answer for this error.
+    pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
+        match self {
+            CaptureError::TooLarge { limit } => azure_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                &format!("The request body exceeds the gateway's limit of {limit} bytes."),
+            ),
+            CaptureError::InvalidJson(msg) => azure_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("The request body is not valid JSON: {msg}"),
+            ),
+            CaptureError::Body(err) => azure_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("The request body could not be read: {err}"),
+            ),
+        }
+    }
+}
+
+// === impl RequestContextLayer ===
+
+impl RequestContextLayer {
+    /// Captures contexts, rejecting bodies larger than `max_body_bytes` with 413.
+    pub fn new(max_body_bytes: usize) -> Self {
+        Self { max_body_bytes }
+    }
+}
+
+impl<S> Layer<S> for RequestContextLayer {
+    type Service = CaptureContext<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CaptureContext {
+            inner,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+// === impl CaptureContext ===
+
+impl<S> CaptureContext<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, max_body_bytes: usize) -> Self {
+        Self {
+            inner,
+            max_body_bytes,
+        }
+    }
+
+    /// A [`RequestContextLayer`] with this cap.
+    pub fn layer(max_body_bytes: usize) -> RequestContextLayer {
+        RequestContextLayer::new(max_body_bytes)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for CaptureContext<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqB: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: From<Bytes>,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = CaptureFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // Call the instance that was made ready; leave a fresh clone behind for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let max = self.max_body_bytes;
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let ctx = match RequestContext::capture(&parts, body, max).await {
+                Ok(ctx) => ctx,
+                Err(err) => {
+                    tracing::info!(error = ?err, path = parts.uri.path(), "request rejected");
+                    let mut res = err.into_response();
+                    stamp(res.headers_mut(), request_id(&parts.headers));
+                    return Ok(res);
+                }
+            };
+            let id = ctx.request_id.clone();
+            // Upstreams see the same id the client gets back.
+            parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+            let body = ReqB::from(ctx.body.clone());
+            parts.extensions.insert(ctx);
+            let mut res = inner.call(Request::from_parts(parts, body)).await?;
+            stamp(res.headers_mut(), id);
+            Ok(res)
+        })
+    }
+}
+
+/// Every answer, including those made before any upstream was tried, says who served it.
+fn stamp(headers: &mut HeaderMap, id: HeaderValue) {
+    headers.insert(X_REQUEST_ID.clone(), id);
+    if !headers.contains_key(&X_GATEWAY_ATTEMPTS) {
+        headers.insert(X_GATEWAY_ATTEMPTS.clone(), HeaderValue::from_static("0"));
+    }
+    if !headers.contains_key(&X_SERVED_BY) {
+        headers.insert(X_SERVED_BY.clone(), HeaderValue::from_static("gateway"));
+    }
+}
+
+fn classify_path(path: &str) -> (Operation, Option<String>, DeploymentSource) {
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let (name, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if !name.is_empty() {
+            let op = Operation::from_suffix(tail.trim_start_matches('/'));
+            return (
+                op,
+                Some(name.to_owned()),
+                DeploymentSource::Path {
+                    rest: tail.to_owned(),
+                },
+            );
+        }
+    }
+    let suffix = path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/openai/"));
+    match suffix.map(Operation::from_suffix) {
+        Some(Operation::Other) | None => (Operation::Other, None, DeploymentSource::None),
+        // `/openai/completions` etc. without `v1` are not Azure paths; only Responses lives there.
+        Some(op) if path.starts_with("/openai/v1/") || op == Operation::Responses => {
+            (op, None, DeploymentSource::Body)
+        }
+        Some(_) => (Operation::Other, None, DeploymentSource::None),
+    }
+}
+
+fn api_version(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="))
+        .map(str::to_owned)
+}
+
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn peek_json(body: &[u8]) -> Result<Peek, CaptureError> {
+    if body.is_empty() {
+        return Err(CaptureError::InvalidJson(
+            "a JSON object is required and the body is empty".into(),
+        ));
+    }
+    serde_json::from_slice::<Peek>(body).map_err(|e| CaptureError::InvalidJson(e.to_string()))
+}
+
+/// The client's request id when it is a sane token, else a new UUID.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    for name in [&X_REQUEST_ID, &X_MS_CLIENT_REQUEST_ID] {
+        if let Some(v) = headers.get(name) {
+            let b = v.as_bytes();
+            if !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+            {
+                return v.clone();
+            }
+        }
+    }
+    new_request_id()
+}
+
+/// A random (version 4) UUID, formatted as Azure's request ids are.
+pub fn new_request_id() -> HeaderValue {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    let a = (a & 0xffff_ffff_ffff_0fff) | 0x4000;
+    let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let s = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    );
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: Method, uri: &str) -> Parts {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn capture(uri: &str, body: &str) -> Result<RequestContext, CaptureError> {
+        RequestContext::from_parts_and_body(
+            &parts(Method::POST, uri),
+            Bytes::from(body.to_owned()),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn classic_path_names_deployment_and_operation() {
+        let ctx = capture(
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":50,"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(ctx.operation, Operation::ChatCompletions);
+        assert_eq!(ctx.deployment.as_deref(), Some("gpt-4o"));
+        assert_eq!(ctx.api_version.as_deref(), Some("2024-10-21"));
+        assert!(ctx.stream);
+        assert_eq!(ctx.max_tokens, Some(50));
+        assert_eq!(
+            ctx.deployment_source,
+            DeploymentSource::Path {
+                rest: "/chat/completions".into()
+            }
+        );
+    }
+
+    #[test]
+    fn v1_and_responses_take_deployment_from_model() {
+        let ctx = capture("/openai/v1/embeddings", r#"{"model":"emb","input":"x"}"#).unwrap();
+        assert_eq!(ctx.operation, Operation::Embeddings);
+        assert_eq!(ctx.deployment.as_deref(), Some("emb"));
+        assert_eq!(ctx.deployment_source, DeploymentSource::Body);
+
+        let ctx = capture(
+            "/openai/responses?api-version=2025-04-01-preview",
+            r#"{"model":"gpt-4o","input":"x","max_output_tokens":9}"#,
+        )
+        .unwrap();
+        assert_eq!(ctx.operation, Operation::Responses);
+        assert_eq!(ctx.deployment.as_deref(), Some("gpt-4o"));
+        assert_eq!(ctx.max_tokens, Some(9));
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let ctx = capture(
+            "/openai/deployments/d/chat/completions",
+            r#"{"max_tokens":5,"max_completion_tokens":7,"n":2}"#,
+        )
+        .unwrap();
+        assert_eq!(ctx.max_tokens, Some(7));
+        assert_eq!(ctx.n, Some(2));
+    }
+
+    #[test]
+    fn invalid_json_is_rejected_with_a_reason() {
+        let err = capture("/openai/deployments/d/chat/completions", "{nope").unwrap_err();
+        match err {
+            CaptureError::InvalidJson(msg) => assert!(msg.contains("line 1"), "{msg}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            capture("/openai/deployments/d/embeddings", ""),
+            Err(CaptureError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            capture("/openai/deployments/d/embeddings", "[1,2]"),
+            Err(CaptureError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn other_paths_need_no_json() {
+        let ctx = capture("/openai/v1/models", "").unwrap();
+        assert_eq!(ctx.operation, Operation::Other);
+        assert_eq!(ctx.deployment, None);
+        let ctx = capture(
+            "/openai/deployments/whisper/audio/transcriptions",
+            "--boundary",
+        )
+        .unwrap();
+        assert_eq!(ctx.operation, Operation::Other);
+        assert_eq!(ctx.deployment.as_deref(), Some("whisper"));
+    }
+
+    #[test]
+    fn request_id_is_taken_from_client_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_MS_CLIENT_REQUEST_ID, HeaderValue::from_static("sdk-1"));
+        assert_eq!(request_id(&h), "sdk-1");
+        h.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_static("bad id with spaces"),
+        );
+        assert_eq!(request_id(&h), "sdk-1");
+        let fresh = request_id(&HeaderMap::new());
+        let s = fresh.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_413() {
+        let p = parts(Method::POST, "/openai/deployments/d/embeddings");
+        let body = http_body_util::Full::new(Bytes::from(vec![b' '; 2048]));
+        let err = RequestContext::capture(&p, body, 1024).await.unwrap_err();
+        let res: Response<Bytes> = err.into_response();
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            std::str::from_utf8(res.body())
+                .unwrap()
+                .contains("RequestEntityTooLarge")
+        );
+    }
+}

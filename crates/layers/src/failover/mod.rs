@@ -1,0 +1,261 @@
+//! Failover across Azure OpenAI backends.
+//!
+//! [`FailoverLayer`] turns one client request into one or more upstream attempts. Each attempt is a new
+//! request built from the captured [`RequestContext`](crate::context::RequestContext) (API Management's
+//! `send-request mode="new"`): the backend's URL, its own deployment name (in the path, or in `model` on
+//! v1 and Responses calls), its credential, the request headers that reached this layer, the same body.
+//!
+//! - Backends are chosen by the shared [`BackendPool`]: lowest priority group first, weighted inside a
+//!   group, skipping backends that cool down after a throttle or whose circuit is open.
+//! - An attempt fails over at once, with no sleep, on 429, 401/403, the configured statuses (408, 500,
+//!   502, 503, 504 by default), a connection error, or no response headers within the header timeout.
+//!   A 404 `DeploymentNotFound` takes the backend out for that deployment and tries the next. 400 (such
+//!   as `content_filter`) and other answers pass through untouched.
+//! - The decision is made on status and headers, before any byte reaches the client; the body then
+//!   streams through without buffering. A body that breaks mid-way is charged to the backend and a
+//!   Server-Sent Events stream ends with an `event: error` frame and no `[DONE]`.
+//! - When no backend is left and some were throttled, the answer is a 429 with `retry-after` and
+//!   `retry-after-ms` set to the shortest remaining cooldown and `x-gateway-throttled: true`; otherwise
+//!   502, 503 or 504 with the cause, in Azure's error shape. Never a bare 500, never a hang: an attempt
+//!   budget and an overall deadline bound the work.
+//!
+//! Every response carries `x-served-by` (`name (region)` of the backend that answered, or `gateway`)
+//! and `x-gateway-attempts`; the response extensions carry a [`FailoverReport`].
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{Router, body::Body};
+//! use gateway_core::pool::{Backend, BackendPool, PoolSettings};
+//! use gateway_layers::{FailoverLayer, client::ReqwestClient, failover::FailoverConfig};
+//! use simulator::{DeploymentConfig, RegionConfig};
+//! use tower::ServiceBuilder;
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! // One simulated Azure OpenAI region that serves `gpt-4o` as `gpt-4o-east`.
+//! let region = simulator::spawn(
+//!     RegionConfig::new("East US", "backend-key").deployment(DeploymentConfig::chat("gpt-4o-east", 100_000)),
+//!     "127.0.0.1:0".parse().unwrap(),
+//! )
+//! .await
+//! .unwrap();
+//! let backend = Backend {
+//!     name: "east".into(),
+//!     region: "East US".into(),
+//!     endpoint: region.url(),
+//!     priority: 1,
+//!     weight: 1,
+//!     deployments: [("gpt-4o".to_string(), "gpt-4o-east".to_string())].into(),
+//!     credential: Some(gateway_core::secret::Credential::ApiKey(gateway_core::secret::Secret::new("backend-key"))),
+//! };
+//! let pool = Arc::new(BackendPool::new(vec![backend], PoolSettings::default()));
+//! let proxy = ServiceBuilder::new()
+//!     .layer(FailoverLayer::new(pool, FailoverConfig::default()))
+//!     .service(ReqwestClient::new());
+//! let app = Router::new().route_service("/openai/{*path}", proxy);
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let addr = listener.local_addr().unwrap();
+//! tokio::spawn(async move { axum::serve(listener, app).await });
+//!
+//! let res = reqwest::Client::new()
+//!     .post(format!("http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"))
+//!     .body(r#"{"messages":[{"role":"user","content":"Hello"}]}"#)
+//!     .send()
+//!     .await
+//!     .unwrap();
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(res.headers()["x-served-by"], "east (East US)");
+//! assert_eq!(res.headers()["x-gateway-attempts"], "1");
+//! # }
+//! ```
+
+mod body;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_core::pool::{BackendId, BackendPool};
+use gateway_core::secret::Credential;
+use http::{HeaderName, HeaderValue};
+use tower::Layer;
+
+pub use body::FailoverBody;
+pub use service::{Failover, FailoverFuture};
+
+pub use crate::context::X_SERVED_BY;
+/// `x-gateway-throttled`: set on a 429 the gateway made because every backend was cooling down.
+pub static X_GATEWAY_THROTTLED: HeaderName = HeaderName::from_static("x-gateway-throttled");
+
+/// How the failover layer bounds and triggers attempts.
+#[derive(Clone, Debug)]
+pub struct FailoverConfig {
+    /// Most attempts for one client request.
+    pub max_attempts: u32,
+    /// Overall deadline until response headers, across attempts.
+    pub deadline: Duration,
+    /// How long one attempt may wait for response headers (the time-to-first-byte limit).
+    pub response_header_timeout: Duration,
+    /// Upstream statuses that fail over (429, 401 and 403 always do).
+    pub failover_on: Vec<u16>,
+    /// Body cap when no [`RequestContext`](crate::context::RequestContext) was captured by an outer layer.
+    pub max_body_bytes: usize,
+}
+
+/// What happened to one upstream attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// A response that was passed to the client.
+    Served,
+    /// 429 from the backend.
+    Throttled,
+    /// 401 or 403 from the backend.
+    AuthFailure,
+    /// A status listed in [`FailoverConfig::failover_on`] (5xx, 408).
+    ServerError,
+    /// 404 `DeploymentNotFound`.
+    DeploymentNotFound,
+    /// No response headers within the header timeout or the deadline.
+    Timeout,
+    /// The connection failed.
+    ConnectError,
+}
+
+/// One upstream attempt, for logs, metrics and traces.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// The backend tried.
+    pub backend: BackendId,
+    /// Its name.
+    pub backend_name: Arc<str>,
+    /// The status it answered, if it answered.
+    pub status: Option<u16>,
+    /// What the layer made of it.
+    pub outcome: AttemptOutcome,
+    /// Time until response headers (or failure).
+    pub elapsed: Duration,
+}
+
+/// Stored in the response extensions: which backend served and every attempt made.
+#[derive(Clone, Debug, Default)]
+pub struct FailoverReport {
+    /// The backend whose response was returned, if any.
+    pub served_by: Option<BackendId>,
+    /// Every attempt in order.
+    pub attempts: Vec<Attempt>,
+}
+
+/// Layer that fails over between backends. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct FailoverLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: Arc<BackendPool>,
+    config: FailoverConfig,
+    upstreams: Vec<Upstream>,
+}
+
+/// What an attempt needs of a backend, computed once rather than per request.
+#[derive(Debug)]
+struct Upstream {
+    base: String,
+    credential: Option<(HeaderName, HeaderValue)>,
+    served_by: HeaderValue,
+    name: Arc<str>,
+}
+
+// === impl FailoverConfig ===
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            deadline: Duration::from_secs(120),
+            response_header_timeout: Duration::from_secs(30),
+            failover_on: vec![408, 429, 500, 502, 503, 504],
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+// === impl AttemptOutcome ===
+
+impl AttemptOutcome {
+    /// A short, stable name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Served => "served",
+            AttemptOutcome::Throttled => "throttled",
+            AttemptOutcome::AuthFailure => "auth_failure",
+            AttemptOutcome::ServerError => "server_error",
+            AttemptOutcome::DeploymentNotFound => "deployment_not_found",
+            AttemptOutcome::Timeout => "timeout",
+            AttemptOutcome::ConnectError => "connect_error",
+        }
+    }
+}
+
+// === impl FailoverLayer ===
+
+impl FailoverLayer {
+    /// Fails over between the backends of `pool`.
+    pub fn new(pool: Arc<BackendPool>, config: FailoverConfig) -> Self {
+        let upstreams = pool.backends().iter().map(Upstream::new).collect();
+        Self {
+            shared: Arc::new(Shared {
+                pool,
+                config,
+                upstreams,
+            }),
+        }
+    }
+
+    /// The pool this layer routes over.
+    pub fn pool(&self) -> &Arc<BackendPool> {
+        &self.shared.pool
+    }
+}
+
+impl<S> Layer<S> for FailoverLayer {
+    type Service = Failover<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Failover::new(inner, self.shared.clone())
+    }
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    fn new(b: &gateway_core::pool::Backend) -> Self {
+        let credential = b.credential.as_ref().and_then(|c| {
+            let (name, value) = match c {
+                Credential::ApiKey(s) => (
+                    HeaderName::from_static("api-key"),
+                    HeaderValue::from_str(s.expose()),
+                ),
+                Credential::Bearer(s) => (
+                    http::header::AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Bearer {}", s.expose())),
+                ),
+            };
+            let mut value = value.ok()?;
+            value.set_sensitive(true);
+            Some((name, value))
+        });
+        let served_by = HeaderValue::from_str(&format!("{} ({})", b.name, b.region))
+            .unwrap_or_else(|_| HeaderValue::from_static("backend"));
+        Self {
+            base: b.endpoint.trim_end_matches('/').to_owned(),
+            credential,
+            served_by,
+            name: Arc::from(b.name.as_str()),
+        }
+    }
+}

@@ -1,0 +1,583 @@
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use gateway_core::pool::{BackendId, Exhausted, Outcome, Selection};
+use gateway_core::retry_after::{cooldown_hint, parse_remaining};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use tower::{Service, ServiceExt};
+
+use super::body::StreamWatch;
+use super::{
+    Attempt, AttemptOutcome, FailoverBody, FailoverReport, Shared, X_GATEWAY_THROTTLED, X_SERVED_BY,
+};
+use crate::BoxError;
+use crate::context::{DeploymentSource, RequestContext, X_GATEWAY_ATTEMPTS};
+use crate::error::azure_error;
+
+/// Service produced by [`FailoverLayer`](super::FailoverLayer).
+#[derive(Clone, Debug)]
+pub struct Failover<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// Response future of [`Failover`]: boxed, because an attempt loop with awaits reads best as one
+/// `async` block and the one allocation is small beside an upstream round trip.
+pub type FailoverFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Response<FailoverBody<B>>, Infallible>> + Send>>;
+
+/// Why the last attempt did not serve.
+enum LastFailure<B> {
+    /// An upstream answer that may still be returned as it is.
+    Response(BackendId, Response<B>),
+    /// An upstream answer whose body was read to classify it (a 404).
+    Buffered(BackendId, Response<Bytes>),
+    Timeout,
+    Connect(String),
+}
+
+enum Verdict {
+    Serve,
+    FailOver(Outcome, AttemptOutcome),
+    /// A 404 that is `DeploymentNotFound` only if its body says so.
+    CheckNotFound,
+}
+
+/// Largest error body read to tell a `DeploymentNotFound` 404 from another.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+// === impl Failover ===
+
+impl<S> Failover<S> {
+    pub(super) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner (HTTP client) service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Failover<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<FailoverBody<ResB>>;
+    type Error = Infallible;
+    type Future = FailoverFuture<ResB>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each attempt readies its own clone of the client before calling it (see `attempt`), so
+        // there is nothing to reserve here; backend availability is decided per request in `call`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let inner = self.inner.clone();
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(run(shared, inner, req).await) })
+    }
+}
+
+async fn run<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: Request<ReqB>,
+) -> Response<FailoverBody<ResB>>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    ReqB: Body<Data = Bytes> + Send,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let (mut parts, body) = req.into_parts();
+    let ctx = match parts.extensions.remove::<RequestContext>() {
+        Some(ctx) => ctx,
+        // Used without the context layer: capture here so the body can be replayed.
+        None => match RequestContext::capture(&parts, body, shared.config.max_body_bytes).await {
+            Ok(ctx) => ctx,
+            Err(err) => return gateway_answer(err.into_response(), FailoverReport::default()),
+        },
+    };
+    let Some(deployment) = ctx.deployment.as_deref() else {
+        let res = match ctx.deployment_source {
+            DeploymentSource::Body => azure_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "The request body must name the deployment in 'model'.",
+            ),
+            _ => azure_error(
+                StatusCode::NOT_FOUND,
+                "404",
+                "Resource not found: the gateway serves deployment-scoped operations only.",
+            ),
+        };
+        return gateway_answer(res, FailoverReport::default());
+    };
+
+    let config = &shared.config;
+    let pool = &shared.pool;
+    let deadline = ctx.received_at + config.deadline;
+    let mut tried: Vec<BackendId> = Vec::with_capacity(config.max_attempts as usize);
+    let mut report = FailoverReport::default();
+    let mut last: Option<LastFailure<ResB>> = None;
+    let mut exhausted: Option<Exhausted> = None;
+
+    while report.attempts.len() < config.max_attempts as usize {
+        let now = Instant::now();
+        if now >= deadline {
+            last = Some(LastFailure::Timeout);
+            break;
+        }
+        let id = match pool.select(deployment, &tried, now) {
+            Selection::Backend(id) => id,
+            Selection::Exhausted(e) => {
+                exhausted = Some(e);
+                break;
+            }
+        };
+        tried.push(id);
+        let up = &shared.upstreams[id.0];
+        let req = match build_attempt(&parts, &ctx, up, pool.get(id).deployment_name(deployment)) {
+            Ok(req) => req,
+            Err(msg) => {
+                tracing::error!(backend = %up.name, %msg, "could not build upstream request");
+                last = Some(LastFailure::Connect(msg));
+                continue;
+            }
+        };
+
+        let timeout = config.response_header_timeout.min(deadline - now);
+        let result = tokio::time::timeout(timeout, attempt(&mut inner, req)).await;
+        let elapsed = now.elapsed();
+        let mut record = |status: Option<u16>, outcome: AttemptOutcome| {
+            report.attempts.push(Attempt {
+                backend: id,
+                backend_name: up.name.clone(),
+                status,
+                outcome,
+                elapsed,
+            });
+        };
+        let res = match result {
+            Err(_) => {
+                tracing::warn!(backend = %up.name, ?timeout, "no response headers in time; failing over");
+                pool.record(id, deployment, Outcome::Timeout, Instant::now());
+                record(None, AttemptOutcome::Timeout);
+                last = Some(LastFailure::Timeout);
+                continue;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(backend = %up.name, error = %err, "upstream connection failed; failing over");
+                pool.record(id, deployment, Outcome::ConnectError, Instant::now());
+                record(None, AttemptOutcome::ConnectError);
+                last = Some(LastFailure::Connect(err.to_string()));
+                continue;
+            }
+            Ok(Ok(res)) => res,
+        };
+
+        let status = res.status();
+        let headers = res.headers();
+        let remaining = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_remaining)
+        };
+        pool.observe_remaining(
+            id,
+            remaining("x-ratelimit-remaining-tokens"),
+            remaining("x-ratelimit-remaining-requests"),
+            Instant::now(),
+        );
+
+        match verdict(status, headers, &config.failover_on) {
+            Verdict::Serve => {
+                pool.record(id, deployment, Outcome::Success, Instant::now());
+                record(Some(status.as_u16()), AttemptOutcome::Served);
+                report.served_by = Some(id);
+                let sse = is_event_stream(res.headers());
+                let watch = StreamWatch {
+                    pool: pool.clone(),
+                    id,
+                    deployment: deployment.to_owned(),
+                    sse,
+                };
+                let res = res.map(|b| FailoverBody::upstream(b, Some(watch)));
+                return served(res, up.served_by.clone(), report);
+            }
+            Verdict::FailOver(outcome, kind) => {
+                tracing::info!(backend = %up.name, status = status.as_u16(), "failing over");
+                pool.record(id, deployment, outcome, Instant::now());
+                record(Some(status.as_u16()), kind);
+                last = Some(LastFailure::Response(id, res));
+            }
+            Verdict::CheckNotFound => {
+                let (head, body) = res.into_parts();
+                let bytes = match Limited::new(body, MAX_ERROR_BODY).collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(_) => Bytes::new(),
+                };
+                let res = Response::from_parts(head, bytes);
+                if is_deployment_not_found(res.body()) {
+                    tracing::warn!(backend = %up.name, deployment, "backend lacks the deployment; check its mapping");
+                    pool.record(id, deployment, Outcome::DeploymentNotFound, Instant::now());
+                    record(Some(404), AttemptOutcome::DeploymentNotFound);
+                    last = Some(LastFailure::Buffered(id, res));
+                } else {
+                    pool.record(id, deployment, Outcome::Success, Instant::now());
+                    record(Some(404), AttemptOutcome::Served);
+                    report.served_by = Some(id);
+                    return served(res.map(FailoverBody::full), up.served_by.clone(), report);
+                }
+            }
+        }
+    }
+
+    give_up(&shared, deployment, exhausted, last, report)
+}
+
+async fn attempt<S, ResB>(
+    inner: &mut S,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    inner
+        .ready()
+        .await
+        .map_err(Into::into)?
+        .call(req)
+        .await
+        .map_err(Into::into)
+}
+
+fn verdict(status: StatusCode, headers: &HeaderMap, failover_on: &[u16]) -> Verdict {
+    let hint = || {
+        cooldown_hint(
+            |name| headers.get(name).and_then(|v| v.to_str().ok()),
+            SystemTime::now(),
+        )
+    };
+    match status.as_u16() {
+        429 => Verdict::FailOver(
+            Outcome::Throttled { hint: hint() },
+            AttemptOutcome::Throttled,
+        ),
+        401 | 403 => Verdict::FailOver(
+            Outcome::AuthFailure { hint: hint() },
+            AttemptOutcome::AuthFailure,
+        ),
+        404 => Verdict::CheckNotFound,
+        408 if failover_on.contains(&408) => {
+            Verdict::FailOver(Outcome::Timeout, AttemptOutcome::ServerError)
+        }
+        s if s >= 500 && failover_on.contains(&s) => Verdict::FailOver(
+            Outcome::ServerError { hint: hint() },
+            AttemptOutcome::ServerError,
+        ),
+        _ => Verdict::Serve,
+    }
+}
+
+fn is_deployment_not_found(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Error {
+        error: Code,
+    }
+    #[derive(serde::Deserialize)]
+    struct Code {
+        code: Option<String>,
+    }
+    serde_json::from_slice::<Error>(body)
+        .is_ok_and(|e| e.error.code.as_deref() == Some("DeploymentNotFound"))
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// Headers never copied from the client onto an attempt: its credentials, and what the client library
+/// recomputes for the new request.
+fn skip_on_attempt(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "api-key"
+            | "authorization"
+            | "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+    )
+}
+
+fn build_attempt(
+    parts: &Parts,
+    ctx: &RequestContext,
+    up: &super::Upstream,
+    mapped: Option<&str>,
+) -> Result<Request<Full<Bytes>>, String> {
+    let logical = ctx.deployment.as_deref().unwrap_or_default();
+    let mapped = mapped.unwrap_or(logical);
+    let path = parts.uri.path();
+    let query = parts.uri.query();
+    let mut uri = String::with_capacity(up.base.len() + path.len() + 64);
+    uri.push_str(&up.base);
+    let mut body = ctx.body.clone();
+    match &ctx.deployment_source {
+        DeploymentSource::Path { rest } => {
+            uri.push_str("/openai/deployments/");
+            uri.push_str(mapped);
+            uri.push_str(rest);
+        }
+        DeploymentSource::Body => {
+            uri.push_str(path);
+            if mapped != logical {
+                body = rewrite_model(&ctx.body, mapped)?;
+            }
+        }
+        DeploymentSource::None => uri.push_str(path),
+    }
+    if let Some(q) = query {
+        uri.push('?');
+        uri.push_str(q);
+    }
+
+    let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
+    if let Some(headers) = builder.headers_mut() {
+        headers.reserve(parts.headers.len() + 1);
+        for (name, value) in &parts.headers {
+            if !skip_on_attempt(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some((name, value)) = &up.credential {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    builder
+        .body(Full::new(body))
+        .map_err(|e| format!("invalid upstream request: {e}"))
+}
+
+/// The body with `model` replaced by the backend's own deployment name.
+fn rewrite_model(body: &[u8], mapped: &str) -> Result<Bytes, String> {
+    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| format!("request body is not a JSON object: {e}"))?;
+    value.insert("model".into(), serde_json::Value::String(mapped.to_owned()));
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+fn served<B>(
+    mut res: Response<FailoverBody<B>>,
+    served_by: HeaderValue,
+    report: FailoverReport,
+) -> Response<FailoverBody<B>> {
+    let h = res.headers_mut();
+    h.insert(X_SERVED_BY.clone(), served_by);
+    h.insert(
+        X_GATEWAY_ATTEMPTS.clone(),
+        HeaderValue::from(report.attempts.len()),
+    );
+    res.extensions_mut().insert(report);
+    res
+}
+
+fn gateway_answer<B>(
+    mut res: Response<FailoverBody<B>>,
+    report: FailoverReport,
+) -> Response<FailoverBody<B>> {
+    let h = res.headers_mut();
+    h.insert(X_SERVED_BY.clone(), HeaderValue::from_static("gateway"));
+    h.insert(
+        X_GATEWAY_ATTEMPTS.clone(),
+        HeaderValue::from(report.attempts.len()),
+    );
+    res.extensions_mut().insert(report);
+    res
+}
+
+fn give_up<B>(
+    shared: &Shared,
+    deployment: &str,
+    exhausted: Option<Exhausted>,
+    last: Option<LastFailure<B>>,
+    mut report: FailoverReport,
+) -> Response<FailoverBody<B>> {
+    // Every candidate cools down after throttling: tell the client when to come back.
+    if let Some(wait) = exhausted.as_ref().and_then(|e| e.shortest_cooldown) {
+        return throttled(deployment, wait, report);
+    }
+    if let Some(e) = &exhausted {
+        if e.no_candidates && report.attempts.is_empty() {
+            let res = azure_error(
+                StatusCode::NOT_FOUND,
+                "DeploymentNotFound",
+                &format!("The deployment '{deployment}' is not configured on this gateway."),
+            );
+            return gateway_answer(res, report);
+        }
+    }
+    let res = match last {
+        // The real upstream answer is more useful to the client than a summary of it.
+        Some(LastFailure::Response(id, res)) => {
+            let up = &shared.upstreams[id.0];
+            let res = res.map(|b| FailoverBody::upstream(b, None));
+            report.served_by = Some(id);
+            return served(res, up.served_by.clone(), report);
+        }
+        Some(LastFailure::Buffered(id, res)) => {
+            let up = &shared.upstreams[id.0];
+            report.served_by = Some(id);
+            return served(res.map(FailoverBody::full), up.served_by.clone(), report);
+        }
+        Some(LastFailure::Timeout) => azure_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "GatewayTimeout",
+            &format!(
+                "No backend for deployment '{deployment}' answered in time ({} attempts).",
+                report.attempts.len()
+            ),
+        ),
+        Some(LastFailure::Connect(cause)) => azure_error(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            &format!("No backend for deployment '{deployment}' could be reached: {cause}"),
+        ),
+        None => {
+            let open = exhausted.as_ref().map_or(0, |e| e.circuit_open);
+            azure_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!(
+                    "No backend for deployment '{deployment}' is available ({open} with an open circuit). Retry later."
+                ),
+            )
+        }
+    };
+    gateway_answer(res, report)
+}
+
+fn throttled<B>(
+    deployment: &str,
+    wait: Duration,
+    report: FailoverReport,
+) -> Response<FailoverBody<B>> {
+    let ms = wait.as_millis().max(1);
+    let secs = ms.div_ceil(1000);
+    let mut res: Response<FailoverBody<B>> = azure_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "429",
+        &format!(
+            "Every backend for deployment '{deployment}' is rate limited; this 429 comes from the gateway, not from Azure OpenAI. Please retry after {secs} seconds."
+        ),
+    );
+    let h = res.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+    h.insert("retry-after-ms", HeaderValue::from(ms as u64));
+    h.insert(
+        X_GATEWAY_THROTTLED.clone(),
+        HeaderValue::from_static("true"),
+    );
+    gateway_answer(res, report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_follow_the_failover_list() {
+        let on = [408, 429, 500, 502, 503, 504];
+        let h = HeaderMap::new();
+        assert!(matches!(verdict(StatusCode::OK, &h, &on), Verdict::Serve));
+        assert!(matches!(
+            verdict(StatusCode::BAD_REQUEST, &h, &on),
+            Verdict::Serve
+        ));
+        assert!(matches!(
+            verdict(StatusCode::TOO_MANY_REQUESTS, &h, &on),
+            Verdict::FailOver(Outcome::Throttled { .. }, _)
+        ));
+        assert!(matches!(
+            verdict(StatusCode::UNAUTHORIZED, &h, &on),
+            Verdict::FailOver(Outcome::AuthFailure { .. }, _)
+        ));
+        assert!(matches!(
+            verdict(StatusCode::NOT_FOUND, &h, &on),
+            Verdict::CheckNotFound
+        ));
+        assert!(matches!(
+            verdict(StatusCode::SERVICE_UNAVAILABLE, &h, &on),
+            Verdict::FailOver(Outcome::ServerError { .. }, _)
+        ));
+        assert!(matches!(
+            verdict(StatusCode::NOT_IMPLEMENTED, &h, &on),
+            Verdict::Serve
+        ));
+        assert!(matches!(
+            verdict(StatusCode::BAD_GATEWAY, &h, &[429]),
+            Verdict::Serve
+        ));
+    }
+
+    #[test]
+    fn deployment_not_found_is_read_from_the_body() {
+        assert!(is_deployment_not_found(
+            br#"{"error":{"code":"DeploymentNotFound","message":"x"}}"#
+        ));
+        assert!(!is_deployment_not_found(
+            br#"{"error":{"code":"404","message":"Resource not found"}}"#
+        ));
+        assert!(!is_deployment_not_found(b"not json"));
+    }
+
+    #[test]
+    fn model_is_rewritten_per_backend() {
+        let out = rewrite_model(br#"{"model":"gpt-4o","input":"hi"}"#, "gpt-4o-ptu").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "gpt-4o-ptu");
+        assert_eq!(v["input"], "hi");
+    }
+}
