@@ -1,1 +1,110 @@
-fn main() {}
+//! The `gateway` binary. See `gateway --help`.
+
+use std::process::ExitCode;
+
+use gateway_bin::cli::{self, Command};
+use gateway_bin::{app, demo, serve};
+use gateway_core::policy::Policy;
+use gateway_core::secret::SystemSecrets;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let command = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("error: {msg}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("gateway {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check {
+            policy,
+            skip_secrets,
+        } => check(&policy, skip_secrets),
+        Command::Serve { policy, listen } => {
+            init_logging();
+            run(async move { serve_policy(&policy, listen).await })
+        }
+        Command::Demo { listen } => {
+            init_logging();
+            run(demo::run(listen))
+        }
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
+    let policy = match Policy::load(path) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !skip_secrets {
+        if let Err(errors) = policy.resolve_secrets(&SystemSecrets, None) {
+            eprintln!("{errors}");
+            eprintln!("(use --skip-secrets to check a policy on a machine without its secrets)");
+            return ExitCode::FAILURE;
+        }
+    }
+    print!("{}", policy.summary());
+    println!("policy OK: {}", path.display());
+    ExitCode::SUCCESS
+}
+
+async fn serve_policy(
+    path: &std::path::Path,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<(), String> {
+    let policy = Policy::load(path).map_err(|e| format!("invalid policy\n{e}"))?;
+    let secrets = policy
+        .resolve_secrets(&SystemSecrets, None)
+        .map_err(|e| format!("cannot resolve secrets\n{e}"))?;
+    let addr = listen.unwrap_or(policy.gateway.listen);
+    let gateway = app::build(&policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(%addr, backends = policy.backends.len(), "gateway listening");
+    let grace = std::time::Duration::from_secs(policy.gateway.shutdown_grace_seconds);
+    serve::serve(listener, gateway, serve::shutdown_signal(), grace)
+        .await
+        .map_err(|e| format!("server error: {e}"))
+}

@@ -1,0 +1,12 @@
+//! The `gateway` service: turns a policy into a running Azure OpenAI gateway.
+//!
+//! - [`app`] composes the layers of `gateway-layers` into an axum `Router`, in one function that reads
+//!   top to bottom.
+//! - [`serve`] serves it with graceful shutdown.
+//! - [`demo`] runs the gateway in front of three simulated regions, for a first contact.
+//! - [`cli`] parses the command line.
+
+pub mod app;
+pub mod cli;
+pub mod demo;
+pub mod serve;

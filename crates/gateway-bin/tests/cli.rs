@@ -1,0 +1,320 @@
+//! The `gateway` binary as a user runs it: `check`, `serve` with graceful shutdown, and `demo`.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+
+fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the process to exit.
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn every_policy_in_policies_checks() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(policies_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let out = Command::new(GATEWAY)
+            .args(["check", "--skip-secrets", "--policy"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("policy OK"), "{stdout}");
+        assert!(stdout.contains("priority 1"), "{stdout}");
+        checked += 1;
+    }
+    assert!(
+        checked >= 2,
+        "policies/ holds demo.toml and azure-multi-region.toml"
+    );
+}
+
+#[test]
+fn check_reports_unresolvable_secrets_with_their_location() {
+    let out = Command::new(GATEWAY)
+        .args(["check", "--policy"])
+        .arg(policies_dir().join("azure-multi-region.toml"))
+        .env_remove("AOAI_KEY_WORKLOAD_SWC")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("azure-multi-region.toml:31:11: backends[0].api_key:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("AOAI_KEY_WORKLOAD_SWC"), "{stderr}");
+}
+
+#[test]
+fn check_reports_policy_errors_precisely() {
+    let dir = std::env::temp_dir().join(format!("gw-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[[deployments]]\nname = \"gpt-4o\"\n\n[[backends]]\nname = \"a\"\nregion = \"r\"\nendpoint = \"ftp://x\"\napi_key = \"sk-literal\"\nweight = 0\ndeployments = { gpt-4o = \"g\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(GATEWAY)
+        .args(["check", "--policy"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines[0].contains("bad.toml:7:12: backends[0].endpoint:"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("bad.toml:8:11: backends[0].api_key:"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("bad.toml:9:10: backends[0].weight:"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_command_lines_print_usage() {
+    let out = Command::new(GATEWAY).arg("serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--policy"));
+    let out = Command::new(GATEWAY).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gateway demo"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_stream_finish() {
+    let mut config = simulator::RegionConfig::new("Sweden Central", "backend-key")
+        .deployment(simulator::DeploymentConfig::chat("gpt4o", 100_000));
+    config.token_delay = Duration::from_millis(40);
+    let sim = simulator::spawn(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("gw-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let policy = dir.join("serve.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_seconds = 20\n\n[[deployments]]\nname = \"gpt-4o\"\n\n[[backends]]\nname = \"swc\"\nregion = \"Sweden Central\"\nendpoint = \"{}\"\napi_key = \"env:TEST_BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"gpt4o\" }}\n\n[[consumers]]\nname = \"t\"\nkeys = [\"file:client.key\"]\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.key"), "client-secret\n").unwrap();
+
+    let mut child = KillOnDrop(
+        Command::new(GATEWAY)
+            .args(["serve", "--policy"])
+            .arg(&policy)
+            .env("TEST_BACKEND_KEY", "backend-key")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if client.get(format!("{base}/readyz")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "gateway did not start");
+
+    // About 30 tokens x 40 ms: the stream is still running when SIGTERM arrives.
+    let res = client
+        .post(format!(
+            "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        ))
+        .header("api-key", "client-secret")
+        .body(r#"{"messages":[{"role":"user","content":"story"}],"max_tokens":30,"stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    sigterm(&child.0);
+
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "stream was cut: {text}"
+    );
+    let status = wait_exit(&mut child.0, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        client.get(format!("{base}/healthz")).send().await.is_err(),
+        "no longer accepting"
+    );
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Extracts the shell commands the demo prints: lines from `curl`/`for` up to the last one not
+/// ending in a backslash.
+fn printed_commands(banner: &str) -> Vec<String> {
+    let mut commands = Vec::new();
+    let mut current: Option<String> = None;
+    for line in banner.lines() {
+        if let Some(cmd) = current.as_mut() {
+            cmd.push('\n');
+            cmd.push_str(line);
+        } else if line.starts_with("curl ") || line.starts_with("for ") {
+            current = Some(line.to_owned());
+        } else {
+            continue;
+        }
+        if !line.ends_with('\\') {
+            commands.extend(current.take());
+        }
+    }
+    commands
+}
+
+#[test]
+fn demo_prints_curl_lines_that_work() {
+    let port = free_port();
+    let mut child = KillOnDrop(
+        Command::new(GATEWAY)
+            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut banner = String::new();
+    for _ in 0..200 {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 || line.contains("Press Ctrl-C") {
+            break;
+        }
+        banner.push_str(&line);
+    }
+    let commands = printed_commands(&banner);
+    assert_eq!(
+        commands.len(),
+        4,
+        "chat, stream, embeddings, failover loop:\n{banner}"
+    );
+    let run = |cmd: &str| {
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let chat = run(&commands[0]);
+    assert!(chat.starts_with("HTTP/1.1 200"), "{chat}");
+    assert!(
+        chat.contains("x-served-by: ptu-sweden (Sweden Central)"),
+        "{chat}"
+    );
+    assert!(chat.contains("\"chat.completion\""), "{chat}");
+
+    let stream = run(&commands[1]);
+    assert!(stream.contains("chat.completion.chunk"), "{stream}");
+    assert!(stream.trim_end().ends_with("data: [DONE]"), "{stream}");
+
+    let embeddings = run(&commands[2]);
+    assert!(embeddings.starts_with("HTTP/1.1 200"), "{embeddings}");
+    assert!(embeddings.contains("\"embedding\""), "{embeddings}");
+
+    // Sweden's small quota is spent by the calls above and the loop: traffic moves to France.
+    let served: Vec<String> = run(&commands[3])
+        .lines()
+        .map(|l| l.trim().to_ascii_lowercase())
+        .collect();
+    assert_eq!(served.len(), 8, "{served:?}");
+    assert!(
+        served.iter().all(|l| l.starts_with("x-served-by:")),
+        "{served:?}"
+    );
+    assert!(
+        served.iter().any(|l| l.contains("ptu-pool-france")),
+        "{served:?}"
+    );
+
+    sigterm(&child.0);
+    assert!(wait_exit(&mut child.0, Duration::from_secs(15)).success());
+}
