@@ -1,0 +1,423 @@
+//! Failover between simulated regions, proved by counting the calls each region received.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gateway_e2e::*;
+use serde_json::{Value, json};
+use simulator::{Fault, RunningRegion};
+
+fn fault(v: Value) -> Fault {
+    serde_json::from_value(v).unwrap()
+}
+
+fn count(sim: &RunningRegion) -> u64 {
+    sim.handle().request_count()
+}
+
+/// Two regions serving `gpt-4o`: A at priority 1, B at priority 2, and extra policy tables.
+async fn two_regions(extra: &str) -> (RunningRegion, RunningRegion, Gateway) {
+    let a = region("Region A", &[("gpt4o-a", 1_000_000)]).await;
+    let b = region("Region B", &[("gpt4o-b", 1_000_000)]).await;
+    let backends = [
+        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "gpt4o-a")]),
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "gpt4o-b")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, extra),
+        &["Region A", "Region B"],
+    )
+    .await;
+    (a, b, gw)
+}
+
+fn served_by(res: &reqwest::Response) -> String {
+    res.headers()["x-served-by"].to_str().unwrap().to_owned()
+}
+
+fn attempts(res: &reqwest::Response) -> u32 {
+    res.headers()["x-gateway-attempts"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn throttled_region_rests_until_its_retry_after_ms_then_serves_again() {
+    let (a, b, gw) = two_regions("").await;
+    a.handle().set_faults(vec![fault(
+        json!({"kind": "status", "status": 429, "retry_after_ms": 1500, "count": 1}),
+    )]);
+
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "b (Region B)");
+    assert_eq!(attempts(&res), 2);
+    assert_eq!((count(&a), count(&b)), (1, 1));
+
+    // While A cools down it receives nothing, though it is the preferred region.
+    for _ in 0..5 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(served_by(&res), "b (Region B)");
+        assert_eq!(attempts(&res), 1);
+    }
+    assert_eq!((count(&a), count(&b)), (1, 6));
+
+    // After the cooldown, A serves again. Bounded wait: at most 40 x 100 ms past the 1.5 s.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut back = false;
+    for _ in 0..40 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        if served_by(&res) == "a (Region A)" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "region A never came back after its cooldown");
+    assert_eq!(count(&a), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn fails_over_on_503() {
+    let (a, b, gw) = two_regions("").await;
+    a.handle().set_faults(vec![fault(
+        json!({"kind": "status", "status": 503, "count": 1}),
+    )]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "b (Region B)");
+    assert_eq!((count(&a), count(&b)), (1, 1));
+    // A 503 without a retry hint only counts towards the circuit: A is tried again next time.
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(served_by(&res), "a (Region A)");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn fails_over_on_a_dropped_connection() {
+    let (a, b, gw) = two_regions("").await;
+    a.handle()
+        .set_faults(vec![fault(json!({"kind": "drop", "count": 1}))]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "b (Region B)");
+    assert_eq!(attempts(&res), 2);
+    assert_eq!((count(&a), count(&b)), (1, 1));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn fails_over_when_headers_do_not_arrive_in_time() {
+    let (a, b, gw) = two_regions("[failover]\nresponse_header_timeout_ms = 300\n").await;
+    a.handle().set_faults(vec![fault(json!({"kind": "hang"}))]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "b (Region B)");
+    assert_eq!((count(&a), count(&b)), (1, 1));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn deployment_not_found_moves_on_and_skips_that_backend() {
+    let a = region("Region A", &[("some-other-name", 1_000_000)]).await;
+    let b = region("Region B", &[("gpt4o-b", 1_000_000)]).await;
+    let backends = [
+        // Misconfigured: region A has no deployment of that name.
+        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "gpt4o-missing")]),
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "gpt4o-b")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, ""),
+        &["Region A", "Region B"],
+    )
+    .await;
+    for _ in 0..3 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(served_by(&res), "b (Region B)");
+    }
+    assert_eq!((count(&a), count(&b)), (1, 3));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_rejecting_the_gateway_credential_is_failed_over() {
+    let a = region("Region A", &[("gpt4o-a", 1_000_000)]).await;
+    let b = region("Region B", &[("gpt4o-b", 1_000_000)]).await;
+    // Region A's key resolves to Region B's value: A answers 401.
+    let backends = [
+        backend_toml("a", &a, "Region B", 1, 1, &[("gpt-4o", "gpt4o-a")])
+            .replace("region = \"Region B\"", "region = \"Region A\""),
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "gpt4o-b")]),
+    ];
+    let gw = gateway(&policy(&["gpt-4o"], &backends, ""), &["Region B"]).await;
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "b (Region B)");
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(served_by(&res), "b (Region B)");
+    assert_eq!((count(&a), count(&b)), (1, 2), "A cools down after its 401");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn priority_groups_are_tried_in_order() {
+    let a = region("Region A", &[("m", 1_000_000)]).await;
+    let b = region("Region B", &[("m", 1_000_000)]).await;
+    let c = region("Region C", &[("m", 1_000_000)]).await;
+    // Listed out of order on purpose: priority decides, not position.
+    let backends = [
+        backend_toml("c", &c, "Region C", 3, 1, &[("gpt-4o", "m")]),
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
+        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, ""),
+        &["Region A", "Region B", "Region C"],
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(gw.chat("gpt-4o", &chat("hi")).await.status(), 200);
+    }
+    assert_eq!((count(&a), count(&b), count(&c)), (10, 0, 0));
+
+    a.handle()
+        .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(served_by(&res), "b (Region B)");
+    b.handle()
+        .set_faults(vec![fault(json!({"kind": "status", "status": 502}))]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(served_by(&res), "c (Region C)");
+    assert_eq!(attempts(&res), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn weights_spread_load_inside_a_priority_group() {
+    let a = region("Region A", &[("m", 10_000_000)]).await;
+    let b = region("Region B", &[("m", 10_000_000)]).await;
+    let backends = [
+        backend_toml("a", &a, "Region A", 1, 3, &[("gpt-4o", "m")]),
+        backend_toml("b", &b, "Region B", 1, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, ""),
+        &["Region A", "Region B"],
+    )
+    .await;
+    let n = 400;
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1});
+    let mut pending = futures_util::stream::iter(0..n)
+        .map(|_| gw.chat("gpt-4o", &body))
+        .buffer_unordered(8);
+    while let Some(res) = pending.next().await {
+        assert_eq!(res.status(), 200);
+    }
+    drop(pending);
+    let share = count(&a) as f64 / n as f64;
+    // Weights 3:1 give 75%. With 400 draws the standard deviation is about 2.2 points: allow 4 sigma.
+    assert!((0.66..=0.84).contains(&share), "region A share {share}");
+    assert_eq!(count(&a) + count(&b), n);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn circuit_opens_probes_and_closes() {
+    let (a, _b, gw) =
+        two_regions("[circuit_breaker]\nfailures = 3\ninterval_seconds = 30\ntrip_seconds = 1\n")
+            .await;
+    a.handle()
+        .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
+    for _ in 0..3 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(served_by(&res), "b (Region B)");
+        assert_eq!(attempts(&res), 2);
+    }
+    assert_eq!(count(&a), 3);
+    // Open: A is skipped entirely.
+    for _ in 0..5 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(served_by(&res), "b (Region B)");
+        assert_eq!(attempts(&res), 1);
+    }
+    assert_eq!(count(&a), 3);
+
+    // A recovers; after the trip duration one probe goes to A, succeeds, and closes the circuit.
+    a.handle().clear_faults();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(served_by(&res), "a (Region A)");
+    assert_eq!(count(&a), 4);
+    for _ in 0..3 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(served_by(&res), "a (Region A)");
+    }
+    assert_eq!(count(&a), 7);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_probe_reopens_the_circuit() {
+    let (a, _b, gw) =
+        two_regions("[circuit_breaker]\nfailures = 2\ninterval_seconds = 30\ntrip_seconds = 1\n")
+            .await;
+    a.handle()
+        .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
+    for _ in 0..2 {
+        gw.chat("gpt-4o", &chat("hi")).await;
+    }
+    assert_eq!(count(&a), 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The probe fails: A is tried once, then skipped again.
+    for _ in 0..4 {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(served_by(&res), "b (Region B)");
+    }
+    assert_eq!(count(&a), 3);
+    gw.stop().await;
+}
+
+fn stream_body() -> Value {
+    json!({
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 30,
+        "stream": true
+    })
+}
+
+#[tokio::test]
+async fn streams_fail_over_before_the_first_byte() {
+    let (a, b, gw) = two_regions("").await;
+    a.handle().set_faults(vec![fault(
+        json!({"kind": "status", "status": 429, "retry_after_ms": 5000}),
+    )]);
+    let res = gw.chat("gpt-4o", &stream_body()).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "b (Region B)");
+    let text = res.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    assert_eq!((count(&a), count(&b)), (1, 1));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_broken_midway_ends_with_an_error_event_and_is_never_replayed() {
+    let (a, b, gw) = two_regions("").await;
+    a.handle().set_faults(vec![fault(
+        json!({"kind": "abort_stream", "after_chunks": 3}),
+    )]);
+    let res = gw.chat("gpt-4o", &stream_body()).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(served_by(&res), "a (Region A)");
+    let mut body = res.bytes_stream();
+    let mut text = String::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => text.push_str(std::str::from_utf8(&c).unwrap()),
+            Err(_) => break,
+        }
+    }
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(text.contains("event: error\ndata: "), "{text}");
+    assert!(text.contains("upstream_stream_broken"), "{text}");
+    assert_eq!(
+        text.matches("data: ").count(),
+        4,
+        "3 frames then the error: {text}"
+    );
+    assert_eq!(count(&b), 0, "nothing is replayed after the first byte");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn all_regions_throttled_gives_429_with_the_shortest_wait() {
+    let (a, b, gw) = two_regions("").await;
+    a.handle().set_faults(vec![fault(
+        json!({"kind": "status", "status": 429, "retry_after_ms": 9000}),
+    )]);
+    b.handle().set_faults(vec![fault(
+        json!({"kind": "status", "status": 429, "retry_after_ms": 4000}),
+    )]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-gateway-throttled"], "true");
+    let ms: u64 = res.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (3000..=4000).contains(&ms),
+        "shortest wait is region B's: {ms}"
+    );
+    assert_eq!(res.headers()["retry-after"], "4");
+    let (code, msg) = azure_error(res).await;
+    assert_eq!(code, "429");
+    assert!(msg.contains("gateway"), "{msg}");
+    assert_eq!((count(&a), count(&b)), (1, 1));
+
+    // While both cool down, the gateway answers without calling either.
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(attempts(&res), 0);
+    assert_eq!((count(&a), count(&b)), (1, 1));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_or_silent_regions_give_502_and_504() {
+    let (a, b, gw) = two_regions("[failover]\nresponse_header_timeout_ms = 200\n").await;
+    a.handle().set_faults(vec![fault(json!({"kind": "drop"}))]);
+    b.handle().set_faults(vec![fault(json!({"kind": "drop"}))]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-served-by"], "gateway");
+    assert_eq!(azure_error(res).await.0, "BadGateway");
+
+    a.handle().set_faults(vec![fault(json!({"kind": "hang"}))]);
+    b.handle().set_faults(vec![fault(json!({"kind": "hang"}))]);
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 504);
+    assert_eq!(azure_error(res).await.0, "GatewayTimeout");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn content_filter_400_passes_through_untouched() {
+    let (a, b, gw) = two_regions("").await;
+    let res = gw
+        .chat("gpt-4o", &chat("please [[content_filter]] this"))
+        .await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(served_by(&res), "a (Region A)");
+    assert_eq!(attempts(&res), 1);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "content_filter");
+    assert_eq!(
+        body["error"]["innererror"]["code"],
+        "ResponsibleAIPolicyViolation"
+    );
+    assert_eq!((count(&a), count(&b)), (1, 0));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn backend_credentials_never_reach_the_client() {
+    let (_a, _b, gw) = two_regions("").await;
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    for (name, value) in res.headers() {
+        let v = value.to_str().unwrap_or_default();
+        assert!(
+            !v.contains(&backend_key("Region A")) && !v.contains(&backend_key("Region B")),
+            "{name} leaks a backend key"
+        );
+    }
+    let text = res.text().await.unwrap();
+    assert!(!text.contains(&backend_key("Region A")));
+    gw.stop().await;
+}
