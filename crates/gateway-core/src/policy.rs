@@ -71,6 +71,9 @@ pub struct Policy {
     /// Which headers cross the gateway, and rules that set, append or delete them.
     #[serde(default)]
     pub headers: HeaderSettings,
+    /// Where consumer limits are counted and how they are reported.
+    #[serde(default)]
+    pub rate_limit: RateLimitSettings,
     /// Where the policy was read from: names the file in errors found after loading, and is the
     /// base for relative `file:` secrets. Not part of the TOML.
     #[serde(skip)]
@@ -148,6 +151,9 @@ pub struct FailoverSettings {
     pub max_cooldown_ms: u64,
     /// Upstream statuses that fail over to the next backend.
     pub on_status: Vec<u16>,
+    /// Longest silence allowed inside a response body (a stream's gap between chunks), in
+    /// milliseconds; a longer one breaks the stream and charges the backend.
+    pub stream_idle_timeout_ms: u64,
 }
 
 /// `[circuit_breaker]`: when a failing backend is taken out of rotation.
@@ -173,6 +179,95 @@ pub struct ConsumerSpec {
     /// Logical deployments this consumer may call; all when absent.
     #[serde(default)]
     pub deployments: Option<Vec<String>>,
+    /// Limits across all deployments this consumer calls.
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+    /// Limits for one logical deployment, counted apart from `limits` (both apply).
+    #[serde(default)]
+    pub deployment_limits: BTreeMap<String, LimitsSpec>,
+}
+
+/// `[consumers.limits]`: tokens and requests per minute, and a token quota per period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Tokens per minute (estimate reserved on arrival, reconciled with real usage).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Requests per minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per `token_quota_period`; over it the gateway answers 403 until the period resets.
+    #[serde(default)]
+    pub token_quota: Option<u64>,
+    /// The calendar period (UTC) of `token_quota`.
+    #[serde(default)]
+    pub token_quota_period: Option<QuotaPeriod>,
+}
+
+/// A token quota's period, in UTC calendar units (weeks start on Monday).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    /// Each clock hour.
+    Hourly,
+    /// Each UTC day.
+    Daily,
+    /// Each ISO week (Monday 00:00 UTC).
+    Weekly,
+    /// Each calendar month.
+    Monthly,
+}
+
+/// `[rate_limit]`: where limits are counted and how they are reported to clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    /// `memory` (this instance only) or `redis` (shared by every instance using the same Redis).
+    pub store: StoreKind,
+    /// Redis URL (`redis://host:port/db`) or a secret reference to one; required for `redis`.
+    pub redis_url: Option<String>,
+    /// What to do when the store cannot be reached.
+    pub on_store_error: StoreFailure,
+    /// Completion tokens reserved when a request names no `max_tokens`.
+    pub default_completion_tokens: u64,
+    /// Prefix of every Redis key (versioned below it by the gateway).
+    pub key_prefix: String,
+    /// Header with the consumer's tokens left in the current minute.
+    pub remaining_tokens_header: String,
+    /// Header with the consumer's requests left in the current minute.
+    pub remaining_requests_header: String,
+    /// Header with the consumer's tokens-per-minute limit.
+    pub limit_tokens_header: String,
+    /// Header with the consumer's requests-per-minute limit.
+    pub limit_requests_header: String,
+    /// Header with the consumer's quota tokens left in the period.
+    pub remaining_quota_header: String,
+    /// Header with the tokens this request consumed (known when usage is in the response body,
+    /// so sent as a trailer-free estimate on streams).
+    pub tokens_consumed_header: String,
+}
+
+/// Where limits are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process: right for a single instance.
+    #[default]
+    Memory,
+    /// In Redis: one limit across every gateway instance.
+    Redis,
+}
+
+/// Behaviour when the limit store is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreFailure {
+    /// Admit requests unchecked (logged and counted).
+    #[default]
+    FailOpen,
+    /// Refuse requests with 503 until the store is back.
+    FailClosed,
 }
 
 /// `[headers]`: which headers cross the gateway in each direction.
@@ -220,6 +315,26 @@ pub enum HeaderAction {
     Append,
     /// Remove the header.
     Delete,
+}
+
+// === impl RateLimitSettings ===
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            redis_url: None,
+            on_store_error: StoreFailure::FailOpen,
+            default_completion_tokens: 16,
+            key_prefix: "aoai-gw".into(),
+            remaining_tokens_header: "x-ratelimit-remaining-tokens".into(),
+            remaining_requests_header: "x-ratelimit-remaining-requests".into(),
+            limit_tokens_header: "x-ratelimit-limit-tokens".into(),
+            limit_requests_header: "x-ratelimit-limit-requests".into(),
+            remaining_quota_header: "x-ratelimit-remaining-quota-tokens".into(),
+            tokens_consumed_header: "x-gateway-tokens-consumed".into(),
+        }
+    }
 }
 
 fn default_priority() -> u32 {
@@ -276,6 +391,7 @@ impl Default for FailoverSettings {
             default_cooldown_ms: 10_000,
             max_cooldown_ms: 300_000,
             on_status: vec![408, 429, 500, 502, 503, 504],
+            stream_idle_timeout_ms: 120_000,
         }
     }
 }

@@ -120,13 +120,13 @@ fn unknown_field_points_at_the_key() {
         error(&text),
         "p.toml:12:1: failover.max_attempt: unknown field `max_attempt`, expected one of \
          `max_attempts`, `deadline_ms`, `response_header_timeout_ms`, `default_cooldown_ms`, \
-         `max_cooldown_ms`, `on_status`"
+         `max_cooldown_ms`, `on_status`, `stream_idle_timeout_ms`"
     );
     let text = format!("listen = \"0.0.0.0:1\"\n{BASE}");
     assert_eq!(
         error(&text),
         "p.toml:1:1: listen: unknown field `listen`, expected one of `gateway`, `backends`, \
-         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`"
+         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`"
     );
 }
 
@@ -585,5 +585,40 @@ fn header_rules_are_checked() {
     assert!(
         err.starts_with("p.toml:14:10: headers.response[0].action: unknown variant `replace`"),
         "{err}"
+    );
+}
+
+#[test]
+fn consumer_limits_and_rate_limit_settings_are_checked() {
+    let text = format!(
+        "{BASE}\n[rate_limit]\nstore = \"redis\"\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:APP_KEY\"]\ndeployments = [\"gpt-4o\"]\n[consumers.limits]\ntokens_per_minute = 0\ntoken_quota = 100\n[consumers.deployment_limits.o3]\nrequests_per_minute = 5\n"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "p.toml:12:1: rate_limit.store: store = \"redis\" needs `redis_url` (e.g. `redis://127.0.0.1:6379` or `env:REDIS_URL`)",
+            "p.toml:19:21: consumers[0].limits.tokens_per_minute: must be at least 1 (leave it out for no limit)",
+            "p.toml:20:1: consumers[0].limits.token_quota: `token_quota` needs `token_quota_period` (hourly, daily, weekly or monthly)",
+            "p.toml:21:30: consumers[0].deployment_limits.o3: unknown deployment `o3`: not declared in `[[deployments]]`",
+        ]
+    );
+    let url_with_password = format!(
+        "{BASE}\n[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:pw@127.0.0.1:6379\"\n"
+    );
+    assert!(error(&url_with_password).contains("holds credentials"));
+
+    let ok = format!(
+        "{BASE}\n[rate_limit]\nstore = \"redis\"\nredis_url = \"env:REDIS_URL\"\non_store_error = \"fail-closed\"\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:APP_KEY\"]\n[consumers.limits]\ntokens_per_minute = 1000\ntoken_quota = 50000\ntoken_quota_period = \"daily\"\n[consumers.deployment_limits.gpt-4o]\nrequests_per_minute = 5\n"
+    );
+    let policy = Policy::from_toml_str(&ok, "p.toml").unwrap();
+    let secrets = MapSecrets::with_fallback(NoSecrets)
+        .with_env("SWEDEN_KEY", "k")
+        .with_env("APP_KEY", "a")
+        .with_env("REDIS_URL", "redis://127.0.0.1:1");
+    let resolved = policy.resolve_secrets(&secrets, None).unwrap();
+    assert_eq!(resolved.redis_url.unwrap().expose(), "redis://127.0.0.1:1");
+    assert_eq!(
+        policy.consumers[0].deployment_limits["gpt-4o"].requests_per_minute,
+        Some(5)
     );
 }

@@ -13,6 +13,8 @@ pub struct ResolvedSecrets {
     pub backends: Vec<Credential>,
     /// Each consumer's keys, parallel to [`Policy::consumers`] and to each consumer's `keys`.
     pub consumers: Vec<Vec<Secret>>,
+    /// `rate_limit.redis_url`, resolved when it is a reference.
+    pub redis_url: Option<Secret>,
 }
 
 // === impl Policy ===
@@ -69,10 +71,25 @@ impl Policy {
             consumers.push(resolved);
         }
 
+        let redis_url = match &self.rate_limit.redis_url {
+            Some(url) if url.starts_with("env:") || url.starts_with("file:") => {
+                match resolve("rate_limit.redis_url", url) {
+                    Ok(secret) => Some(secret),
+                    Err(error) => {
+                        errors.push(error);
+                        None
+                    }
+                }
+            }
+            Some(url) => Some(Secret::new(url.clone())),
+            None => None,
+        };
+
         if errors.is_empty() {
             Ok(ResolvedSecrets {
                 backends,
                 consumers,
+                redis_url,
             })
         } else {
             errors.sort_by_key(|error| (error.line, error.column));

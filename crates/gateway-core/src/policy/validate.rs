@@ -39,6 +39,7 @@ impl Policy {
         check.circuit_breaker(self);
         check.consumers(self);
         check.headers(self);
+        check.rate_limit(self);
         if check.errors.is_empty() {
             return Ok(());
         }
@@ -389,6 +390,7 @@ impl Checker<'_> {
                 "response_header_timeout_ms",
                 failover.response_header_timeout_ms,
             ),
+            ("stream_idle_timeout_ms", failover.stream_idle_timeout_ms),
         ] {
             if value == 0 {
                 self.at_value(&field("failover", name), "must be greater than 0");
@@ -483,6 +485,88 @@ impl Checker<'_> {
         }
     }
 
+    fn limits(&mut self, path: &str, limits: &super::LimitsSpec) {
+        for (key, value) in [
+            ("tokens_per_minute", limits.tokens_per_minute),
+            ("requests_per_minute", limits.requests_per_minute),
+            ("token_quota", limits.token_quota),
+        ] {
+            if value == Some(0) {
+                self.at_value(
+                    &field(path, key),
+                    "must be at least 1 (leave it out for no limit)",
+                );
+            }
+        }
+        match (limits.token_quota, limits.token_quota_period) {
+            (Some(_), None) => self.at_key(
+                &field(path, "token_quota"),
+                "`token_quota` needs `token_quota_period` (hourly, daily, weekly or monthly)",
+            ),
+            (None, Some(_)) => self.at_key(
+                &field(path, "token_quota_period"),
+                "`token_quota_period` without `token_quota`",
+            ),
+            _ => {}
+        }
+    }
+
+    fn rate_limit(&mut self, policy: &Policy) {
+        let r = &policy.rate_limit;
+        let path = "rate_limit";
+        match (&r.redis_url, r.store) {
+            (None, super::StoreKind::Redis) => self.at_key(
+                &field(path, "store"),
+                "store = \"redis\" needs `redis_url` (e.g. `redis://127.0.0.1:6379` or `env:REDIS_URL`)",
+            ),
+            (Some(url), _) => {
+                let at = field(path, "redis_url");
+                if url.starts_with("env:") || url.starts_with("file:") {
+                    self.secret_ref(&at, url);
+                } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    self.at_value(
+                        &at,
+                        "expected a `redis://` or `rediss://` URL, or a secret reference (`env:NAME`, `file:PATH`) when it holds a password",
+                    );
+                } else if url.contains('@') {
+                    self.at_value(
+                        &at,
+                        "this URL holds credentials: put it in a secret and reference it (`env:NAME` or `file:PATH`)",
+                    );
+                }
+            }
+            (None, _) => {}
+        }
+        if r.default_completion_tokens > 1_000_000 {
+            self.at_value(
+                &field(path, "default_completion_tokens"),
+                range_message(r.default_completion_tokens, 0, 1_000_000),
+            );
+        }
+        if r.key_prefix.is_empty()
+            || r.key_prefix
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            self.at_value(
+                &field(path, "key_prefix"),
+                "must be non-empty, without spaces",
+            );
+        }
+        for (key, name) in [
+            ("remaining_tokens_header", &r.remaining_tokens_header),
+            ("remaining_requests_header", &r.remaining_requests_header),
+            ("limit_tokens_header", &r.limit_tokens_header),
+            ("limit_requests_header", &r.limit_requests_header),
+            ("remaining_quota_header", &r.remaining_quota_header),
+            ("tokens_consumed_header", &r.tokens_consumed_header),
+        ] {
+            if !is_header_name(name) {
+                self.at_value(&field(path, key), format!("`{name}` is not a header name"));
+            }
+        }
+    }
+
     fn consumers(&mut self, policy: &Policy) {
         let declared: BTreeSet<&str> = policy.deployments.iter().map(|d| d.name.as_str()).collect();
         for (i, consumer) in policy.consumers.iter().enumerate() {
@@ -499,6 +583,34 @@ impl Checker<'_> {
             }
             for (j, key) in consumer.keys.iter().enumerate() {
                 self.secret_ref(&index(&keys, j), key);
+            }
+            if let Some(limits) = &consumer.limits {
+                self.limits(&field(&path, "limits"), limits);
+            }
+            let per_deployment = field(&path, "deployment_limits");
+            for (deployment, limits) in &consumer.deployment_limits {
+                let at = field(&per_deployment, deployment);
+                if !declared.contains(deployment.as_str()) {
+                    self.at_key(
+                        &at,
+                        format!(
+                            "unknown deployment `{deployment}`: not declared in `[[deployments]]`"
+                        ),
+                    );
+                } else if consumer
+                    .deployments
+                    .as_ref()
+                    .is_some_and(|allowed| !allowed.contains(deployment))
+                {
+                    self.at_key(
+                        &at,
+                        format!(
+                            "consumer `{}` may not call `{deployment}` (see its `deployments`)",
+                            consumer.name
+                        ),
+                    );
+                }
+                self.limits(&at, limits);
             }
             for (j, deployment) in consumer.deployments.iter().flatten().enumerate() {
                 if !declared.contains(deployment.as_str()) {
