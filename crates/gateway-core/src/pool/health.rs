@@ -7,11 +7,18 @@ use std::time::{Duration, Instant};
 
 use super::{BackendState, Outcome, PoolSettings, RemainingQuota};
 
+/// The shortest cooldown applied: a `retry-after: 0` from a backend that just refused would otherwise
+/// send the next request straight back to it, and every request would pay a wasted round trip.
+pub(super) const MIN_COOLDOWN: Duration = Duration::from_millis(100);
+
 /// Mutable state of one backend, kept behind a `Mutex` by the pool.
 #[derive(Debug)]
 pub(super) struct Health {
     /// Not selectable before this instant (throttled, auth failure, or a 5xx with a hint).
     cooling_until: Option<Instant>,
+    /// The part of the cooldown due to throttling (429s), which a client can wait out: only that
+    /// becomes the gateway's own 429 with a retry-after.
+    throttled_until: Option<Instant>,
     /// Instants of the circuit failures still inside the interval, oldest first.
     window: VecDeque<Instant>,
     /// Failures since the last success, for the status page only.
@@ -24,6 +31,8 @@ pub(super) struct Health {
     not_found: Vec<(Box<str>, Instant)>,
     remaining_tokens: Option<(u64, Instant)>,
     remaining_requests: Option<(u64, Instant)>,
+    /// Tokens sent to this backend (as estimates) since `remaining_tokens` was observed.
+    sent_since_observed: u64,
 }
 
 /// Whether a backend can take a request for one deployment right now.
@@ -37,8 +46,8 @@ pub(super) enum Availability {
     NotFound,
     /// Circuit open, or half-open with a probe pending.
     CircuitOpen,
-    /// Cooling down for this much longer.
-    CoolingDown(Duration),
+    /// Cooling down for this much longer; `throttled` when a throttle (429) accounts for it.
+    CoolingDown(Duration, bool),
 }
 
 /// A circuit breaker transition caused by an outcome, reported so the pool can log it outside the lock.
@@ -84,12 +93,14 @@ impl Health {
     pub(super) fn new(settings: &PoolSettings) -> Self {
         Self {
             cooling_until: None,
+            throttled_until: None,
             window: VecDeque::with_capacity(settings.circuit.failures.min(16) as usize),
             consecutive_failures: 0,
             open_until: None,
             probe_started: None,
             not_found: Vec::new(),
             remaining_tokens: None,
+            sent_since_observed: 0,
             remaining_requests: None,
         }
     }
@@ -109,7 +120,8 @@ impl Health {
             None => false,
         };
         if let Some(remaining) = self.cooldown_remaining(now) {
-            return Availability::CoolingDown(remaining);
+            let throttled = self.throttled_until.is_some_and(|until| until > now);
+            return Availability::CoolingDown(remaining, throttled);
         }
         if !half_open {
             return Availability::Ready;
@@ -153,13 +165,17 @@ impl Health {
                 self.consecutive_failures = 0;
                 recorded.circuit = self.success(now);
             }
-            Outcome::Throttled { hint } | Outcome::AuthFailure { hint } => {
-                recorded.cooldown = Some(self.cool_down(hint, now, settings));
+            Outcome::Throttled { hint } => {
+                recorded.cooldown = Some(self.cool_down(hint, true, now, settings));
+                self.release_probe(now);
+            }
+            Outcome::AuthFailure { hint } => {
+                recorded.cooldown = Some(self.cool_down(hint, false, now, settings));
                 self.release_probe(now);
             }
             Outcome::ServerError { hint } => {
                 if hint.is_some() {
-                    recorded.cooldown = Some(self.cool_down(hint, now, settings));
+                    recorded.cooldown = Some(self.cool_down(hint, false, now, settings));
                 }
                 recorded.circuit = self.failure(now, settings);
             }
@@ -182,10 +198,24 @@ impl Health {
     ) {
         if let Some(tokens) = tokens {
             self.remaining_tokens = Some((tokens, now));
+            self.sent_since_observed = 0;
         }
         if let Some(requests) = requests {
             self.remaining_requests = Some((requests, now));
         }
+    }
+
+    /// Tokens this backend can still take, as far as its last `x-ratelimit-remaining-tokens` and what
+    /// was sent since tell; `None` when never seen or older than `fresh_for`.
+    pub(super) fn headroom(&self, now: Instant, fresh_for: Duration) -> Option<u64> {
+        let (remaining, at) = self.remaining_tokens?;
+        (now.saturating_duration_since(at) <= fresh_for)
+            .then(|| remaining.saturating_sub(self.sent_since_observed))
+    }
+
+    /// Counts an estimate sent to this backend against its headroom.
+    pub(super) fn note_sent(&mut self, tokens: u64) {
+        self.sent_since_observed = self.sent_since_observed.saturating_add(tokens);
     }
 
     pub(super) fn view(&self, now: Instant, settings: &PoolSettings) -> HealthView {
@@ -239,18 +269,23 @@ impl Health {
 
     /// Cools down for `hint` (or the default), clamped to the maximum. A cooldown already in force that
     /// ends later is kept: a shorter hint never shortens it.
-    fn cool_down(
+    pub(super) fn cool_down(
         &mut self,
         hint: Option<Duration>,
+        throttle: bool,
         now: Instant,
         settings: &PoolSettings,
     ) -> Duration {
         let cooldown = hint
             .unwrap_or(settings.default_cooldown)
+            .max(MIN_COOLDOWN)
             .min(settings.max_cooldown);
         let until = later(now, cooldown);
         if self.cooling_until.is_none_or(|current| current < until) {
             self.cooling_until = Some(until);
+        }
+        if throttle && self.throttled_until.is_none_or(|current| current < until) {
+            self.throttled_until = Some(until);
         }
         cooldown
     }

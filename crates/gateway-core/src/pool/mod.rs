@@ -61,6 +61,11 @@ mod health;
 #[cfg(test)]
 mod tests;
 
+/// How long a backend's reported remaining tokens are trusted for quota-aware routing. Azure counts
+/// tokens per minute without saying when its minute started: a short trust keeps a backend whose
+/// window has already reset from being skipped for long.
+pub const QUOTA_FRESHNESS: Duration = Duration::from_secs(15);
+
 /// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`.
 const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(60);
 
@@ -137,18 +142,22 @@ pub enum Selection {
 /// reason that applies in this order: `not_found`, `circuit_open`, `throttled`, `tried`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exhausted {
-    /// The least remaining cooldown among the backends serving the deployment that are cooling down,
-    /// tried or not (the client will come back later). `None` when none is cooling down, e.g. every
-    /// circuit is open or every backend failed.
+    /// The least remaining cooldown among the backends serving the deployment that are cooling down
+    /// after a throttle (429), tried or not (the client will come back later). `None` when none is
+    /// throttled, e.g. every circuit is open or every backend failed or rejected the credential.
     pub shortest_cooldown: Option<Duration>,
-    /// Backends cooling down (after a throttle, an auth failure, or a 5xx with a hint).
+    /// Backends cooling down after a throttle.
     pub throttled: usize,
+    /// Backends cooling down for another reason: an auth failure, or a 5xx with a retry hint.
+    pub cooling: usize,
     /// Backends whose circuit is open, or half-open with a probe already pending.
     pub circuit_open: usize,
     /// Backends skipped for this deployment after a `DeploymentNotFound`.
     pub not_found: usize,
     /// Otherwise available backends already tried for this request.
     pub tried: usize,
+    /// Available backends whose last reported remaining tokens could not fit the request.
+    pub insufficient_quota: usize,
     /// No backend serves this deployment at all.
     pub no_candidates: bool,
 }
@@ -358,16 +367,42 @@ impl BackendPool {
     /// Choosing a half-open backend takes its single probe slot: the caller must send the attempt and
     /// [`record`](Self::record) its outcome.
     pub fn select(&self, deployment: &str, tried: &[BackendId], now: Instant) -> Selection {
+        self.select_with(deployment, tried, None, now)
+    }
+
+    /// Like [`select`](Self::select), aware of quota: with `need_tokens` (the request's estimate), a
+    /// backend whose last `x-ratelimit-remaining-tokens`, minus the estimates sent to it since, cannot
+    /// fit the request is skipped before it answers 429; and inside a priority group whose backends all
+    /// reported recently, the draw is weighted by weight times headroom, so the backend with the most
+    /// headroom is preferred in proportion (equal headroom leaves the configured weights). Missing,
+    /// unknown (`-1`) or stale values (older than [`QUOTA_FRESHNESS`]) fall back to plain selection.
+    /// If every available backend is too short of quota, selection ignores quota rather than refuse:
+    /// the estimate may be high, and a real 429 still fails over.
+    pub fn select_with(
+        &self,
+        deployment: &str,
+        tried: &[BackendId],
+        need_tokens: Option<u64>,
+        now: Instant,
+    ) -> Selection {
         let mut exhausted = Exhausted::default();
+        let mut need = need_tokens;
         // A claim fails only when another thread changed the chosen backend between the scan and the
         // claim (typically: took the same half-open probe slot); scan again, a bounded number of times.
-        for _ in 0..=self.backends.len() {
-            let scan = self.scan(deployment, tried, now);
+        for _ in 0..=self.backends.len() + 1 {
+            let scan = self.scan(deployment, tried, need, now);
             match scan.chosen {
                 Some(id) if self.lock(id).claim(deployment, now, &self.settings) => {
+                    if let Some(tokens) = need_tokens {
+                        self.lock(id).note_sent(tokens);
+                    }
                     return Selection::Backend(id);
                 }
                 Some(_) => exhausted = scan.exhausted,
+                None if need.is_some() && scan.exhausted.insufficient_quota > 0 => {
+                    need = None;
+                    exhausted = scan.exhausted;
+                }
                 None => return Selection::Exhausted(scan.exhausted),
             }
         }
@@ -387,10 +422,18 @@ impl BackendPool {
     /// - `DeploymentNotFound` skips the backend for `deployment` only, for `not_found_cooldown`.
     ///
     /// An `id` from another pool is ignored.
-    pub fn record(&self, id: BackendId, deployment: &str, outcome: Outcome, now: Instant) {
+    ///
+    /// Returns the cooldown this outcome applied, if any, so it can be shared with other instances.
+    pub fn record(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Option<Duration> {
         let Some(health) = self.health.get(id.0) else {
             tracing::warn!(%id, "outcome recorded for an unknown backend id");
-            return;
+            return None;
         };
         let recorded = lock(health).record(deployment, outcome, now, &self.settings);
 
@@ -427,6 +470,43 @@ impl BackendPool {
             Some(CircuitChange::Closed) => tracing::info!(backend, "circuit closed"),
             None => {}
         }
+        recorded.cooldown
+    }
+
+    /// Cools backend `id` down for `cooldown` (capped at the maximum), as learned from another gateway
+    /// instance; a longer cooldown in force is kept. Unlike [`record`](Self::record) it is no outcome of
+    /// this instance's: circuits and probes are untouched.
+    pub fn cool_down(&self, id: BackendId, cooldown: Duration, now: Instant) {
+        if let Some(health) = self.health.get(id.0) {
+            lock(health).cool_down(Some(cooldown), true, now, &self.settings);
+        }
+    }
+
+    /// The least time until a throttled backend serving `deployment` is available again, if any is
+    /// throttled: what a client told to come back should wait.
+    pub fn shortest_throttle(&self, deployment: &str, now: Instant) -> Option<Duration> {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.deployments.contains_key(deployment))
+            .filter_map(|(i, _)| {
+                match self
+                    .lock(BackendId(i))
+                    .availability(deployment, now, &self.settings)
+                {
+                    Availability::CoolingDown(left, true) => Some(left),
+                    _ => None,
+                }
+            })
+            .min()
+    }
+
+    /// The id of the backend named `name`.
+    pub fn id_of(&self, name: &str) -> Option<BackendId> {
+        self.backends
+            .iter()
+            .position(|b| b.name == name)
+            .map(BackendId)
     }
 
     /// Stores the last `x-ratelimit-remaining-*` values seen from backend `id` (see
@@ -473,13 +553,18 @@ impl BackendPool {
 
     /// One pass: classifies every backend serving `deployment` and draws among the best candidates by
     /// weighted reservoir sampling, so no candidate list is allocated. Each backend is locked once.
-    fn scan(&self, deployment: &str, tried: &[BackendId], now: Instant) -> Scan {
+    fn scan(&self, deployment: &str, tried: &[BackendId], need: Option<u64>, now: Instant) -> Scan {
         let mut exhausted = Exhausted::default();
         let mut serving = 0usize;
         let mut best_priority: Option<u32> = None;
         let mut total_weight: u64 = 0;
         let mut chosen: Option<BackendId> = None;
         let mut zero_weight: Option<BackendId> = None;
+        // Inside the best group, a second draw weighted by weight x headroom, used when every
+        // candidate has reported its headroom.
+        let mut roomy_total: u128 = 0;
+        let mut roomy: Option<BackendId> = None;
+        let mut all_known = true;
 
         for (i, backend) in self.backends.iter().enumerate() {
             if !backend.deployments.contains_key(deployment) {
@@ -487,11 +572,18 @@ impl BackendPool {
             }
             serving += 1;
             let id = BackendId(i);
-            let availability = self.lock(id).availability(deployment, now, &self.settings);
+            let (availability, headroom) = {
+                let health = self.lock(id);
+                (
+                    health.availability(deployment, now, &self.settings),
+                    need.and_then(|_| health.headroom(now, QUOTA_FRESHNESS)),
+                )
+            };
             match availability {
                 Availability::NotFound => exhausted.not_found += 1,
                 Availability::CircuitOpen => exhausted.circuit_open += 1,
-                Availability::CoolingDown(remaining) => {
+                Availability::CoolingDown(_, false) => exhausted.cooling += 1,
+                Availability::CoolingDown(remaining, true) => {
                     exhausted.throttled += 1;
                     exhausted.shortest_cooldown = Some(
                         exhausted
@@ -502,6 +594,11 @@ impl BackendPool {
                 Availability::Ready | Availability::Probe if tried.contains(&id) => {
                     exhausted.tried += 1;
                 }
+                Availability::Ready | Availability::Probe
+                    if need.zip(headroom).is_some_and(|(need, room)| room < need) =>
+                {
+                    exhausted.insufficient_quota += 1;
+                }
                 Availability::Ready | Availability::Probe => {
                     match best_priority {
                         Some(best) if backend.priority > best => continue,
@@ -511,7 +608,20 @@ impl BackendPool {
                             total_weight = 0;
                             chosen = None;
                             zero_weight = None;
+                            roomy_total = 0;
+                            roomy = None;
+                            all_known = true;
                         }
+                    }
+                    match headroom {
+                        Some(room) => {
+                            let w = u128::from(backend.weight.max(1)) * u128::from(room.max(1));
+                            roomy_total += w;
+                            if self.rng.below_wide(roomy_total) < w {
+                                roomy = Some(id);
+                            }
+                        }
+                        None => all_known = false,
                     }
                     if backend.weight == 0 {
                         zero_weight = zero_weight.or(Some(id));
@@ -528,8 +638,9 @@ impl BackendPool {
             }
         }
         exhausted.no_candidates = serving == 0;
+        let roomy = roomy.filter(|_| all_known && need.is_some());
         Scan {
-            chosen: chosen.or(zero_weight),
+            chosen: roomy.or(chosen).or(zero_weight),
             exhausted,
         }
     }
@@ -542,6 +653,14 @@ impl BackendPool {
 // === impl RngSource ===
 
 impl RngSource {
+    /// A number in `0..n` for products of weights and token counts; `n` must be positive.
+    fn below_wide(&self, n: u128) -> u128 {
+        match self {
+            Self::Thread => fastrand::u128(..n),
+            Self::Seeded(rng) => lock(rng).u128(..n),
+        }
+    }
+
     /// A number in `0..n`; `n` must be positive.
     fn below(&self, n: u64) -> u64 {
         match self {

@@ -329,7 +329,7 @@ fn a_shorter_hint_never_shortens_a_cooldown() {
 }
 
 #[test]
-fn zero_hint_means_no_cooldown() {
+fn a_zero_hint_still_rests_the_backend_briefly() {
     let pool = pool(vec![backend("a", 1, 1)]);
     let t0 = Instant::now();
     pool.record(
@@ -340,7 +340,42 @@ fn zero_hint_means_no_cooldown() {
         },
         t0,
     );
-    assert_eq!(pick(&pool, &[], t0), A);
+    assert_eq!(
+        exhausted(&pool, &[], t0).shortest_cooldown,
+        Some(health::MIN_COOLDOWN)
+    );
+    assert_eq!(pick(&pool, &[], t0 + health::MIN_COOLDOWN), A);
+}
+
+#[test]
+fn only_throttles_count_as_a_wait_the_client_can_sit_out() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 1, 1)]);
+    let t0 = Instant::now();
+    pool.record(A, DEP, Outcome::AuthFailure { hint: None }, t0);
+    pool.record(
+        BackendId(1),
+        DEP,
+        Outcome::ServerError {
+            hint: Some(secs(5)),
+        },
+        t0,
+    );
+    let e = exhausted(&pool, &[], t0);
+    assert_eq!((e.throttled, e.cooling, e.shortest_cooldown), (0, 2, None));
+    pool.record(
+        BackendId(1),
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(3)),
+        },
+        t0,
+    );
+    let e = exhausted(&pool, &[], t0);
+    // b's 5 s cooldown stands (the longest wins) and it is a throttle now too.
+    assert_eq!(
+        (e.throttled, e.cooling, e.shortest_cooldown),
+        (1, 1, Some(secs(5)))
+    );
 }
 
 #[test]
@@ -520,7 +555,7 @@ fn throttles_auth_failures_and_not_found_are_not_circuit_failures() {
         pool.record(A, DEP, Outcome::AuthFailure { hint: Some(ms(1)) }, t0);
         pool.record(A, DEP, Outcome::DeploymentNotFound, t0);
     }
-    let status = &pool.snapshot(t0 + ms(1))[0];
+    let status = &pool.snapshot(t0 + health::MIN_COOLDOWN)[0];
     assert_eq!(status.state, BackendState::Available);
     assert_eq!(status.window_failures, 0);
     assert_eq!(status.consecutive_failures, 0);
@@ -846,4 +881,84 @@ fn concurrent_selects_and_records_smoke() {
         pool.select(DEP, &[], later),
         Selection::Backend(_)
     ));
+}
+
+#[track_caller]
+fn pick_needing(pool: &BackendPool, need: u64, now: Instant) -> BackendId {
+    match pool.select_with(DEP, &[], Some(need), now) {
+        Selection::Backend(id) => id,
+        Selection::Exhausted(e) => panic!("expected a backend, got {e:?}"),
+    }
+}
+
+#[test]
+fn a_backend_that_cannot_fit_the_estimate_is_skipped() {
+    let pool = pool(vec![backend("ptu", 1, 1), backend("std", 2, 1)]);
+    let t0 = Instant::now();
+    pool.observe_remaining(BackendId(0), Some(500), None, t0);
+    assert_eq!(pick_needing(&pool, 400, t0), BackendId(0));
+    // 400 of the 500 are now spoken for: the next 400-token request goes to priority 2.
+    assert_eq!(pick_needing(&pool, 400, t0), BackendId(1));
+    // A fresh report restores the headroom.
+    pool.observe_remaining(BackendId(0), Some(10_000), None, t0 + ms(10));
+    assert_eq!(pick_needing(&pool, 400, t0 + ms(10)), BackendId(0));
+    // Plain selection ignores quota.
+    pool.observe_remaining(BackendId(0), Some(0), None, t0 + ms(20));
+    assert_eq!(pick(&pool, &[], t0 + ms(20)), BackendId(0));
+}
+
+#[test]
+fn stale_or_missing_quota_falls_back_to_plain_selection() {
+    let pool = pool(vec![backend("ptu", 1, 1), backend("std", 2, 1)]);
+    let t0 = Instant::now();
+    assert_eq!(
+        pick_needing(&pool, 1_000_000, t0),
+        BackendId(0),
+        "never reported"
+    );
+    pool.observe_remaining(BackendId(0), Some(0), None, t0);
+    assert_eq!(pick_needing(&pool, 10, t0 + secs(1)), BackendId(1));
+    let later = t0 + QUOTA_FRESHNESS + secs(1);
+    assert_eq!(pick_needing(&pool, 10, later), BackendId(0), "stale report");
+}
+
+#[test]
+fn when_no_backend_fits_selection_ignores_quota() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    let t0 = Instant::now();
+    pool.observe_remaining(BackendId(0), Some(5), None, t0);
+    pool.observe_remaining(BackendId(1), Some(5), None, t0);
+    assert_eq!(pick_needing(&pool, 100, t0), BackendId(0));
+}
+
+#[test]
+fn headroom_weights_the_draw_inside_a_group_when_all_have_reported() {
+    let pool = pool(vec![
+        backend("a", 1, 1),
+        backend("b", 1, 1),
+        backend("c", 1, 1),
+    ]);
+    let t0 = Instant::now();
+    pool.observe_remaining(BackendId(0), Some(100_000), None, t0);
+    pool.observe_remaining(BackendId(1), Some(900_000), None, t0);
+    // `c` has not reported: plain weights, about a third each.
+    let count = |id: usize, need: Option<u64>| {
+        (0..3000)
+            .filter(|_| pool.select_with(DEP, &[], need, t0) == Selection::Backend(BackendId(id)))
+            .count()
+    };
+    let a = count(0, Some(1));
+    assert!((800..=1200).contains(&a), "{a}");
+    // All reported: a 1 : b 9 : c 10 by headroom (the 1-token estimates barely move it).
+    pool.observe_remaining(BackendId(2), Some(1_000_000), None, t0);
+    let a = count(0, Some(1));
+    assert!(
+        (90..=220).contains(&a),
+        "a has a twentieth of the headroom: {a}"
+    );
+    let b = count(1, Some(1));
+    assert!((1150..=1550).contains(&b), "b has 9/20: {b}");
+    // Without an estimate, quota plays no part.
+    let a = count(0, None);
+    assert!((800..=1200).contains(&a), "{a}");
 }
