@@ -29,16 +29,25 @@ pub type ClientFuture =
 impl ReqwestClient {
     /// A client suited to a gateway: no redirects, no decompression, no overall timeout (the
     /// failover layer bounds each attempt), idle connections closed before Azure's 4-minute cut-off.
+    ///
+    /// # Panics
+    ///
+    /// If the TLS backend cannot initialise, which only happens at start-up; see [`Self::try_new`].
+    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
+        Self::try_new().expect("the HTTP client's TLS backend initialises")
+    }
+
+    /// Like [`new`](Self::new), returning the error instead of panicking.
+    pub fn try_new() -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
+            // A redirect could carry the backend's credential to another host.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
-            .build()
-            // Building only fails if the TLS backend cannot initialise: a start-up failure.
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Self { client }
+            .build()?;
+        Ok(Self { client })
     }
 
     /// Uses a client you configured yourself.

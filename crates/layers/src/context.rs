@@ -50,6 +50,7 @@ use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::error::azure_error;
+pub use gateway_core::operation::Operation;
 
 /// `x-request-id`: the id the gateway answers with and sends upstream.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -59,21 +60,6 @@ pub static X_MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-cl
 pub static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 /// `x-gateway-attempts`: how many upstream attempts the gateway made for this request.
 pub static X_GATEWAY_ATTEMPTS: HeaderName = HeaderName::from_static("x-gateway-attempts");
-
-/// What kind of Azure OpenAI call a request is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Operation {
-    /// `chat/completions`.
-    ChatCompletions,
-    /// Legacy `completions`.
-    Completions,
-    /// `embeddings`.
-    Embeddings,
-    /// The Responses API.
-    Responses,
-    /// Anything else (audio, images, files, models...).
-    Other,
-}
 
 /// Where a request names its deployment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +112,9 @@ pub enum CaptureError {
     InvalidJson(String),
     /// The body could not be read from the client.
     Body(BoxError),
+    /// The path has empty, `.` or `..` segments, or encoded separators: it could address something
+    /// other than what the gateway routes and authorises.
+    InvalidPath,
 }
 
 /// Layer that captures a [`RequestContext`] for each request. See the [module docs](self).
@@ -159,42 +148,6 @@ struct Peek {
     max_output_tokens: Option<u64>,
     #[serde(default)]
     n: Option<u32>,
-}
-
-// === impl Operation ===
-
-impl Operation {
-    /// A short, stable name for logs and metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Operation::ChatCompletions => "chat",
-            Operation::Completions => "completions",
-            Operation::Embeddings => "embeddings",
-            Operation::Responses => "responses",
-            Operation::Other => "other",
-        }
-    }
-
-    /// Azure's operation name, as used in its 429 messages.
-    pub fn azure_name(&self) -> &'static str {
-        match self {
-            Operation::ChatCompletions => "ChatCompletions_Create",
-            Operation::Completions => "Completions_Create",
-            Operation::Embeddings => "Embeddings_Create",
-            Operation::Responses => "Responses_Create",
-            Operation::Other => "Other",
-        }
-    }
-
-    fn from_suffix(suffix: &str) -> Self {
-        match suffix {
-            "chat/completions" => Operation::ChatCompletions,
-            "completions" => Operation::Completions,
-            "embeddings" => Operation::Embeddings,
-            "responses" => Operation::Responses,
-            _ => Operation::Other,
-        }
-    }
 }
 
 // === impl RequestContext ===
@@ -239,6 +192,9 @@ impl RequestContext {
         received_at: Instant,
     ) -> Result<Self, CaptureError> {
         let path = parts.uri.path();
+        if !is_clean_path(path) {
+            return Err(CaptureError::InvalidPath);
+        }
         let (operation, path_deployment, deployment_source) = classify_path(path);
         let api_version = parts.uri.query().and_then(api_version);
 
@@ -297,6 +253,11 @@ impl CaptureError {
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
                 &format!("The request body is not valid JSON: {msg}"),
+            ),
+            CaptureError::InvalidPath => azure_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "The request path is not valid: empty, '.' or '..' segments and encoded separators are not allowed.",
             ),
             CaptureError::Body(err) => azure_error(
                 StatusCode::BAD_REQUEST,
@@ -442,6 +403,24 @@ fn classify_path(path: &str) -> (Operation, Option<String>, DeploymentSource) {
         }
         Some(_) => (Operation::Other, None, DeploymentSource::None),
     }
+}
+
+/// No segment may be empty, `.` or `..`, nor hide a dot, slash or backslash behind percent-encoding:
+/// the upstream URL is built from these segments, and a client must not reach a deployment other than
+/// the one it was authorised and routed for.
+fn is_clean_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    rest.split('/').all(|segment| {
+        !segment.is_empty()
+            && segment != "."
+            && segment != ".."
+            && !segment.contains('\\')
+            && !segment.to_ascii_lowercase().contains("%2e")
+            && !segment.to_ascii_lowercase().contains("%2f")
+            && !segment.to_ascii_lowercase().contains("%5c")
+    })
 }
 
 fn api_version(query: &str) -> Option<String> {
@@ -610,6 +589,25 @@ mod tests {
         .unwrap();
         assert_eq!(ctx.operation, Operation::Other);
         assert_eq!(ctx.deployment.as_deref(), Some("whisper"));
+    }
+
+    #[test]
+    fn paths_that_could_escape_the_deployment_are_rejected() {
+        for bad in [
+            "/openai/deployments/gpt-4o/../secret/chat/completions",
+            "/openai/deployments/gpt-4o/%2e%2e/secret/chat/completions",
+            "/openai/deployments/gpt-4o/%2E./secret/chat/completions",
+            "/openai/deployments//chat/completions",
+            "/openai/deployments/./chat/completions",
+            "/openai/deployments/a%2fb/chat/completions",
+            "/openai/deployments/a%5Cb/chat/completions",
+        ] {
+            assert!(
+                matches!(capture(bad, "{}"), Err(CaptureError::InvalidPath)),
+                "{bad}"
+            );
+        }
+        assert!(capture("/openai/deployments/gpt-4o.v2/chat/completions", "{}").is_ok());
     }
 
     #[test]

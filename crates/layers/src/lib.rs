@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`context`] | [`RequestContextLayer`] | reads a request once: request id, operation, deployment, replayable body |
 //! | [`auth`] | [`ConsumerAuthLayer`] | authenticates client API keys as named consumers |
+//! | [`ratelimit`] | [`RateLimitLayer`] | per-consumer token and request limits and quotas, reserved then reconciled |
 //! | [`propagate`] | [`PropagateHeadersLayer`] | which headers cross the gateway in each direction |
 //! | [`failover`] | [`FailoverLayer`] | picks a backend, replays the request, fails over on 429/5xx/timeouts |
 //!
@@ -35,11 +36,13 @@ pub mod context;
 pub mod error;
 pub mod failover;
 pub mod propagate;
+pub mod ratelimit;
 
 pub use auth::ConsumerAuthLayer;
 pub use context::RequestContextLayer;
 pub use failover::FailoverLayer;
 pub use propagate::PropagateHeadersLayer;
+pub use ratelimit::RateLimitLayer;
 
 /// The error type layers use for bodies and inner services they do not know.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -268,9 +268,12 @@ impl HeaderRules {
 
     /// Filters and rewrites response headers in place.
     pub fn apply_response(&self, headers: &mut HeaderMap) {
+        // On the gateway's own 429 the wait is the whole message: keep it whatever the list says.
+        let gateway_throttled = headers.contains_key("x-gateway-throttled");
         retain(headers, |name| {
             ALWAYS_RETURN.contains(name)
                 || is_gateway_owned(name)
+                || (gateway_throttled && name.as_str().starts_with("retry-after"))
                 || self.returned.iter().any(|p| p.matches(name))
         });
         apply_rules(headers, &self.response_rules);
@@ -474,6 +477,23 @@ mod tests {
         assert!(h.contains_key("x-served-by"));
         assert!(!h.contains_key("set-cookie"));
         assert!(!h.contains_key("x-internal"));
+    }
+
+    #[test]
+    fn the_gateway_429_keeps_its_wait_with_any_return_list() {
+        let rules = HeaderRules::default()
+            .return_headers(["x-ms-region"])
+            .unwrap();
+        let mut h = map(&[
+            ("x-gateway-throttled", "true"),
+            ("retry-after", "4"),
+            ("retry-after-ms", "3500"),
+        ]);
+        rules.apply_response(&mut h);
+        assert!(h.contains_key("retry-after") && h.contains_key("retry-after-ms"));
+        let mut upstream = map(&[("retry-after", "4")]);
+        rules.apply_response(&mut upstream);
+        assert!(!upstream.contains_key("retry-after"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gateway_core::pool::{BackendId, BackendPool, Outcome};
@@ -16,9 +17,12 @@ pin_project! {
     ///
     /// When an upstream body breaks mid-way, the backend is charged with a failure; a Server-Sent Events
     /// stream then ends with an `event: error` frame (and no `[DONE]`), so clients see it is incomplete.
+    /// A body silent for longer than the idle timeout counts as broken too.
     pub struct FailoverBody<B> {
         #[pin]
         upstream: Option<B>,
+        #[pin]
+        idle: Option<tokio::time::Sleep>,
         full: Option<Bytes>,
         watch: Option<StreamWatch>,
     }
@@ -29,14 +33,17 @@ pub(super) struct StreamWatch {
     pub(super) id: BackendId,
     pub(super) deployment: String,
     pub(super) sse: bool,
+    pub(super) idle_timeout: Duration,
 }
 
 // === impl FailoverBody ===
 
 impl<B> FailoverBody<B> {
     pub(super) fn upstream(body: B, watch: Option<StreamWatch>) -> Self {
+        let idle = watch.as_ref().map(|w| tokio::time::sleep(w.idle_timeout));
         Self {
             upstream: Some(body),
+            idle,
             full: None,
             watch,
         }
@@ -46,6 +53,7 @@ impl<B> FailoverBody<B> {
     pub fn full(data: Bytes) -> Self {
         Self {
             upstream: None,
+            idle: None,
             full: Some(data),
             watch: None,
         }
@@ -74,31 +82,39 @@ where
         let Some(upstream) = this.upstream.as_mut().as_pin_mut() else {
             return Poll::Ready(this.full.take().map(|d| Ok(Frame::data(d))));
         };
-        match std::task::ready!(upstream.poll_frame(cx)) {
-            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
-            None => {
+        match upstream.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(idle), Some(watch)) =
+                    (this.idle.as_mut().as_pin_mut(), this.watch.as_ref())
+                {
+                    idle.reset(tokio::time::Instant::now() + watch.idle_timeout);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
                 this.upstream.set(None);
+                this.idle.set(None);
                 Poll::Ready(None)
             }
-            Some(Err(err)) => {
-                let err: BoxError = err.into();
+            Poll::Ready(Some(Err(err))) => {
                 this.upstream.set(None);
-                let Some(watch) = this.watch.take() else {
-                    return Poll::Ready(Some(Err(err)));
-                };
-                watch.pool.record(
-                    watch.id,
-                    &watch.deployment,
-                    Outcome::StreamBroken,
-                    Instant::now(),
-                );
-                let backend = &watch.pool.get(watch.id).name;
-                tracing::warn!(%backend, error = %err, "upstream stream broke mid-way");
-                if watch.sse {
-                    Poll::Ready(Some(Ok(Frame::data(stream_error_event(backend)))))
-                } else {
-                    Poll::Ready(Some(Err(err)))
+                this.idle.set(None);
+                Poll::Ready(broken(this.watch.take(), err.into()))
+            }
+            Poll::Pending => {
+                let silent_too_long = this
+                    .idle
+                    .as_mut()
+                    .as_pin_mut()
+                    .is_some_and(|idle| idle.poll(cx).is_ready());
+                if !silent_too_long {
+                    return Poll::Pending;
                 }
+                this.upstream.set(None);
+                this.idle.set(None);
+                let secs = this.watch.as_ref().map_or(0, |w| w.idle_timeout.as_secs());
+                let err: BoxError = format!("no data from upstream for {secs} s").into();
+                Poll::Ready(broken(this.watch.take(), err))
             }
         }
     }
@@ -119,6 +135,27 @@ where
     }
 }
 
+/// Charges the backend with a broken stream and decides what the client sees: an SSE error event,
+/// or (for other bodies) the error, which aborts the connection.
+fn broken(watch: Option<StreamWatch>, err: BoxError) -> Option<Result<Frame<Bytes>, BoxError>> {
+    let Some(watch) = watch else {
+        return Some(Err(err));
+    };
+    watch.pool.record(
+        watch.id,
+        &watch.deployment,
+        Outcome::StreamBroken,
+        Instant::now(),
+    );
+    let backend = &watch.pool.get(watch.id).name;
+    tracing::warn!(%backend, error = %err, "upstream stream broke mid-way");
+    if watch.sse {
+        Some(Ok(Frame::data(stream_error_event(backend))))
+    } else {
+        Some(Err(err))
+    }
+}
+
 fn stream_error_event(backend: &str) -> Bytes {
     let data = serde_json::json!({
         "error": {
@@ -126,5 +163,6 @@ fn stream_error_event(backend: &str) -> Bytes {
             "message": format!("The stream from backend '{backend}' broke before it completed; the response is incomplete."),
         }
     });
-    Bytes::from(format!("event: error\ndata: {data}\n\n"))
+    // The blank lines first end any event the upstream left half-written, so this one is seen whole.
+    Bytes::from(format!("\n\nevent: error\ndata: {data}\n\n"))
 }

@@ -101,6 +101,8 @@ pub struct FailoverConfig {
     pub response_header_timeout: Duration,
     /// Upstream statuses that fail over (429, 401 and 403 always do).
     pub failover_on: Vec<u16>,
+    /// Longest silence allowed inside a response body; then the body is treated as broken.
+    pub stream_idle_timeout: Duration,
     /// Body cap when no [`RequestContext`](crate::context::RequestContext) was captured by an outer layer.
     pub max_body_bytes: usize,
 }
@@ -154,15 +156,30 @@ pub struct FailoverLayer {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
+#[derive(Clone)]
 struct Shared {
     pool: Arc<BackendPool>,
     config: FailoverConfig,
     upstreams: Vec<Upstream>,
+    on_cooldown: Option<CooldownHook>,
+}
+
+/// Called with a backend's name and the cooldown its answer put it into (see
+/// [`FailoverLayer::on_cooldown`]).
+pub type CooldownHook = Arc<dyn Fn(&str, Duration) + Send + Sync>;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("pool", &self.pool)
+            .field("config", &self.config)
+            .field("on_cooldown", &self.on_cooldown.is_some())
+            .finish()
+    }
 }
 
 /// What an attempt needs of a backend, computed once rather than per request.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Upstream {
     base: String,
     credential: Option<(HeaderName, HeaderValue)>,
@@ -179,6 +196,7 @@ impl Default for FailoverConfig {
             deadline: Duration::from_secs(120),
             response_header_timeout: Duration::from_secs(30),
             failover_on: vec![408, 429, 500, 502, 503, 504],
+            stream_idle_timeout: Duration::from_secs(120),
             max_body_bytes: 4 << 20,
         }
     }
@@ -212,7 +230,18 @@ impl FailoverLayer {
                 pool,
                 config,
                 upstreams,
+                on_cooldown: None,
             }),
+        }
+    }
+
+    /// Calls `hook(backend, cooldown)` whenever an answer puts a backend into cooldown (a 429, a
+    /// 401/403, a 5xx with a retry hint): the way to tell other gateway instances, e.g. through Redis.
+    pub fn on_cooldown(self, hook: impl Fn(&str, Duration) + Send + Sync + 'static) -> Self {
+        let mut shared = Arc::unwrap_or_clone(self.shared);
+        shared.on_cooldown = Some(Arc::new(hook));
+        Self {
+            shared: Arc::new(shared),
         }
     }
 

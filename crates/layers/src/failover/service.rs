@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use gateway_core::pool::{BackendId, Exhausted, Outcome, Selection};
 use gateway_core::retry_after::{cooldown_hint, parse_remaining};
+use gateway_core::tokens::Estimate;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
@@ -36,10 +37,14 @@ pub type FailoverFuture<B> =
 
 /// Why the last attempt did not serve.
 enum LastFailure<B> {
-    /// An upstream answer that may still be returned as it is.
+    /// A 5xx or 408: Azure's own answer, returned as it is when nothing better is left.
     Response(BackendId, Response<B>),
-    /// An upstream answer whose body was read to classify it (a 404).
-    Buffered(BackendId, Response<Bytes>),
+    /// A 429: the client should come back once the shortest throttle is over.
+    Throttled,
+    /// A 401/403: the backend refused the gateway's credential (never the client's problem).
+    Rejected(Arc<str>),
+    /// A 404 `DeploymentNotFound`: the policy maps the deployment to a name the backend lacks.
+    NotFound(Arc<str>),
     Timeout,
     Connect(String),
 }
@@ -145,7 +150,10 @@ where
 
     let config = &shared.config;
     let pool = &shared.pool;
-    let deadline = ctx.received_at + config.deadline;
+    // Set by the rate-limit layer: lets the pool skip backends that reported too little quota left.
+    let need_tokens = parts.extensions.get::<Estimate>().map(Estimate::total);
+    // From here, not from arrival: a slow upload must not eat the upstream's time.
+    let deadline = Instant::now() + config.deadline;
     let mut tried: Vec<BackendId> = Vec::with_capacity(config.max_attempts as usize);
     let mut report = FailoverReport::default();
     let mut last: Option<LastFailure<ResB>> = None;
@@ -157,7 +165,7 @@ where
             last = Some(LastFailure::Timeout);
             break;
         }
-        let id = match pool.select(deployment, &tried, now) {
+        let id = match pool.select_with(deployment, &tried, need_tokens, now) {
             Selection::Backend(id) => id,
             Selection::Exhausted(e) => {
                 exhausted = Some(e);
@@ -231,33 +239,65 @@ where
                     id,
                     deployment: deployment.to_owned(),
                     sse,
+                    idle_timeout: config.stream_idle_timeout,
                 };
                 let res = res.map(|b| FailoverBody::upstream(b, Some(watch)));
                 return served(res, up.served_by.clone(), report);
             }
             Verdict::FailOver(outcome, kind) => {
                 tracing::info!(backend = %up.name, status = status.as_u16(), "failing over");
-                pool.record(id, deployment, outcome, Instant::now());
+                let cooldown = pool.record(id, deployment, outcome, Instant::now());
+                if let (Some(cooldown), Some(hook)) = (cooldown, &shared.on_cooldown) {
+                    hook(&up.name, cooldown);
+                }
                 record(Some(status.as_u16()), kind);
-                last = Some(LastFailure::Response(id, res));
+                last = Some(match kind {
+                    AttemptOutcome::Throttled => LastFailure::Throttled,
+                    AttemptOutcome::AuthFailure => LastFailure::Rejected(up.name.clone()),
+                    _ => LastFailure::Response(id, res),
+                });
             }
             Verdict::CheckNotFound => {
-                let (head, body) = res.into_parts();
-                let bytes = match Limited::new(body, MAX_ERROR_BODY).collect().await {
-                    Ok(c) => c.to_bytes(),
-                    Err(_) => Bytes::new(),
+                let (mut head, body) = res.into_parts();
+                // Bounded in size and time: a stalled error body must not hang the request.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let read = Limited::new(body, MAX_ERROR_BODY).collect();
+                let bytes = match tokio::time::timeout(
+                    config.response_header_timeout.min(left),
+                    read,
+                )
+                .await
+                {
+                    Ok(Ok(c)) => c.to_bytes(),
+                    _ => {
+                        tracing::warn!(backend = %up.name, "unreadable 404 body from backend");
+                        pool.record(
+                            id,
+                            deployment,
+                            Outcome::ServerError { hint: None },
+                            Instant::now(),
+                        );
+                        record(Some(404), AttemptOutcome::ServerError);
+                        last = Some(LastFailure::Connect(format!(
+                            "backend '{}' answered 404 with an unreadable body",
+                            up.name
+                        )));
+                        continue;
+                    }
                 };
-                let res = Response::from_parts(head, bytes);
-                if is_deployment_not_found(res.body()) {
+                if is_deployment_not_found(&bytes) {
                     tracing::warn!(backend = %up.name, deployment, "backend lacks the deployment; check its mapping");
                     pool.record(id, deployment, Outcome::DeploymentNotFound, Instant::now());
                     record(Some(404), AttemptOutcome::DeploymentNotFound);
-                    last = Some(LastFailure::Buffered(id, res));
+                    last = Some(LastFailure::NotFound(up.name.clone()));
                 } else {
                     pool.record(id, deployment, Outcome::Success, Instant::now());
                     record(Some(404), AttemptOutcome::Served);
                     report.served_by = Some(id);
-                    return served(res.map(FailoverBody::full), up.served_by.clone(), report);
+                    // The body is whole now: its length is known again from the bytes.
+                    head.headers.remove(header::CONTENT_LENGTH);
+                    let res = Response::from_parts(head, FailoverBody::full(bytes));
+                    return served(res, up.served_by.clone(), report);
                 }
             }
         }
@@ -460,18 +500,35 @@ fn give_up<B>(
         }
     }
     let res = match last {
-        // The real upstream answer is more useful to the client than a summary of it.
+        // Azure's own 5xx is more useful to the client than a summary of it.
         Some(LastFailure::Response(id, res)) => {
             let up = &shared.upstreams[id.0];
             let res = res.map(|b| FailoverBody::upstream(b, None));
             report.served_by = Some(id);
             return served(res, up.served_by.clone(), report);
         }
-        Some(LastFailure::Buffered(id, res)) => {
-            let up = &shared.upstreams[id.0];
-            report.served_by = Some(id);
-            return served(res.map(FailoverBody::full), up.served_by.clone(), report);
+        // The attempt budget ran out on a throttle: the gateway answers with the soonest wait.
+        Some(LastFailure::Throttled) => {
+            let wait = shared
+                .pool
+                .shortest_throttle(deployment, Instant::now())
+                .unwrap_or(Duration::from_secs(1));
+            return throttled(deployment, wait, report);
         }
+        Some(LastFailure::Rejected(backend)) => azure_error(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            &format!(
+                "Backend '{backend}' refused the gateway's credential and no other backend could serve deployment '{deployment}'. Check the backend's key in the gateway's policy."
+            ),
+        ),
+        Some(LastFailure::NotFound(backend)) => azure_error(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            &format!(
+                "Backend '{backend}' has no deployment under the name the gateway's policy maps '{deployment}' to, and no other backend could serve it."
+            ),
+        ),
         Some(LastFailure::Timeout) => azure_error(
             StatusCode::GATEWAY_TIMEOUT,
             "GatewayTimeout",

@@ -1,0 +1,315 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use gateway_core::tokens;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::BoxError;
+
+/// Reconciles a reservation with the tokens really consumed; runs at most once.
+pub(crate) struct Reconcile(Option<Box<dyn FnOnce(u64) + Send>>);
+
+pin_project! {
+    /// Response body of the rate-limit layer: passes the answer through, and for streams reads the
+    /// usage chunk as it goes by (removing it when the client did not ask for it), then reconciles.
+    pub struct UsageBody<B> {
+        #[pin]
+        inner: Option<B>,
+        full: Option<Bytes>,
+        sse: Option<Box<SseWatch>>,
+    }
+}
+
+/// What the layer tracks on a Server-Sent Events answer.
+pub(crate) struct SseWatch {
+    /// Bytes of an event not yet complete (only kept while events are being filtered or parsed).
+    pending: Vec<u8>,
+    strip_usage: bool,
+    usage: Option<u64>,
+    /// Chunks that carried generated text: about one token each, the consumption of a stream that
+    /// ends without its usage chunk.
+    content_chunks: u64,
+    prompt_estimate: u64,
+    reconcile: Reconcile,
+}
+
+// === impl Reconcile ===
+
+impl Reconcile {
+    pub(crate) fn new(f: impl FnOnce(u64) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    fn fire(&mut self, consumed: u64) {
+        if let Some(f) = self.0.take() {
+            f(consumed);
+        }
+    }
+}
+
+// === impl UsageBody ===
+
+impl<B> UsageBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner: Some(inner),
+            full: None,
+            sse: None,
+        }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self {
+            inner: None,
+            full: Some(data),
+            sse: None,
+        }
+    }
+
+    pub(crate) fn sse(
+        inner: B,
+        strip_usage: bool,
+        prompt_estimate: u64,
+        reconcile: Reconcile,
+    ) -> Self {
+        Self {
+            inner: Some(inner),
+            full: None,
+            sse: Some(Box::new(SseWatch {
+                pending: Vec::new(),
+                strip_usage,
+                usage: None,
+                content_chunks: 0,
+                prompt_estimate,
+                reconcile,
+            })),
+        }
+    }
+}
+
+impl<B> From<Bytes> for UsageBody<B> {
+    fn from(data: Bytes) -> Self {
+        Self::full(data)
+    }
+}
+
+impl<B> Body for UsageBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+                return Poll::Ready(this.full.take().map(|d| Ok(Frame::data(d))));
+            };
+            let frame = match std::task::ready!(inner.poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(err)) => {
+                    this.inner.set(None);
+                    if let Some(watch) = this.sse.as_mut() {
+                        watch.finish();
+                    }
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+                None => {
+                    this.inner.set(None);
+                    let Some(watch) = this.sse.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    // An unterminated last event still belongs to the client.
+                    let rest = std::mem::take(&mut watch.pending);
+                    watch.finish();
+                    if watch.strip_usage && !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                    }
+                    return Poll::Ready(None);
+                }
+            };
+            let Some(watch) = this.sse.as_mut() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            };
+            if !watch.strip_usage {
+                // Nothing to remove: forward at once and only read along.
+                watch.read(&data);
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            let out = watch.filter(&data);
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            // The frame held only part of an event, or only the usage chunk: read on.
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Some(b) => b.is_end_stream() && self.sse.as_ref().is_none_or(|w| w.pending.is_empty()),
+            None => self.full.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.inner, &self.full) {
+            // Removing the usage chunk changes the length: only an unfiltered body keeps its hint.
+            (Some(b), _) if self.sse.as_ref().is_none_or(|w| !w.strip_usage) => b.size_hint(),
+            (Some(_), _) => SizeHint::default(),
+            (None, Some(d)) => SizeHint::with_exact(d.len() as u64),
+            (None, None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+// === impl SseWatch ===
+
+impl SseWatch {
+    /// Reads complete events in `data` (with what was pending), forwarding nothing.
+    fn read(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(end) = find_event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            let (usage, content) = inspect(event);
+            self.note(usage, content);
+            start += end;
+        }
+        self.pending.drain(..start);
+    }
+
+    /// Returns the complete events in `data` (with what was pending) minus the usage chunk.
+    fn filter(&mut self, data: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(data);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some(end) = find_event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            let (usage, content) = inspect(event);
+            if usage.is_none() {
+                out.extend_from_slice(event);
+            }
+            self.note(usage, content);
+            start += end;
+        }
+        self.pending.drain(..start);
+        Bytes::from(out)
+    }
+
+    fn note(&mut self, usage: Option<u64>, content: bool) {
+        if usage.is_some() {
+            self.usage = usage;
+        }
+        if content {
+            self.content_chunks += 1;
+        }
+    }
+
+    fn finish(&mut self) {
+        let consumed = self
+            .usage
+            .unwrap_or(self.prompt_estimate + self.content_chunks);
+        self.reconcile.fire(consumed);
+    }
+}
+
+/// The length of the first complete event (through its blank line), if `buf` holds one.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// The usage total if this event is a final usage chunk, and whether it carried generated text.
+fn inspect(event: &[u8]) -> (Option<u64>, bool) {
+    let Ok(text) = std::str::from_utf8(event) else {
+        return (None, false);
+    };
+    let mut usage = None;
+    let mut content = false;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let data = data.trim_start();
+        // Cheap checks first: most chunks are neither.
+        if data.contains("\"usage\":{") {
+            usage = tokens::usage_from_sse_data(data).map(|u| u.total).or(usage);
+        }
+        if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
+            content = true;
+        }
+    }
+    (usage, content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn watch(strip: bool) -> (SseWatch, Arc<Mutex<Option<u64>>>) {
+        let seen = Arc::new(Mutex::new(None));
+        let s = seen.clone();
+        (
+            SseWatch {
+                pending: Vec::new(),
+                strip_usage: strip,
+                usage: None,
+                content_chunks: 0,
+                prompt_estimate: 10,
+                reconcile: Reconcile::new(move |n| *s.lock().unwrap() = Some(n)),
+            },
+            seen,
+        )
+    }
+
+    const CHUNK: &str =
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"index\":0}],\"usage\":null}\n\n";
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    #[test]
+    fn usage_chunk_is_removed_across_frame_boundaries() {
+        let (mut w, seen) = watch(true);
+        let all = format!("{CHUNK}{CHUNK}{USAGE}{DONE}");
+        let mut out = Vec::new();
+        for piece in all.as_bytes().chunks(7) {
+            out.extend_from_slice(&w.filter(piece));
+        }
+        w.finish();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{CHUNK}{CHUNK}{DONE}")
+        );
+        assert_eq!(*seen.lock().unwrap(), Some(11));
+    }
+
+    #[test]
+    fn reading_along_keeps_everything_and_finds_usage() {
+        let (mut w, seen) = watch(false);
+        w.read(CHUNK.as_bytes());
+        w.read(&USAGE.as_bytes()[..20]);
+        w.read(&USAGE.as_bytes()[20..]);
+        w.finish();
+        assert_eq!(*seen.lock().unwrap(), Some(11));
+    }
+
+    #[test]
+    fn a_stream_without_usage_counts_prompt_and_chunks() {
+        let (mut w, seen) = watch(false);
+        w.read(format!("{CHUNK}{CHUNK}{CHUNK}").as_bytes());
+        w.finish();
+        w.finish();
+        assert_eq!(*seen.lock().unwrap(), Some(13));
+    }
+}

@@ -1,0 +1,234 @@
+//! Rate-limit accounting: tokens and requests per minute and token quotas, per consumer.
+//!
+//! In the spirit of API Management's `llm-token-limit`, but accurate:
+//!
+//! - **Before the call** the layer estimates the request's tokens (prompt counted with the model's
+//!   tokenizer, plus `max_tokens` times `n`) and reserves them, with one request, atomically under every
+//!   limit that applies: the consumer's own, and the consumer's for that deployment. Over a per-minute
+//!   limit the answer is 429 with `retry-after` and `retry-after-ms` saying when the request would fit;
+//!   over a quota it is 403 saying when the quota resets.
+//! - **After the call** the reservation is reconciled with the real `usage`: from the JSON body, or for
+//!   streams from the final usage chunk, which the layer asks for (`stream_options.include_usage`) when
+//!   the api-version supports it and removes from the stream when the client did not ask for it. A
+//!   failed call releases its reservation; an aborted stream keeps what was really generated.
+//! - The consumer's `x-ratelimit-remaining-tokens`, `x-ratelimit-remaining-requests`,
+//!   `x-ratelimit-limit-*` and the tokens consumed go back in response headers (names configurable).
+//!
+//! The estimate is also stored in the request extensions as a [`gateway_core::tokens::Estimate`], so
+//! the failover layer can skip backends that cannot fit it.
+//!
+//! Counting happens in a [`LimitStore`]: in memory for one instance, in Redis for many.
+//!
+//! Place it inside [`RequestContextLayer`](crate::RequestContextLayer) (it reads the captured body) and
+//! [`ConsumerAuthLayer`](crate::ConsumerAuthLayer) (limits are per consumer).
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{Router, body::Body, routing::post};
+//! use gateway_core::limits::{Limits, MemoryStore};
+//! use gateway_layers::auth::ConsumerKeys;
+//! use gateway_layers::ratelimit::{ConsumerLimits, RateLimitConfig, RateLimitLayer};
+//! use gateway_layers::{ConsumerAuthLayer, RequestContextLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let limits = Limits { requests_per_minute: Some(2), ..Limits::default() };
+//! let config = RateLimitConfig::default().consumer("app", ConsumerLimits::all(limits));
+//! let app = Router::new()
+//!     .route("/openai/{*path}", post(|| async { r#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"# }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(RequestContextLayer::new(1 << 20))
+//!             .layer(ConsumerAuthLayer::new(Arc::new(ConsumerKeys::new().consumer("app", ["k"], None))))
+//!             .layer(RateLimitLayer::new(Arc::new(MemoryStore::new()), config)),
+//!     );
+//! let call = || {
+//!     http::Request::post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+//!         .header("api-key", "k")
+//!         .body(Body::from(r#"{"messages":[{"role":"user","content":"hi"}]}"#))
+//!         .unwrap()
+//! };
+//! assert_eq!(app.clone().oneshot(call()).await.unwrap().status(), 200);
+//! let second = app.clone().oneshot(call()).await.unwrap();
+//! assert_eq!(second.headers()["x-ratelimit-remaining-requests"], "0");
+//! assert_eq!(second.headers()["x-gateway-tokens-consumed"], "6");
+//! let third = app.oneshot(call()).await.unwrap();
+//! assert_eq!(third.status(), 429);
+//! assert!(third.headers().contains_key("retry-after-ms"));
+//! # }
+//! ```
+
+mod body;
+mod service;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use gateway_core::limits::{LimitStore, Limits};
+use http::HeaderName;
+use tower::Layer;
+
+pub use body::UsageBody;
+pub use service::{RateLimit, RateLimitFuture};
+
+/// A consumer's limits: across all its calls, and per logical deployment.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumerLimits {
+    /// Limits over everything the consumer calls.
+    pub all: Limits,
+    /// Limits for one deployment, counted apart (both apply).
+    pub per_deployment: HashMap<String, Limits>,
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Admit the request unchecked.
+    #[default]
+    FailOpen,
+    /// Refuse with 503.
+    FailClosed,
+}
+
+/// Response header names, as API Management lets you choose them.
+#[derive(Clone, Debug)]
+pub struct LimitHeaders {
+    /// Tokens left in the minute.
+    pub remaining_tokens: HeaderName,
+    /// Requests left in the minute.
+    pub remaining_requests: HeaderName,
+    /// The tokens-per-minute limit.
+    pub limit_tokens: HeaderName,
+    /// The requests-per-minute limit.
+    pub limit_requests: HeaderName,
+    /// Quota tokens left in the period.
+    pub remaining_quota: HeaderName,
+    /// Tokens the call consumed (non-streamed answers; streams learn it only at their end).
+    pub tokens_consumed: HeaderName,
+}
+
+/// Configuration of [`RateLimitLayer`].
+#[derive(Clone, Debug)]
+pub struct RateLimitConfig {
+    /// Limits by consumer name. A consumer without an entry is not limited (its tokens are still
+    /// estimated for routing).
+    pub consumers: HashMap<Arc<str>, ConsumerLimits>,
+    /// Logical deployment -> model name, to choose a tokenizer; the deployment name when absent.
+    pub models: HashMap<String, String>,
+    /// Completion tokens reserved when a request names no `max_tokens`.
+    pub default_completion_tokens: u64,
+    /// Store failure behaviour.
+    pub on_store_error: OnStoreError,
+    /// Response header names.
+    pub headers: LimitHeaders,
+}
+
+/// Layer that accounts consumer limits. See the [module docs](self).
+pub struct RateLimitLayer<St> {
+    shared: Arc<Shared<St>>,
+}
+
+struct Shared<St> {
+    store: Arc<St>,
+    config: RateLimitConfig,
+    /// Whether the store is failing, so an outage is logged once, not per request.
+    store_down: AtomicBool,
+}
+
+// === impl ConsumerLimits ===
+
+impl ConsumerLimits {
+    /// Limits across every deployment.
+    pub fn all(limits: Limits) -> Self {
+        Self {
+            all: limits,
+            per_deployment: HashMap::new(),
+        }
+    }
+
+    /// Adds limits for one deployment.
+    pub fn deployment(mut self, name: impl Into<String>, limits: Limits) -> Self {
+        self.per_deployment.insert(name.into(), limits);
+        self
+    }
+}
+
+// === impl LimitHeaders ===
+
+impl Default for LimitHeaders {
+    fn default() -> Self {
+        Self {
+            remaining_tokens: HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            remaining_requests: HeaderName::from_static("x-ratelimit-remaining-requests"),
+            limit_tokens: HeaderName::from_static("x-ratelimit-limit-tokens"),
+            limit_requests: HeaderName::from_static("x-ratelimit-limit-requests"),
+            remaining_quota: HeaderName::from_static("x-ratelimit-remaining-quota-tokens"),
+            tokens_consumed: HeaderName::from_static("x-gateway-tokens-consumed"),
+        }
+    }
+}
+
+// === impl RateLimitConfig ===
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            consumers: HashMap::new(),
+            models: HashMap::new(),
+            default_completion_tokens: 16,
+            on_store_error: OnStoreError::FailOpen,
+            headers: LimitHeaders::default(),
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// Sets a consumer's limits.
+    pub fn consumer(mut self, name: &str, limits: ConsumerLimits) -> Self {
+        self.consumers.insert(Arc::from(name), limits);
+        self
+    }
+}
+
+// === impl RateLimitLayer ===
+
+impl<St: LimitStore> RateLimitLayer<St> {
+    /// Accounts limits in `store`.
+    pub fn new(store: Arc<St>, config: RateLimitConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                config,
+                store_down: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl<St> Clone for RateLimitLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> std::fmt::Debug for RateLimitLayer<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("consumers", &self.shared.config.consumers.len())
+            .finish()
+    }
+}
+
+impl<S, St> Layer<S> for RateLimitLayer<St> {
+    type Service = RateLimit<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(inner, self.shared.clone())
+    }
+}

@@ -1,0 +1,498 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use gateway_core::limits::{
+    Admission, LimitCheck, LimitKind, LimitStore, Limits, Remaining, Reservation,
+};
+use gateway_core::operation::Operation;
+use gateway_core::tokens;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use tower::Service;
+
+use super::body::{Reconcile, UsageBody};
+use super::{OnStoreError, Shared};
+use crate::BoxError;
+use crate::auth::Consumer;
+use crate::context::{DeploymentSource, RequestContext};
+use crate::error::azure_error;
+
+/// Service produced by [`RateLimitLayer`](super::RateLimitLayer).
+pub struct RateLimit<S, St> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+/// Response future of [`RateLimit`]: boxed, as it awaits the store before and after the call.
+pub type RateLimitFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+/// Largest non-streamed answer read whole to learn its usage (and send the tokens-consumed header);
+/// larger ones stream through and keep their estimate.
+const MAX_BUFFERED_ANSWER: u64 = 16 << 20;
+
+// === impl RateLimit ===
+
+impl<S, St> RateLimit<S, St> {
+    pub(super) fn new(inner: S, shared: Arc<Shared<St>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, St> Clone for RateLimit<S, St> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St> std::fmt::Debug for RateLimit<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S, St, ReqB, ResB> Service<Request<ReqB>> for RateLimit<S, St>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    St: LimitStore,
+    ReqB: From<Bytes> + Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError> + Send,
+{
+    type Response = Response<UsageBody<ResB>>;
+    type Error = S::Error;
+    type Future = RateLimitFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(run(shared, inner, req))
+    }
+}
+
+async fn run<S, St, ReqB, ResB>(
+    shared: Arc<Shared<St>>,
+    mut inner: S,
+    mut req: Request<ReqB>,
+) -> Result<Response<UsageBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    St: LimitStore,
+    ReqB: From<Bytes>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let Some(ctx) = req.extensions().get::<RequestContext>() else {
+        // Without a captured context there is nothing to count: the layer is documented to sit
+        // inside RequestContextLayer.
+        return Ok(inner.call(req).await?.map(UsageBody::passthrough));
+    };
+    let deployment = ctx.deployment.clone();
+    let model = deployment
+        .as_deref()
+        .map(|d| config.models.get(d).map_or(d, String::as_str))
+        .unwrap_or_default();
+    let estimate = tokens::estimate(
+        ctx.operation,
+        model,
+        &ctx.body,
+        config.default_completion_tokens,
+    );
+    let streaming_chat = ctx.stream
+        && matches!(
+            ctx.operation,
+            Operation::ChatCompletions | Operation::Completions
+        );
+    let v1 = ctx.deployment_source == DeploymentSource::Body;
+    let api_version_supports_usage = tokens::supports_stream_usage(ctx.api_version.as_deref(), v1);
+    req.extensions_mut().insert(estimate);
+
+    let consumer = req.extensions().get::<Consumer>().map(|c| c.name.clone());
+    let checks = match (
+        &consumer,
+        config
+            .consumers
+            .get(consumer.as_deref().unwrap_or_default()),
+    ) {
+        (Some(name), Some(limits)) => checks(name, deployment.as_deref(), limits),
+        _ => Vec::new(),
+    };
+    if checks.is_empty() {
+        return Ok(inner.call(req).await?.map(UsageBody::passthrough));
+    }
+
+    let (reservation, remaining) = match shared.store.reserve(&checks, estimate.total()).await {
+        Ok(admission) => {
+            if shared.store_down.swap(false, Ordering::Relaxed) {
+                tracing::info!("limit store reachable again");
+            }
+            match admission {
+                Admission::Admitted {
+                    reservation,
+                    remaining,
+                } => (Some(reservation), remaining),
+                Admission::Limited {
+                    key,
+                    kind,
+                    retry_after,
+                    remaining,
+                } => {
+                    let name = consumer.as_deref().unwrap_or_default();
+                    tracing::info!(consumer = name, %key, ?kind, "rejected: consumer rate limit");
+                    let mut res = limited(name, &checks, kind, retry_after);
+                    stamp(res.headers_mut(), config, &checks, &remaining);
+                    return Ok(res);
+                }
+                Admission::QuotaExceeded {
+                    key,
+                    resets_in,
+                    remaining,
+                } => {
+                    let name = consumer.as_deref().unwrap_or_default();
+                    tracing::info!(consumer = name, %key, "rejected: consumer quota");
+                    let mut res = quota_exceeded(name, &checks, resets_in);
+                    stamp(res.headers_mut(), config, &checks, &remaining);
+                    return Ok(res);
+                }
+            }
+        }
+        Err(err) => {
+            if !shared.store_down.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %err, policy = ?config.on_store_error, "limit store unreachable");
+            }
+            if config.on_store_error == OnStoreError::FailClosed {
+                return Ok(azure_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "The gateway cannot check rate limits right now. Please retry later.",
+                ));
+            }
+            (None, Remaining::default())
+        }
+    };
+    let Some(reservation) = reservation else {
+        return Ok(inner.call(req).await?.map(UsageBody::passthrough));
+    };
+
+    // Ask for the final usage chunk, so a stream is reconciled with real usage, not an estimate.
+    let mut strip_usage = false;
+    if streaming_chat && api_version_supports_usage {
+        if let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>() {
+            if !asks_for_usage(&ctx.body) {
+                if let Some(body) = with_include_usage(&ctx.body) {
+                    ctx.body = body.clone();
+                    *req.body_mut() = ReqB::from(body);
+                    strip_usage = true;
+                }
+            }
+        }
+    }
+
+    let res = match inner.call(req).await {
+        Ok(res) => res,
+        Err(err) => {
+            settle(&shared, &reservation, 0).await;
+            return Err(err);
+        }
+    };
+    let (mut parts, body) = res.into_parts();
+    stamp(&mut parts.headers, config, &checks, &remaining);
+    if !parts.status.is_success() {
+        // Azure does not bill refused or failed calls.
+        settle(&shared, &reservation, 0).await;
+        return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
+    }
+    if is_event_stream(&parts.headers) {
+        // Usage arrives at the very end of a stream: reconcile from the body, when it ends.
+        let reconcile = reconciler(shared.store.clone(), reservation);
+        let body = UsageBody::sse(body, strip_usage, estimate.prompt, reconcile);
+        return Ok(Response::from_parts(parts, body));
+    }
+    let size = content_length(&parts.headers).or(body.size_hint().upper());
+    if size.is_none_or(|n| n > MAX_BUFFERED_ANSWER) {
+        // Unknown or huge: stream it through and keep the estimate.
+        return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
+    }
+    // A JSON answer arrives whole once generation is done: reading it adds no latency worth the
+    // name, and gives the tokens-consumed header and an exact reconciliation before the next call.
+    match body.collect().await {
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            let consumed = match tokens::usage_from_json(&bytes) {
+                Some(usage) => {
+                    parts.headers.insert(
+                        config.headers.tokens_consumed.clone(),
+                        HeaderValue::from(usage.total),
+                    );
+                    usage.total
+                }
+                None => estimate.total(),
+            };
+            settle(&shared, &reservation, consumed).await;
+            Ok(Response::from_parts(parts, UsageBody::full(bytes)))
+        }
+        Err(err) => {
+            let err: BoxError = err.into();
+            tracing::warn!(error = %err, "upstream answer broke while being read");
+            settle(&shared, &reservation, estimate.prompt).await;
+            Ok(azure_error(
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                "The backend's answer broke before it was complete.",
+            ))
+        }
+    }
+}
+
+/// Reconciles now; a store error is logged, never shown to the client, whose call already happened.
+async fn settle<St: LimitStore>(shared: &Shared<St>, reservation: &Reservation, consumed: u64) {
+    if consumed == reservation.tokens {
+        return;
+    }
+    if let Err(err) = shared.store.reconcile(reservation, consumed).await {
+        tracing::warn!(error = %err, "could not reconcile a reservation");
+    }
+}
+
+fn reconciler<St: LimitStore>(store: Arc<St>, reservation: Reservation) -> Reconcile {
+    Reconcile::new(move |consumed| {
+        if consumed == reservation.tokens {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            if let Err(err) = store.reconcile(&reservation, consumed).await {
+                tracing::warn!(error = %err, "could not reconcile a reservation");
+            }
+        });
+    })
+}
+
+/// The limit checks for one call: the consumer's own limits, and its limits for the deployment.
+fn checks(
+    consumer: &str,
+    deployment: Option<&str>,
+    limits: &super::ConsumerLimits,
+) -> Vec<LimitCheck> {
+    let mut checks = Vec::with_capacity(2);
+    if !limits.all.is_empty() {
+        checks.push(LimitCheck {
+            key: format!("consumer:{consumer}"),
+            limits: limits.all.clone(),
+        });
+    }
+    if let Some((d, l)) = deployment.and_then(|d| limits.per_deployment.get(d).map(|l| (d, l))) {
+        if !l.is_empty() {
+            checks.push(LimitCheck {
+                key: format!("consumer:{consumer}:deployment:{d}"),
+                limits: l.clone(),
+            });
+        }
+    }
+    checks
+}
+
+fn tightest(checks: &[LimitCheck], f: impl Fn(&Limits) -> Option<u64>) -> Option<u64> {
+    checks.iter().filter_map(|c| f(&c.limits)).min()
+}
+
+fn stamp(
+    headers: &mut HeaderMap,
+    config: &super::RateLimitConfig,
+    checks: &[LimitCheck],
+    r: &Remaining,
+) {
+    let h = &config.headers;
+    let mut set = |name: &http::HeaderName, value: Option<u64>| {
+        if let Some(v) = value {
+            headers.insert(name.clone(), HeaderValue::from(v));
+        }
+    };
+    set(&h.remaining_tokens, r.tokens);
+    set(&h.remaining_requests, r.requests);
+    set(&h.remaining_quota, r.quota_tokens);
+    set(&h.limit_tokens, tightest(checks, |l| l.tokens_per_minute));
+    set(
+        &h.limit_requests,
+        tightest(checks, |l| l.requests_per_minute),
+    );
+}
+
+fn limited<B: From<Bytes>>(
+    consumer: &str,
+    checks: &[LimitCheck],
+    kind: LimitKind,
+    retry_after: Duration,
+) -> Response<B> {
+    let ms = retry_after.as_millis().max(1);
+    let secs = ms.div_ceil(1000);
+    let what = match kind {
+        LimitKind::Tokens => format!(
+            "token rate limit of {} tokens per minute",
+            tightest(checks, |l| l.tokens_per_minute).unwrap_or_default()
+        ),
+        LimitKind::Requests => format!(
+            "call rate limit of {} requests per minute",
+            tightest(checks, |l| l.requests_per_minute).unwrap_or_default()
+        ),
+    };
+    let mut res = azure_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "429",
+        &format!(
+            "Consumer '{consumer}' exceeded its {what} at the gateway. Please retry after {secs} seconds."
+        ),
+    );
+    let h = res.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+    h.insert("retry-after-ms", HeaderValue::from(ms as u64));
+    h.insert(
+        "x-gateway-limit",
+        HeaderValue::from_static(match kind {
+            LimitKind::Tokens => "tokens",
+            LimitKind::Requests => "requests",
+        }),
+    );
+    res
+}
+
+fn quota_exceeded<B: From<Bytes>>(
+    consumer: &str,
+    checks: &[LimitCheck],
+    resets_in: Duration,
+) -> Response<B> {
+    let quota = checks
+        .iter()
+        .filter_map(|c| c.limits.quota)
+        .min_by_key(|q| q.tokens);
+    let (tokens, period) = quota.map_or((0, "period".to_string()), |q| {
+        (q.tokens, format!("{:?}", q.period).to_lowercase())
+    });
+    let at = httpdate::fmt_http_date(SystemTime::now() + resets_in);
+    let mut res = azure_error(
+        StatusCode::FORBIDDEN,
+        "QuotaExceeded",
+        &format!(
+            "Consumer '{consumer}' used its {period} token quota of {tokens} tokens. The quota resets in {} seconds, at {at}.",
+            resets_in.as_secs().max(1)
+        ),
+    );
+    res.headers_mut()
+        .insert("x-gateway-limit", HeaderValue::from_static("quota"));
+    res
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn asks_for_usage(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Req {
+        stream_options: Option<Opts>,
+    }
+    #[derive(Deserialize)]
+    struct Opts {
+        include_usage: Option<bool>,
+    }
+    serde_json::from_slice::<Req>(body)
+        .ok()
+        .and_then(|r| r.stream_options?.include_usage)
+        .unwrap_or(false)
+}
+
+/// The body with `stream_options.include_usage = true`, keeping any other stream option.
+fn with_include_usage(body: &[u8]) -> Option<Bytes> {
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).ok()?;
+    let opts = value
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    if !opts.is_object() {
+        *opts = serde_json::Value::Object(serde_json::Map::new());
+    }
+    opts.as_object_mut()?
+        .insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn include_usage_is_added_and_detected() {
+        let body = br#"{"messages":[],"stream":true,"stream_options":{"other":1}}"#;
+        assert!(!asks_for_usage(body));
+        let with = with_include_usage(body).unwrap();
+        assert!(asks_for_usage(&with));
+        let v: serde_json::Value = serde_json::from_slice(&with).unwrap();
+        assert_eq!(v["stream_options"]["other"], 1);
+        assert!(asks_for_usage(
+            br#"{"stream_options":{"include_usage":true}}"#
+        ));
+    }
+
+    #[test]
+    fn checks_cover_consumer_and_deployment() {
+        let limits = super::super::ConsumerLimits::all(Limits {
+            tokens_per_minute: Some(100),
+            ..Limits::default()
+        })
+        .deployment(
+            "gpt-4o",
+            Limits {
+                requests_per_minute: Some(3),
+                ..Limits::default()
+            },
+        );
+        let c = checks("app", Some("gpt-4o"), &limits);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].key, "consumer:app");
+        assert_eq!(c[1].key, "consumer:app:deployment:gpt-4o");
+        assert_eq!(checks("app", Some("o3"), &limits).len(), 1);
+    }
+}
