@@ -112,6 +112,16 @@ pub fn backend_toml(
 
 /// A policy with the given deployments, backends and extra tables, and one consumer using [`CLIENT_KEY`].
 pub fn policy(deployments: &[&str], backends: &[String], extra: &str) -> String {
+    policy_with_limits(deployments, backends, extra, "")
+}
+
+/// Like [`policy`], with TOML appended to the consumer's table (e.g. `[consumers.limits]` ...).
+pub fn policy_with_limits(
+    deployments: &[&str],
+    backends: &[String],
+    extra: &str,
+    consumer: &str,
+) -> String {
     let mut s = String::from("[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\n\n");
     for d in deployments {
         s.push_str(&format!("[[deployments]]\nname = \"{d}\"\n\n"));
@@ -122,6 +132,7 @@ pub fn policy(deployments: &[&str], backends: &[String], extra: &str) -> String 
     }
     s.push_str(extra);
     s.push_str("\n[[consumers]]\nname = \"tester\"\nkeys = [\"env:CLIENT_KEY\"]\n");
+    s.push_str(consumer);
     s
 }
 

@@ -421,3 +421,117 @@ async fn backend_credentials_never_reach_the_client() {
     assert!(!text.contains(&backend_key("Region A")));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_path_cannot_climb_out_of_its_deployment() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b, gw) = two_regions("").await;
+    for path in [
+        "/openai/deployments/gpt-4o/../other/chat/completions?api-version=2024-10-21",
+        "/openai/deployments/gpt-4o/%2e%2e/other/chat/completions?api-version=2024-10-21",
+    ] {
+        // A raw request: HTTP clients normalise `..` away before sending, attackers do not.
+        let body = chat("hi").to_string();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: gateway\r\napi-key: {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains(r#""code":"BadRequest""#), "{answer}");
+    }
+    assert_eq!((count(&a), count(&b)), (0, 0));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn backends_refusing_the_gateway_credential_give_502_not_429() {
+    let a = region("Region A", &[("m", 1_000_000)]).await;
+    let b = region("Region B", &[("m", 1_000_000)]).await;
+    // Both backends get a key neither accepts.
+    let backends = [
+        backend_toml("a", &a, "Region C", 1, 1, &[("gpt-4o", "m")]),
+        backend_toml("b", &b, "Region C", 2, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(&policy(&["gpt-4o"], &backends, ""), &["Region C"]).await;
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 502);
+    assert!(!res.headers().contains_key("x-gateway-throttled"));
+    let (code, msg) = azure_error(res).await;
+    assert_eq!(code, "BadGateway");
+    assert!(msg.contains("refused the gateway's credential"), "{msg}");
+    // While both rest, the gateway says so without calling them, and still not as a rate limit.
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!((count(&a), count(&b)), (1, 1));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_attempt_budget_spent_on_throttles_gives_the_gateway_429() {
+    let a = region("Region A", &[("m", 1_000_000)]).await;
+    let b = region("Region B", &[("m", 1_000_000)]).await;
+    let c = region("Region C", &[("m", 1_000_000)]).await;
+    let backends = [
+        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")]),
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
+        backend_toml("c", &c, "Region C", 3, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, "[failover]\nmax_attempts = 2\n"),
+        &["Region A", "Region B", "Region C"],
+    )
+    .await;
+    for (sim, ms) in [(&a, 30_000), (&b, 7_000)] {
+        sim.handle().set_faults(vec![fault(
+            json!({"kind": "status", "status": 429, "retry_after_ms": ms}),
+        )]);
+    }
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-gateway-throttled"], "true");
+    assert_eq!(res.headers()["x-served-by"], "gateway");
+    let ms: u64 = res.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (6_000..=7_000).contains(&ms),
+        "the shorter of the two throttles: {ms}"
+    );
+    assert_eq!((count(&a), count(&b), count(&c)), (1, 1, 0));
+    // The next call skips both throttled regions and reaches C.
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(served_by(&res), "c (Region C)");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_is_ended_with_an_error_event() {
+    // A minute per token: after its first frames the stream falls silent.
+    let a = region_with("Region A", &[("m", 1_000_000)], |mut c| {
+        c.token_delay = Duration::from_secs(60);
+        c
+    })
+    .await;
+    let backends = [backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")])];
+    let gw = gateway(
+        &policy(
+            &["gpt-4o"],
+            &backends,
+            "[failover]\nstream_idle_timeout_ms = 300\n",
+        ),
+        &["Region A"],
+    )
+    .await;
+    let res = gw.chat("gpt-4o", &stream_body()).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("event: error"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    gw.stop().await;
+}

@@ -209,6 +209,38 @@ async fn stream_reaches_the_client_before_the_upstream_finishes() {
     while let Some(chunk) = body.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
+    gw.stop().await;
+
+    // And the other way round: kill the region after the first chunk. A gateway that buffered the
+    // answer would still deliver it whole; a streaming one cannot.
+    let sim = region_with("Sweden Central", &[("gpt4o-swc", 100_000)], |mut c| {
+        c.token_delay = Duration::from_millis(100);
+        c
+    })
+    .await;
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[("gpt-4o", "gpt4o-swc")],
+    );
+    let gw = gateway(&policy(&["gpt-4o"], &[b], ""), &["Sweden Central"]).await;
+    let res = gw
+        .chat("gpt-4o", &json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 40, "stream": true}))
+        .await;
+    let mut body = res.bytes_stream();
+    let mut cut = String::new();
+    while !cut.contains("chat.completion.chunk") {
+        cut.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    sim.shutdown().await;
+    while let Some(Ok(chunk)) = body.next().await {
+        cut.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(!cut.contains("[DONE]"), "{cut}");
+    assert!(cut.contains("event: error"), "{cut}");
     let frames: Vec<&str> = text
         .split("\n\n")
         .filter(|f| !f.trim().is_empty())

@@ -7,18 +7,24 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use gateway_core::policy::{HeaderAction, HeaderSettings, Policy, ResolvedSecrets};
+use gateway_core::limits::{Limits, MemoryStore, RedisCooldowns, RedisStore};
+use gateway_core::policy::{
+    HeaderAction, HeaderSettings, Policy, ResolvedSecrets, StoreFailure, StoreKind,
+};
 use gateway_core::pool::{Backend, BackendPool, BackendState, PoolSettings};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;
 use gateway_layers::failover::FailoverConfig;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
+use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError, RateLimitConfig};
 use gateway_layers::{
-    ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RequestContextLayer,
+    ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
 use tower::ServiceBuilder;
+
+use crate::store::{Store, share_cooldowns};
 
 /// A composed gateway: its router and the shared state worth observing from outside.
 #[derive(Clone)]
@@ -45,6 +51,16 @@ impl std::error::Error for BuildError {}
 
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
+    // A credential that cannot be a header value would silently go unsent: refuse it at start-up.
+    for (spec, credential) in policy.backends.iter().zip(&secrets.backends) {
+        let value = credential.secret().expose();
+        if value.is_empty() || value.bytes().any(|b| b.is_ascii_control()) {
+            return Err(BuildError(format!(
+                "backends `{}`: its credential holds characters that cannot be sent in a header",
+                spec.name
+            )));
+        }
+    }
     let backends = policy
         .backends
         .iter()
@@ -72,8 +88,25 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         deadline: Duration::from_millis(policy.failover.deadline_ms),
         response_header_timeout: Duration::from_millis(policy.failover.response_header_timeout_ms),
         failover_on: policy.failover.on_status.clone(),
+        stream_idle_timeout: Duration::from_millis(policy.failover.stream_idle_timeout_ms),
         max_body_bytes: policy.gateway.max_body_bytes,
     };
+
+    let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());
+    let store = match (policy.rate_limit.store, redis_url) {
+        (StoreKind::Redis, Some(url)) => Store::Redis(
+            RedisStore::connect_lazy(url, &policy.rate_limit.key_prefix)
+                .map_err(|e| BuildError(format!("rate_limit.redis_url: {e}")))?,
+        ),
+        _ => Store::Memory(MemoryStore::new()),
+    };
+    let mut failover_layer = FailoverLayer::new(pool.clone(), failover);
+    if let (StoreKind::Redis, Some(url)) = (policy.rate_limit.store, redis_url) {
+        // Every instance learns of a throttled region from the first 429 any instance sees.
+        let cooldowns = RedisCooldowns::connect_lazy(url, &policy.rate_limit.key_prefix)
+            .map_err(|e| BuildError(format!("rate_limit.redis_url: {e}")))?;
+        failover_layer = failover_layer.on_cooldown(share_cooldowns(cooldowns, pool.clone()));
+    }
 
     let proxy = ServiceBuilder::new()
         // Outermost: read the request once, so every answer below, errors included, carries the
@@ -82,10 +115,16 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         // Authenticate before anything reaches an upstream. It reads the client's key, so it sits
         // above header propagation, which removes that key.
         .layer(ConsumerAuthLayer::new(Arc::new(keys)))
+        // Consumer limits: reserve before any upstream work, reconcile with the real usage after.
+        // It sits outside header propagation so its x-ratelimit-* headers reach the client.
+        .layer(RateLimitLayer::new(
+            Arc::new(store),
+            rate_limit_config(policy)?,
+        ))
         // Only allow-listed headers go upstream (never client credentials) or come back.
         .layer(PropagateHeadersLayer::new(header_rules(&policy.headers)?))
         // Innermost policy: choose a backend, replay the request as a new one, fail over.
-        .layer(FailoverLayer::new(pool.clone(), failover))
+        .layer(failover_layer)
         .service(ReqwestClient::new());
 
     let draining = Arc::new(AtomicBool::new(false));
@@ -106,6 +145,53 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         pool,
         draining,
     })
+}
+
+/// The policy's consumer limits as the rate-limit layer's configuration.
+fn rate_limit_config(policy: &Policy) -> Result<RateLimitConfig, BuildError> {
+    let r = &policy.rate_limit;
+    let name = |key: &str, value: &str| {
+        HeaderName::from_bytes(value.as_bytes())
+            .map_err(|e| BuildError(format!("rate_limit.{key}: {e}")))
+    };
+    let headers = LimitHeaders {
+        remaining_tokens: name("remaining_tokens_header", &r.remaining_tokens_header)?,
+        remaining_requests: name("remaining_requests_header", &r.remaining_requests_header)?,
+        limit_tokens: name("limit_tokens_header", &r.limit_tokens_header)?,
+        limit_requests: name("limit_requests_header", &r.limit_requests_header)?,
+        remaining_quota: name("remaining_quota_header", &r.remaining_quota_header)?,
+        tokens_consumed: name("tokens_consumed_header", &r.tokens_consumed_header)?,
+    };
+    let mut config = RateLimitConfig {
+        default_completion_tokens: r.default_completion_tokens,
+        on_store_error: match r.on_store_error {
+            StoreFailure::FailOpen => OnStoreError::FailOpen,
+            StoreFailure::FailClosed => OnStoreError::FailClosed,
+        },
+        headers,
+        models: policy
+            .deployments
+            .iter()
+            .map(|d| (d.name.clone(), d.model_name().to_owned()))
+            .collect(),
+        ..RateLimitConfig::default()
+    };
+    for consumer in &policy.consumers {
+        let limits = ConsumerLimits {
+            all: consumer
+                .limits
+                .as_ref()
+                .map(Limits::from)
+                .unwrap_or_default(),
+            per_deployment: consumer
+                .deployment_limits
+                .iter()
+                .map(|(d, l)| (d.clone(), Limits::from(l)))
+                .collect(),
+        };
+        config = config.consumer(&consumer.name, limits);
+    }
+    Ok(config)
 }
 
 /// The policy's `[headers]` as the propagation layer's rules.

@@ -15,6 +15,9 @@ pub const DEMO_POLICY: &str = include_str!("../../../policies/demo.toml");
 /// The key clients use against the demo gateway.
 pub const DEMO_CLIENT_KEY: &str = "demo-key";
 
+/// The key of the demo's rate-limited consumer (3 requests per minute).
+pub const DEMO_LIMITED_KEY: &str = "demo-key-limited";
+
 /// A running demo: the simulated regions and the gateway's policy with their real endpoints.
 pub struct Demo {
     /// The simulated regions, in the policy's backend order.
@@ -31,6 +34,7 @@ pub async fn start() -> Result<Demo, String> {
         .map_err(|e| format!("demo policy is invalid\n{e}"))?;
     let secrets = MapSecrets::with_fallback(NoSecrets)
         .with_env("GATEWAY_DEMO_KEY", DEMO_CLIENT_KEY)
+        .with_env("GATEWAY_DEMO_LIMITED_KEY", DEMO_LIMITED_KEY)
         .with_env("DEMO_SWEDEN_KEY", "sim-key-sweden")
         .with_env("DEMO_FRANCE_KEY", "sim-key-france")
         .with_env("DEMO_EASTUS2_KEY", "sim-key-eastus2");
@@ -124,6 +128,8 @@ curl -sN '{chat}' -H 'api-key: {DEMO_CLIENT_KEY}' -H 'content-type: application/
 curl -si '{base}/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21' -H 'api-key: {DEMO_CLIENT_KEY}' \\\n  -H 'content-type: application/json' -d '{{\"input\":\"The quick brown fox\"}}'\n\n\
 # failover: the priority-1 region takes 3 calls per 10 s; watch x-served-by move, then come back\n\
 for i in $(seq 1 8); do curl -s -o /dev/null -D - '{chat}' -H 'api-key: {DEMO_CLIENT_KEY}' \\\n  -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":100}}' | grep -i x-served-by; done\n\n\
+# consumer limits: '{DEMO_LIMITED_KEY}' may make 3 calls a minute; the 4th gets the gateway's own 429\n\
+for i in $(seq 1 4); do curl -s -o /dev/null -D - '{chat}' -H 'api-key: {DEMO_LIMITED_KEY}' \\\n  -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":20}}' | grep -iE '^(HTTP/|x-ratelimit-remaining-requests|x-gateway-limit|retry-after:)'; done\n\n\
 Press Ctrl-C to stop.\n"
     ));
     out

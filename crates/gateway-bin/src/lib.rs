@@ -4,9 +4,11 @@
 //!   top to bottom.
 //! - [`serve`] serves it with graceful shutdown.
 //! - [`demo`] runs the gateway in front of three simulated regions, for a first contact.
+//! - [`store`] picks the limit store (memory or Redis) and shares backend cooldowns.
 //! - [`cli`] parses the command line.
 
 pub mod app;
 pub mod cli;
 pub mod demo;
 pub mod serve;
+pub mod store;

@@ -275,8 +275,8 @@ fn demo_prints_curl_lines_that_work() {
     let commands = printed_commands(&banner);
     assert_eq!(
         commands.len(),
-        4,
-        "chat, stream, embeddings, failover loop:\n{banner}"
+        5,
+        "chat, stream, embeddings, failover loop, consumer limit loop:\n{banner}"
     );
     let run = |cmd: &str| {
         let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -314,6 +314,12 @@ fn demo_prints_curl_lines_that_work() {
         served.iter().any(|l| l.contains("ptu-pool-france")),
         "{served:?}"
     );
+
+    let limited = run(&commands[4]).to_ascii_lowercase();
+    assert_eq!(limited.matches("http/1.1 200").count(), 3, "{limited}");
+    assert!(limited.contains("http/1.1 429"), "{limited}");
+    assert!(limited.contains("x-gateway-limit: requests"), "{limited}");
+    assert!(limited.contains("retry-after:"), "{limited}");
 
     sigterm(&child.0);
     assert!(wait_exit(&mut child.0, Duration::from_secs(15)).success());

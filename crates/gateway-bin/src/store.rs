@@ -1,0 +1,79 @@
+//! The limit store a policy chooses, and backend cooldowns shared between instances.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gateway_core::limits::{
+    Admission, LimitCheck, LimitStore, MemoryStore, RedisCooldowns, RedisStore, Reservation,
+    StoreError, Usage,
+};
+use gateway_core::pool::BackendPool;
+
+/// The store chosen by `rate_limit.store`.
+#[derive(Debug)]
+pub enum Store {
+    /// Counted in this process.
+    Memory(MemoryStore),
+    /// Counted in Redis, shared by every instance.
+    Redis(RedisStore),
+}
+
+impl LimitStore for Store {
+    async fn reserve(&self, checks: &[LimitCheck], tokens: u64) -> Result<Admission, StoreError> {
+        match self {
+            Store::Memory(s) => s.reserve(checks, tokens).await,
+            Store::Redis(s) => s.reserve(checks, tokens).await,
+        }
+    }
+
+    async fn reconcile(&self, reservation: &Reservation, consumed: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.reconcile(reservation, consumed).await,
+            Store::Redis(s) => s.reconcile(reservation, consumed).await,
+        }
+    }
+
+    async fn usage(&self, check: &LimitCheck) -> Result<Usage, StoreError> {
+        match self {
+            Store::Memory(s) => s.usage(check).await,
+            Store::Redis(s) => s.usage(check).await,
+        }
+    }
+}
+
+/// Shares backend cooldowns through Redis: what this instance learns from a 429 is published, and
+/// what any instance publishes is applied to `pool`. Returns the hook for the failover layer.
+pub fn share_cooldowns(
+    cooldowns: RedisCooldowns,
+    pool: Arc<BackendPool>,
+) -> impl Fn(&str, Duration) + Send + Sync + 'static {
+    let listener_pool = pool.clone();
+    // The listener runs for the life of the process.
+    drop(cooldowns.spawn_listener(move |backend, until_ms| {
+        let Some(id) = listener_pool.id_of(&backend) else {
+            return;
+        };
+        let left = until_ms.saturating_sub(unix_ms());
+        if left > 0 {
+            listener_pool.cool_down(id, Duration::from_millis(left), Instant::now());
+        }
+    }));
+    move |backend: &str, cooldown: Duration| {
+        let until =
+            unix_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
+        let cooldowns = cooldowns.clone();
+        let backend = backend.to_owned();
+        // Publishing must not delay the failover it follows.
+        tokio::spawn(async move {
+            if let Err(err) = cooldowns.publish(&backend, until).await {
+                tracing::debug!(error = %err, %backend, "could not share a cooldown");
+            }
+        });
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,357 @@
+//! Several `gateway` processes sharing one real `redis-server`: one global consumer limit, shared
+//! backend cooldowns, and Redis going away and coming back.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use simulator::{DeploymentConfig, Fault, RegionConfig, RunningRegion};
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+const CLIENT_KEY: &str = "shared-client-key";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `redis-server` on a free loopback port, killed on drop.
+struct Redis {
+    port: u16,
+    proc: Option<Proc>,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = free_port();
+        let mut redis = Redis { port, proc: None };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed: run ./scripts/test, which installs it");
+        self.proc = Some(Proc(child));
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+async fn region(name: &str, tpm: u64) -> RunningRegion {
+    simulator::spawn(
+        RegionConfig::new(name, "backend-key").deployment(DeploymentConfig::chat("m", tpm)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A policy with the given regions (priority in order) and extra TOML.
+fn policy_file(regions: &[&RunningRegion], extra: &str) -> PathBuf {
+    let mut text = String::from("[[deployments]]\nname = \"gpt-4o\"\n\n");
+    for (i, r) in regions.iter().enumerate() {
+        text.push_str(&format!(
+            "[[backends]]\nname = \"r{i}\"\nregion = \"Region {i}\"\nendpoint = \"{}\"\npriority = {}\napi_key = \"env:BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"m\" }}\n\n",
+            r.url(),
+            i + 1
+        ));
+    }
+    text.push_str(extra);
+    let dir =
+        std::env::temp_dir().join(format!("gw-shared-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// Starts a gateway process on a free port and waits until it is ready.
+async fn gateway(policy: &PathBuf) -> (Proc, String) {
+    let port = free_port();
+    let child = Command::new(GATEWAY)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--policy",
+        ])
+        .arg(policy)
+        .env("BACKEND_KEY", "backend-key")
+        .env("CLIENT_KEY", CLIENT_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+            return (proc, base);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("gateway did not start");
+}
+
+async fn chat(base: &str, max_tokens: u64) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!(
+            "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        ))
+        .header("api-key", CLIENT_KEY)
+        .json(
+            &json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+const QUOTA: u64 = 6_000;
+
+fn limited_consumer(store: &str) -> String {
+    format!(
+        "{store}\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n[consumers.limits]\ntoken_quota = {QUOTA}\ntoken_quota_period = \"daily\"\n"
+    )
+}
+
+/// Sends calls round-robin through `bases`, 6 at a time, until every gateway has refused one, and
+/// returns the tokens the admitted calls consumed.
+async fn drain_quota(bases: &[String]) -> u64 {
+    let mut admitted = 0;
+    let mut refused = vec![false; bases.len()];
+    for round in 0..400 {
+        let calls = (0..6).map(|i| {
+            let base = bases[(round * 6 + i) % bases.len()].clone();
+            async move { (base.clone(), chat(&base, 40).await) }
+        });
+        for (base, res) in futures_util::future::join_all(calls).await {
+            match res.status().as_u16() {
+                200 => {
+                    admitted += res.headers()["x-gateway-tokens-consumed"]
+                        .to_str()
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap();
+                }
+                403 => refused[bases.iter().position(|b| *b == base).unwrap()] = true,
+                other => panic!("unexpected {other}: {}", res.text().await.unwrap()),
+            }
+        }
+        if refused.iter().all(|r| *r) {
+            return admitted;
+        }
+    }
+    panic!("the quota never ran out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_sharing_redis_hold_one_limit_where_local_limiters_would_not() {
+    let redis = Redis::start();
+    let sim = region("Region 0", 100_000_000).await;
+    let shared = policy_file(
+        &[&sim],
+        &limited_consumer(&format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"t{}\"\n",
+            redis.url(),
+            free_port()
+        )),
+    );
+    let mut procs = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..3 {
+        let (p, b) = gateway(&shared).await;
+        procs.push(p);
+        bases.push(b);
+    }
+    let admitted = drain_quota(&bases).await;
+    // Each call reserves about 50 tokens and uses at most that: admission stops within one call of
+    // the quota, across all three processes.
+    assert!(admitted <= QUOTA, "admitted {admitted} of {QUOTA}");
+    assert!(
+        admitted >= QUOTA * 95 / 100,
+        "admitted only {admitted} of {QUOTA}"
+    );
+    drop(procs);
+
+    // The same three gateways each counting alone admit about three times as much.
+    let local = policy_file(&[&sim], &limited_consumer(""));
+    let mut procs = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..3 {
+        let (p, b) = gateway(&local).await;
+        procs.push(p);
+        bases.push(b);
+    }
+    let admitted_locally = drain_quota(&bases).await;
+    assert!(
+        admitted_locally >= QUOTA * 28 / 10,
+        "local-only limiters admitted {admitted_locally}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_seen_by_one_gateway_is_known_to_all() {
+    let redis = Redis::start();
+    let a = region("Region 0", 100_000_000).await;
+    let b = region("Region 1", 100_000_000).await;
+    let policy = policy_file(
+        &[&a, &b],
+        &format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"t{}\"\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n",
+            redis.url(),
+            free_port()
+        ),
+    );
+    let (_p1, one) = gateway(&policy).await;
+    let (_p2, two) = gateway(&policy).await;
+    // Let both listeners subscribe.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let throttle: Fault = serde_json::from_value(
+        json!({"kind": "status", "status": 429, "retry_after_ms": 20000, "count": 1}),
+    )
+    .unwrap();
+    a.handle().set_faults(vec![throttle]);
+
+    let res = chat(&one, 5).await;
+    assert_eq!(res.headers()["x-served-by"], "r1 (Region 1)");
+    assert_eq!(a.handle().request_count(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Gateway two never saw the 429, yet it goes straight to region 1.
+    for _ in 0..3 {
+        let res = chat(&two, 5).await;
+        assert_eq!(res.headers()["x-served-by"], "r1 (Region 1)");
+        assert_eq!(res.headers()["x-gateway-attempts"], "1");
+    }
+    assert_eq!(a.handle().request_count(), 1);
+}
+
+async fn statuses(base: &str, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(chat(base, 5).await.status().as_u16());
+    }
+    out
+}
+
+async fn until_status(base: &str, want: u16) -> bool {
+    for _ in 0..100 {
+        if chat(base, 5).await.status().as_u16() == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+fn rpm_consumer(store: &str) -> String {
+    format!(
+        "{store}\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n[consumers.limits]\nrequests_per_minute = 100000\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_open_when_configured_and_recovers() {
+    let mut redis = Redis::start();
+    let sim = region("Region 0", 100_000_000).await;
+    let policy = policy_file(
+        &[&sim],
+        &rpm_consumer(&format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\non_store_error = \"fail-open\"\n",
+            redis.url()
+        )),
+    );
+    let (_p, base) = gateway(&policy).await;
+    let res = chat(&base, 5).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("x-ratelimit-remaining-requests"));
+
+    redis.kill();
+    assert_eq!(
+        statuses(&base, 3).await,
+        [200, 200, 200],
+        "fail-open admits unchecked"
+    );
+
+    redis.restart();
+    // Counting resumes: the consumer's headers come back once Redis answers again.
+    let mut counted = false;
+    for _ in 0..100 {
+        let res = chat(&base, 5).await;
+        assert_eq!(res.status(), 200);
+        if res.headers().contains_key("x-ratelimit-remaining-requests") {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counted, "limits never came back after Redis did");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_when_configured_and_recovers() {
+    let mut redis = Redis::start();
+    let sim = region("Region 0", 100_000_000).await;
+    let policy = policy_file(
+        &[&sim],
+        &rpm_consumer(&format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\non_store_error = \"fail-closed\"\n",
+            redis.url()
+        )),
+    );
+    let (_p, base) = gateway(&policy).await;
+    assert_eq!(chat(&base, 5).await.status(), 200);
+    redis.kill();
+    let res = chat(&base, 5).await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "ServiceUnavailable");
+    let before = sim.handle().request_count();
+    assert_eq!(statuses(&base, 2).await, [503, 503]);
+    assert_eq!(
+        sim.handle().request_count(),
+        before,
+        "nothing reaches Azure unchecked"
+    );
+    redis.restart();
+    assert!(
+        until_status(&base, 200).await,
+        "never recovered after Redis came back"
+    );
+}
