@@ -74,6 +74,12 @@ pub struct Policy {
     /// Where consumer limits are counted and how they are reported.
     #[serde(default)]
     pub rate_limit: RateLimitSettings,
+    /// Traces, access log and metric labels.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+    /// The operator endpoints: `/metrics`, `/admin/status`, `/admin`.
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// Where the policy was read from: names the file in errors found after loading, and is the
     /// base for relative `file:` secrets. Not part of the TOML.
     #[serde(skip)]
@@ -315,6 +321,47 @@ pub enum HeaderAction {
     Append,
     /// Remove the header.
     Delete,
+}
+
+/// `[telemetry]`: traces over OTLP, the access log, metric labels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `service.name` of exported spans; `OTEL_SERVICE_NAME` overrides it.
+    pub service_name: String,
+    /// OTLP/HTTP endpoint for traces, e.g. `http://otel-collector:4318`;
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` are used when absent.
+    /// No endpoint anywhere: no traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// Record prompt and completion content on spans (off: content never leaves the gateway).
+    pub record_content: bool,
+    /// Write one JSON line per request to stdout.
+    pub access_log: bool,
+    /// Label metrics by consumer (switch off when consumers are many).
+    pub consumer_label: bool,
+}
+
+/// `[admin]`: where `/metrics`, `/admin/status` and `/admin` are served, and who may see them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// A separate listener for the admin endpoints; on the main listener when absent.
+    pub listen: Option<SocketAddr>,
+    /// Secret reference for a key protecting `/admin` and `/admin/status` (sent as `api-key`,
+    /// `Authorization: Bearer`, or `?key=` for the page); unprotected when absent.
+    pub key: Option<String>,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            service_name: "aoai-gateway".into(),
+            otlp_endpoint: None,
+            record_content: false,
+            access_log: true,
+            consumer_label: true,
+        }
+    }
 }
 
 // === impl RateLimitSettings ===

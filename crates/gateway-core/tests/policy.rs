@@ -126,7 +126,7 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:1:1: listen: unknown field `listen`, expected one of `gateway`, `backends`, \
-         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`"
+         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`"
     );
 }
 

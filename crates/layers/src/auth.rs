@@ -37,6 +37,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{HeaderMap, Request, Response, StatusCode, header};
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::context::RequestContext;
@@ -73,6 +74,32 @@ pub struct ConsumerAuthLayer {
 pub struct ConsumerAuth<S> {
     inner: S,
     keys: Arc<ConsumerKeys>,
+}
+
+pin_project! {
+    /// Response future of [`ConsumerAuth`]: copies the [`Consumer`] into the response extensions, for
+    /// outer layers such as metrics and access logs.
+    pub struct AuthFuture<F> {
+        #[pin]
+        inner: F,
+        consumer: Option<Consumer>,
+    }
+}
+
+impl<F, B, E> std::future::Future for AuthFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(consumer) = this.consumer.take() {
+            res.extensions_mut().insert(consumer);
+        }
+        Poll::Ready(Ok(res))
+    }
 }
 
 enum Verdict<'a> {
@@ -197,7 +224,7 @@ where
 {
     type Response = Response<ResB>;
     type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Response<ResB>, S::Error>>>;
+    type Future = Either<AuthFuture<S::Future>, Ready<Result<Response<ResB>, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -227,8 +254,11 @@ where
                 ))));
             }
         };
-        req.extensions_mut().insert(consumer);
-        Either::Left(self.inner.call(req))
+        req.extensions_mut().insert(consumer.clone());
+        Either::Left(AuthFuture {
+            inner: self.inner.call(req),
+            consumer: Some(consumer),
+        })
     }
 }
 

@@ -5,7 +5,8 @@
 //! the `api-version`, whether the call streams and the requested `max_tokens`, and stores a
 //! [`RequestContext`] in the request extensions. It answers 413 for a body over the cap and 400 for
 //! invalid JSON, both in Azure's error shape, and stamps `x-request-id` on every response (and
-//! `x-gateway-attempts: 0` and `x-served-by: gateway` when nothing upstream answered).
+//! `x-gateway-attempts: 0` and `x-served-by: gateway` when nothing upstream answered). The response
+//! extensions get a copy of the context without its body, for outer layers such as metrics.
 //!
 //! # Example
 //!
@@ -356,9 +357,15 @@ where
             // Upstreams see the same id the client gets back.
             parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
             let body = ReqB::from(ctx.body.clone());
+            // Outer layers (metrics, logs) see the capture in the response, without the body.
+            let summary = RequestContext {
+                body: Bytes::new(),
+                ..ctx.clone()
+            };
             parts.extensions.insert(ctx);
             let mut res = inner.call(Request::from_parts(parts, body)).await?;
             stamp(res.headers_mut(), id);
+            res.extensions_mut().insert(summary);
             Ok(res)
         })
     }

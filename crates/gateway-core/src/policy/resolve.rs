@@ -15,6 +15,8 @@ pub struct ResolvedSecrets {
     pub consumers: Vec<Vec<Secret>>,
     /// `rate_limit.redis_url`, resolved when it is a reference.
     pub redis_url: Option<Secret>,
+    /// `admin.key`, resolved.
+    pub admin_key: Option<Secret>,
 }
 
 // === impl Policy ===
@@ -85,11 +87,23 @@ impl Policy {
             None => None,
         };
 
+        let admin_key = match &self.admin.key {
+            Some(reference) => match resolve("admin.key", reference) {
+                Ok(secret) => Some(secret),
+                Err(error) => {
+                    errors.push(error);
+                    None
+                }
+            },
+            None => None,
+        };
+
         if errors.is_empty() {
             Ok(ResolvedSecrets {
                 backends,
                 consumers,
                 redis_url,
+                admin_key,
             })
         } else {
             errors.sort_by_key(|error| (error.line, error.column));

@@ -40,6 +40,7 @@ impl Policy {
         check.consumers(self);
         check.headers(self);
         check.rate_limit(self);
+        check.telemetry(self);
         if check.errors.is_empty() {
             return Ok(());
         }
@@ -563,6 +564,29 @@ impl Checker<'_> {
         ] {
             if !is_header_name(name) {
                 self.at_value(&field(path, key), format!("`{name}` is not a header name"));
+            }
+        }
+    }
+
+    fn telemetry(&mut self, policy: &Policy) {
+        let t = &policy.telemetry;
+        if t.service_name.trim().is_empty() {
+            self.at_value("telemetry.service_name", "must not be empty");
+        }
+        if let Some(endpoint) = &t.otlp_endpoint {
+            if let Err(problem) = check_endpoint(endpoint) {
+                self.at_value("telemetry.otlp_endpoint", problem);
+            }
+        }
+        if let Some(key) = &policy.admin.key {
+            self.secret_ref("admin.key", key);
+        }
+        if let Some(admin) = policy.admin.listen {
+            if admin == policy.gateway.listen {
+                self.at_value(
+                    "admin.listen",
+                    "is the gateway's own listen address: leave it out to serve admin endpoints there",
+                );
             }
         }
     }

@@ -2,10 +2,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use gateway_core::tokens;
+use gateway_core::tokens::{self, Usage};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::UsageReport;
 use crate::BoxError;
 
 /// Reconciles a reservation with the tokens really consumed; runs at most once.
@@ -27,12 +28,13 @@ pub(crate) struct SseWatch {
     /// Bytes of an event not yet complete (only kept while events are being filtered or parsed).
     pending: Vec<u8>,
     strip_usage: bool,
-    usage: Option<u64>,
+    usage: Option<Usage>,
     /// Chunks that carried generated text: about one token each, the consumption of a stream that
     /// ends without its usage chunk.
     content_chunks: u64,
     prompt_estimate: u64,
-    reconcile: Reconcile,
+    report: UsageReport,
+    reconcile: Option<Reconcile>,
 }
 
 // === impl Reconcile ===
@@ -72,7 +74,8 @@ impl<B> UsageBody<B> {
         inner: B,
         strip_usage: bool,
         prompt_estimate: u64,
-        reconcile: Reconcile,
+        report: UsageReport,
+        reconcile: Option<Reconcile>,
     ) -> Self {
         Self {
             inner: Some(inner),
@@ -83,6 +86,7 @@ impl<B> UsageBody<B> {
                 usage: None,
                 content_chunks: 0,
                 prompt_estimate,
+                report,
                 reconcile,
             })),
         }
@@ -207,7 +211,7 @@ impl SseWatch {
         Bytes::from(out)
     }
 
-    fn note(&mut self, usage: Option<u64>, content: bool) {
+    fn note(&mut self, usage: Option<Usage>, content: bool) {
         if usage.is_some() {
             self.usage = usage;
         }
@@ -217,10 +221,15 @@ impl SseWatch {
     }
 
     fn finish(&mut self) {
-        let consumed = self
-            .usage
-            .unwrap_or(self.prompt_estimate + self.content_chunks);
-        self.reconcile.fire(consumed);
+        let usage = self.usage.unwrap_or(Usage {
+            prompt: self.prompt_estimate,
+            completion: self.content_chunks,
+            total: self.prompt_estimate + self.content_chunks,
+        });
+        self.report.set(usage);
+        if let Some(reconcile) = self.reconcile.as_mut() {
+            reconcile.fire(usage.total);
+        }
     }
 }
 
@@ -230,7 +239,7 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The usage total if this event is a final usage chunk, and whether it carried generated text.
-fn inspect(event: &[u8]) -> (Option<u64>, bool) {
+fn inspect(event: &[u8]) -> (Option<Usage>, bool) {
     let Ok(text) = std::str::from_utf8(event) else {
         return (None, false);
     };
@@ -243,7 +252,7 @@ fn inspect(event: &[u8]) -> (Option<u64>, bool) {
         let data = data.trim_start();
         // Cheap checks first: most chunks are neither.
         if data.contains("\"usage\":{") {
-            usage = tokens::usage_from_sse_data(data).map(|u| u.total).or(usage);
+            usage = tokens::usage_from_sse_data(data).or(usage);
         }
         if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
             content = true;
@@ -267,7 +276,8 @@ mod tests {
                 usage: None,
                 content_chunks: 0,
                 prompt_estimate: 10,
-                reconcile: Reconcile::new(move |n| *s.lock().unwrap() = Some(n)),
+                report: UsageReport::default(),
+                reconcile: Some(Reconcile::new(move |n| *s.lock().unwrap() = Some(n))),
             },
             seen,
         )
@@ -311,5 +321,7 @@ mod tests {
         w.finish();
         w.finish();
         assert_eq!(*seen.lock().unwrap(), Some(13));
+        let usage = w.report.usage().unwrap();
+        assert_eq!((usage.prompt, usage.completion), (10, 3));
     }
 }

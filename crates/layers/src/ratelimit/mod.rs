@@ -65,15 +65,44 @@ mod body;
 mod service;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 
 use gateway_core::limits::{LimitStore, Limits};
+use gateway_core::tokens::{Estimate, Usage};
 use http::HeaderName;
 use tower::Layer;
 
 pub use body::UsageBody;
 pub use service::{RateLimit, RateLimitFuture};
+
+/// A call's tokens, in the response extensions for outer layers (metrics, access log): the estimate
+/// at once, the real usage when known: at once for JSON answers, when the body ends for streams.
+#[derive(Clone, Debug, Default)]
+pub struct UsageReport {
+    /// What was estimated (and reserved, for limited consumers) before the call.
+    pub estimate: Estimate,
+    usage: Arc<OnceLock<Usage>>,
+}
+
+impl UsageReport {
+    pub(crate) fn new(estimate: Estimate) -> Self {
+        Self {
+            estimate,
+            usage: Arc::default(),
+        }
+    }
+
+    pub(crate) fn set(&self, usage: Usage) {
+        let _ = self.usage.set(usage);
+    }
+
+    /// The real usage, once the answer has told it (or the stream ended without telling: then the
+    /// prompt estimate plus one token per generated chunk).
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage.get().copied()
+    }
+}
 
 /// A consumer's limits: across all its calls, and per logical deployment.
 #[derive(Clone, Debug, Default)]

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tower::Service;
 
 use super::body::{Reconcile, UsageBody};
-use super::{OnStoreError, Shared};
+use super::{OnStoreError, Shared, UsageReport};
 use crate::BoxError;
 use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
@@ -146,64 +146,61 @@ where
         (Some(name), Some(limits)) => checks(name, deployment.as_deref(), limits),
         _ => Vec::new(),
     };
-    if checks.is_empty() {
-        return Ok(inner.call(req).await?.map(UsageBody::passthrough));
-    }
-
-    let (reservation, remaining) = match shared.store.reserve(&checks, estimate.total()).await {
-        Ok(admission) => {
-            if shared.store_down.swap(false, Ordering::Relaxed) {
-                tracing::info!("limit store reachable again");
+    let (reservation, remaining) = if checks.is_empty() {
+        (None, Remaining::default())
+    } else {
+        match shared.store.reserve(&checks, estimate.total()).await {
+            Ok(admission) => {
+                if shared.store_down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("limit store reachable again");
+                }
+                match admission {
+                    Admission::Admitted {
+                        reservation,
+                        remaining,
+                    } => (Some(reservation), remaining),
+                    Admission::Limited {
+                        key,
+                        kind,
+                        retry_after,
+                        remaining,
+                    } => {
+                        let name = consumer.as_deref().unwrap_or_default();
+                        tracing::info!(consumer = name, %key, ?kind, "rejected: consumer rate limit");
+                        let mut res = limited(name, &checks, kind, retry_after);
+                        stamp(res.headers_mut(), config, &checks, &remaining);
+                        return Ok(res);
+                    }
+                    Admission::QuotaExceeded {
+                        key,
+                        resets_in,
+                        remaining,
+                    } => {
+                        let name = consumer.as_deref().unwrap_or_default();
+                        tracing::info!(consumer = name, %key, "rejected: consumer quota");
+                        let mut res = quota_exceeded(name, &checks, resets_in);
+                        stamp(res.headers_mut(), config, &checks, &remaining);
+                        return Ok(res);
+                    }
+                }
             }
-            match admission {
-                Admission::Admitted {
-                    reservation,
-                    remaining,
-                } => (Some(reservation), remaining),
-                Admission::Limited {
-                    key,
-                    kind,
-                    retry_after,
-                    remaining,
-                } => {
-                    let name = consumer.as_deref().unwrap_or_default();
-                    tracing::info!(consumer = name, %key, ?kind, "rejected: consumer rate limit");
-                    let mut res = limited(name, &checks, kind, retry_after);
-                    stamp(res.headers_mut(), config, &checks, &remaining);
-                    return Ok(res);
+            Err(err) => {
+                if !shared.store_down.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %err, policy = ?config.on_store_error, "limit store unreachable");
                 }
-                Admission::QuotaExceeded {
-                    key,
-                    resets_in,
-                    remaining,
-                } => {
-                    let name = consumer.as_deref().unwrap_or_default();
-                    tracing::info!(consumer = name, %key, "rejected: consumer quota");
-                    let mut res = quota_exceeded(name, &checks, resets_in);
-                    stamp(res.headers_mut(), config, &checks, &remaining);
-                    return Ok(res);
+                if config.on_store_error == OnStoreError::FailClosed {
+                    return Ok(azure_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        "The gateway cannot check rate limits right now. Please retry later.",
+                    ));
                 }
+                (None, Remaining::default())
             }
         }
-        Err(err) => {
-            if !shared.store_down.swap(true, Ordering::Relaxed) {
-                tracing::error!(error = %err, policy = ?config.on_store_error, "limit store unreachable");
-            }
-            if config.on_store_error == OnStoreError::FailClosed {
-                return Ok(azure_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    "The gateway cannot check rate limits right now. Please retry later.",
-                ));
-            }
-            (None, Remaining::default())
-        }
-    };
-    let Some(reservation) = reservation else {
-        return Ok(inner.call(req).await?.map(UsageBody::passthrough));
     };
 
-    // Ask for the final usage chunk, so a stream is reconciled with real usage, not an estimate.
+    // Ask for the final usage chunk, so a stream is accounted with real usage, not an estimate.
     let mut strip_usage = false;
     if streaming_chat && api_version_supports_usage {
         if let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>() {
@@ -217,24 +214,28 @@ where
         }
     }
 
+    let report = UsageReport::new(estimate);
     let res = match inner.call(req).await {
         Ok(res) => res,
         Err(err) => {
-            settle(&shared, &reservation, 0).await;
+            settle(&shared, reservation.as_ref(), 0).await;
             return Err(err);
         }
     };
     let (mut parts, body) = res.into_parts();
-    stamp(&mut parts.headers, config, &checks, &remaining);
+    parts.extensions.insert(report.clone());
+    if reservation.is_some() {
+        stamp(&mut parts.headers, config, &checks, &remaining);
+    }
     if !parts.status.is_success() {
         // Azure does not bill refused or failed calls.
-        settle(&shared, &reservation, 0).await;
+        settle(&shared, reservation.as_ref(), 0).await;
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
     if is_event_stream(&parts.headers) {
-        // Usage arrives at the very end of a stream: reconcile from the body, when it ends.
-        let reconcile = reconciler(shared.store.clone(), reservation);
-        let body = UsageBody::sse(body, strip_usage, estimate.prompt, reconcile);
+        // Usage arrives at the very end of a stream: account for it from the body, when it ends.
+        let reconcile = reservation.map(|r| reconciler(shared.store.clone(), r));
+        let body = UsageBody::sse(body, strip_usage, estimate.prompt, report, reconcile);
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
@@ -253,17 +254,18 @@ where
                         config.headers.tokens_consumed.clone(),
                         HeaderValue::from(usage.total),
                     );
+                    report.set(usage);
                     usage.total
                 }
                 None => estimate.total(),
             };
-            settle(&shared, &reservation, consumed).await;
+            settle(&shared, reservation.as_ref(), consumed).await;
             Ok(Response::from_parts(parts, UsageBody::full(bytes)))
         }
         Err(err) => {
             let err: BoxError = err.into();
             tracing::warn!(error = %err, "upstream answer broke while being read");
-            settle(&shared, &reservation, estimate.prompt).await;
+            settle(&shared, reservation.as_ref(), estimate.prompt).await;
             Ok(azure_error(
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
@@ -274,7 +276,14 @@ where
 }
 
 /// Reconciles now; a store error is logged, never shown to the client, whose call already happened.
-async fn settle<St: LimitStore>(shared: &Shared<St>, reservation: &Reservation, consumed: u64) {
+async fn settle<St: LimitStore>(
+    shared: &Shared<St>,
+    reservation: Option<&Reservation>,
+    consumed: u64,
+) {
+    let Some(reservation) = reservation else {
+        return;
+    };
     if consumed == reservation.tokens {
         return;
     }
