@@ -67,3 +67,19 @@ async fn failover_example() {
         "{out}"
     );
 }
+
+#[allow(dead_code)]
+#[path = "../examples/ratelimit.rs"]
+mod ratelimit;
+
+#[tokio::test]
+async fn ratelimit_example() {
+    let out = ratelimit::run().await.unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[0].starts_with("200 remaining-requests=2 "), "{out}");
+    assert!(lines[0].contains("consumed=30"), "{out}");
+    assert!(lines[2].starts_with("200 remaining-requests=0 "), "{out}");
+    assert!(lines[3].starts_with("429 "), "{out}");
+    assert!(!lines[3].ends_with("retry-after=-"), "{out}");
+}
