@@ -234,6 +234,32 @@ pub fn estimate(
     })
 }
 
+/// A free estimate, with no tokenizer: the body's length over four for the prompt, and
+/// `max_tokens` (or `default_completion`) times `n` for the answer. Good enough to route by (is there
+/// room on that backend?) when no limit needs an exact reservation; tokenizing a long prompt costs
+/// far more than the rest of the gateway's work on a request.
+pub fn rough_estimate(
+    operation: Operation,
+    body_len: usize,
+    max_tokens: Option<u64>,
+    n: Option<u32>,
+    default_completion: u64,
+) -> Estimate {
+    let completion = match operation {
+        Operation::Embeddings | Operation::Other => 0,
+        _ => max_tokens
+            .unwrap_or(default_completion)
+            .saturating_mul(u64::from(n.unwrap_or(1).max(1))),
+    };
+    match operation {
+        Operation::Other => Estimate::default(),
+        _ => Estimate {
+            prompt: (body_len as u64).div_ceil(FALLBACK_BYTES_PER_TOKEN),
+            completion,
+        },
+    }
+}
+
 /// The usage in a JSON response body: `usage.{prompt_tokens, completion_tokens, total_tokens}`
 /// (chat, completions; embeddings have no `completion_tokens`) or `usage.{input_tokens,
 /// output_tokens, total_tokens}` (Responses). `None` when there is none or the body is not JSON.

@@ -819,3 +819,16 @@ fn usage_from_junk() {
         })
     );
 }
+
+#[test]
+fn rough_estimates_need_no_tokenizer() {
+    use gateway_core::operation::Operation;
+    use gateway_core::tokens::rough_estimate;
+    let e = rough_estimate(Operation::ChatCompletions, 401, Some(50), Some(2), 16);
+    assert_eq!((e.prompt, e.completion), (101, 100));
+    let e = rough_estimate(Operation::ChatCompletions, 8, None, None, 16);
+    assert_eq!((e.prompt, e.completion), (2, 16));
+    let e = rough_estimate(Operation::Embeddings, 40, Some(9), None, 16);
+    assert_eq!((e.prompt, e.completion), (10, 0));
+    assert_eq!(rough_estimate(Operation::Other, 4000, None, None, 16).total(), 0);
+}

@@ -117,16 +117,28 @@ where
         return Ok(inner.call(req).await?.map(UsageBody::passthrough));
     };
     let deployment = ctx.deployment.clone();
-    let model = deployment
-        .as_deref()
-        .map(|d| config.models.get(d).map_or(d, String::as_str))
-        .unwrap_or_default();
-    let estimate = tokens::estimate(
-        ctx.operation,
-        model,
-        &ctx.body,
-        config.default_completion_tokens,
-    );
+    let consumer = req.extensions().get::<Consumer>().map(|c| c.name.clone());
+    let checks = match consumer.as_deref().and_then(|c| config.consumers.get(c).map(|l| (c, l))) {
+        Some((name, limits)) => checks(name, deployment.as_deref(), limits),
+        None => Vec::new(),
+    };
+    // Exact counting only where a limit needs an exact reservation: tokenizing a long prompt costs
+    // more than everything else the gateway does for a request. Routing can do with a rough figure.
+    let estimate = if checks.is_empty() {
+        tokens::rough_estimate(
+            ctx.operation,
+            ctx.body.len(),
+            ctx.max_tokens,
+            ctx.n,
+            config.default_completion_tokens,
+        )
+    } else {
+        let model = deployment
+            .as_deref()
+            .map(|d| config.models.get(d).map_or(d, String::as_str))
+            .unwrap_or_default();
+        tokens::estimate(ctx.operation, model, &ctx.body, config.default_completion_tokens)
+    };
     let streaming_chat = ctx.stream
         && matches!(
             ctx.operation,
@@ -136,16 +148,6 @@ where
     let api_version_supports_usage = tokens::supports_stream_usage(ctx.api_version.as_deref(), v1);
     req.extensions_mut().insert(estimate);
 
-    let consumer = req.extensions().get::<Consumer>().map(|c| c.name.clone());
-    let checks = match (
-        &consumer,
-        config
-            .consumers
-            .get(consumer.as_deref().unwrap_or_default()),
-    ) {
-        (Some(name), Some(limits)) => checks(name, deployment.as_deref(), limits),
-        _ => Vec::new(),
-    };
     let (reservation, remaining) = if checks.is_empty() {
         (None, Remaining::default())
     } else {
