@@ -22,9 +22,13 @@ use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use http::{HeaderName, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower::ServiceBuilder;
 
+use crate::admin::Admin;
+use crate::observe::ObserveLayer;
 use crate::store::{Store, share_cooldowns};
+use crate::telemetry::{EnterServerSpanLayer, InjectTraceContextLayer, ServerSpanLayer};
 
 /// A composed gateway: its router and the shared state worth observing from outside.
 #[derive(Clone)]
@@ -35,6 +39,20 @@ pub struct Gateway {
     pub pool: Arc<BackendPool>,
     /// Set when shutdown begins, so `/readyz` turns away new traffic.
     pub draining: Arc<AtomicBool>,
+    /// `/metrics`, `/admin/status` and `/admin` when `admin.listen` gives them a listener of their
+    /// own; `None` when they are routes of `router`.
+    pub admin: Option<AdminEndpoints>,
+    /// The Prometheus recorder behind `/metrics`; `serve` runs its upkeep.
+    pub metrics: PrometheusHandle,
+}
+
+/// The operator endpoints, to be served on their own listener.
+#[derive(Clone)]
+pub struct AdminEndpoints {
+    /// Where to listen (`admin.listen`).
+    pub listen: std::net::SocketAddr,
+    /// Serve this there.
+    pub router: Router,
 }
 
 /// The policy could not be turned into layers (what validation cannot see, e.g. header values).
@@ -100,6 +118,8 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         ),
         _ => Store::Memory(MemoryStore::new()),
     };
+    // Shared with the status page, which reports consumers' usage from it.
+    let store = Arc::new(store);
     let mut failover_layer = FailoverLayer::new(pool.clone(), failover);
     if let (StoreKind::Redis, Some(url)) = (policy.rate_limit.store, redis_url) {
         // Every instance learns of a throttled region from the first 429 any instance sees.
@@ -108,23 +128,38 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         failover_layer = failover_layer.on_cooldown(share_cooldowns(cooldowns, pool.clone()));
     }
 
+    let metrics = crate::observe::metrics::recorder();
+    let observe = ObserveLayer::new(&pool)
+        .deployments(policy.deployments.iter().map(|d| d.name.clone()))
+        .consumer_label(policy.telemetry.consumer_label)
+        .access_log(policy.telemetry.access_log);
     let proxy = ServiceBuilder::new()
-        // Outermost: read the request once, so every answer below, errors included, carries the
-        // request id, and every inner layer sees the deployment and a replayable body.
+        // Outermost: the server span opens on arrival, under the client's traceparent, and ends
+        // with the response body, so it covers everything below, rejections included.
+        .layer(ServerSpanLayer::new(pool.clone()))
+        // Metrics and the access log, from what the layers below leave in the response: above the
+        // context capture, so its own rejections (413, 400) are counted too.
+        .layer(observe.clone())
+        // Read the request once, so every answer below, errors included, carries the request id,
+        // and every inner layer sees the deployment and a replayable body.
         .layer(RequestContextLayer::new(policy.gateway.max_body_bytes))
+        // Now that the deployment is known: name the server span and run what follows inside it.
+        .layer(EnterServerSpanLayer)
         // Authenticate before anything reaches an upstream. It reads the client's key, so it sits
         // above header propagation, which removes that key.
         .layer(ConsumerAuthLayer::new(Arc::new(keys)))
         // Consumer limits: reserve before any upstream work, reconcile with the real usage after.
         // It sits outside header propagation so its x-ratelimit-* headers reach the client.
         .layer(RateLimitLayer::new(
-            Arc::new(store),
+            store.clone(),
             rate_limit_config(policy)?,
         ))
         // Only allow-listed headers go upstream (never client credentials) or come back.
         .layer(PropagateHeadersLayer::new(header_rules(&policy.headers)?))
         // Innermost policy: choose a backend, replay the request as a new one, fail over.
         .layer(failover_layer)
+        // Each attempt runs in its own client span: its backend gets that span's traceparent.
+        .layer(InjectTraceContextLayer)
         .service(ReqwestClient::new());
 
     let draining = Arc::new(AtomicBool::new(false));
@@ -133,17 +168,39 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         let draining = draining.clone();
         move || readyz(pool.clone(), draining.clone())
     };
-    let router = Router::new()
+    let mut admin = Admin::new(pool.clone(), store, observe.latency(), metrics.clone())
+        .key(secrets.admin_key.clone());
+    for c in &policy.consumers {
+        let per_deployment = c.deployment_limits.iter();
+        admin = admin.consumer(
+            &c.name,
+            c.limits.as_ref().map(Limits::from).unwrap_or_default(),
+            per_deployment.map(|(d, l)| (d.clone(), Limits::from(l))),
+        );
+    }
+    let not_found = || async {
+        azure_error::<axum::body::Body>(StatusCode::NOT_FOUND, "404", "Resource not found")
+    };
+    let mut router = Router::new()
         .route_service("/openai/{*path}", proxy)
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .fallback(|| async {
-            azure_error::<axum::body::Body>(StatusCode::NOT_FOUND, "404", "Resource not found")
-        });
+        .route("/readyz", get(ready));
+    let admin = match policy.admin.listen {
+        Some(listen) => Some(AdminEndpoints {
+            listen,
+            router: admin.router().fallback(not_found),
+        }),
+        None => {
+            router = router.merge(admin.router());
+            None
+        }
+    };
     Ok(Gateway {
-        router,
+        router: router.fallback(not_found),
         pool,
         draining,
+        admin,
+        metrics,
     })
 }
 

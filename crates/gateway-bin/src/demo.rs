@@ -119,7 +119,9 @@ pub fn banner(demo: &Demo, addr: SocketAddr) -> String {
     let base = format!("http://{addr}");
     let chat = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
     out.push_str(&format!(
-        "\nGateway listening on {base} (client key: {DEMO_CLIENT_KEY}). Try:\n\n\
+        "\nGateway listening on {base} (client key: {DEMO_CLIENT_KEY}).\n\
+Status page: {base}/admin (watch the regions while you run the calls below; metrics: {base}/metrics)\n\n\
+Try:\n\n\
 # chat\n\
 curl -si '{chat}' -H 'api-key: {DEMO_CLIENT_KEY}' -H 'content-type: application/json' \\\n  -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":50}}'\n\n\
 # streaming (ends with data: [DONE])\n\

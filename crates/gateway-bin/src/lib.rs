@@ -6,9 +6,16 @@
 //! - [`demo`] runs the gateway in front of three simulated regions, for a first contact.
 //! - [`store`] picks the limit store (memory or Redis) and shares backend cooldowns.
 //! - [`cli`] parses the command line.
+//! - [`observe`] records Prometheus metrics and writes the access log for every request.
+//! - [`admin`] serves `/metrics`, the `/admin/status` JSON and the `/admin` status page.
+//! - [`telemetry`] installs logs and OTLP trace export, and holds the server-span and trace-context
+//!   layers.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod demo;
+pub mod observe;
 pub mod serve;
 pub mod store;
+pub mod telemetry;

@@ -3,10 +3,9 @@
 use std::process::ExitCode;
 
 use gateway_bin::cli::{self, Command};
-use gateway_bin::{app, demo, serve};
-use gateway_core::policy::Policy;
+use gateway_bin::{app, demo, serve, telemetry};
+use gateway_core::policy::{Policy, TelemetrySettings};
 use gateway_core::secret::SystemSecrets;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -30,23 +29,16 @@ fn main() -> ExitCode {
             skip_secrets,
         } => check(&policy, skip_secrets),
         Command::Serve { policy, listen } => {
-            init_logging();
             run(async move { serve_policy(&policy, listen).await })
         }
-        Command::Demo { listen } => {
-            init_logging();
-            run(demo::run(listen))
-        }
+        // The demo exports traces too when the standard OTEL_EXPORTER_OTLP_* variables say where.
+        Command::Demo { listen } => run(async move {
+            let telemetry = telemetry::init(&TelemetrySettings::default())?;
+            let result = demo::run(listen).await;
+            telemetry.shutdown().await;
+            result
+        }),
     }
-}
-
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
@@ -94,11 +86,20 @@ async fn serve_policy(
     listen: Option<std::net::SocketAddr>,
 ) -> Result<(), String> {
     let policy = Policy::load(path).map_err(|e| format!("invalid policy\n{e}"))?;
+    // Logging starts here: its trace export is configured by the policy.
+    let telemetry = telemetry::init(&policy.telemetry)?;
+    let result = serve_loaded(&policy, listen).await;
+    // After the drain, so the last requests' spans leave too.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> Result<(), String> {
     let secrets = policy
         .resolve_secrets(&SystemSecrets, None)
         .map_err(|e| format!("cannot resolve secrets\n{e}"))?;
     let addr = listen.unwrap_or(policy.gateway.listen);
-    let gateway = app::build(&policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
+    let gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -40,6 +40,17 @@ impl Operation {
         }
     }
 
+    /// The OpenTelemetry GenAI conventions' `gen_ai.operation.name`; the Responses API is a chat in
+    /// their terms. `None` for operations they do not name.
+    pub fn gen_ai_name(&self) -> Option<&'static str> {
+        match self {
+            Operation::ChatCompletions | Operation::Responses => Some("chat"),
+            Operation::Completions => Some("text_completion"),
+            Operation::Embeddings => Some("embeddings"),
+            Operation::Other => None,
+        }
+    }
+
     /// The operation a path suffix names: `chat/completions`, `completions`, `embeddings`, `responses`.
     pub fn from_suffix(suffix: &str) -> Self {
         match suffix {

@@ -830,5 +830,8 @@ fn rough_estimates_need_no_tokenizer() {
     assert_eq!((e.prompt, e.completion), (2, 16));
     let e = rough_estimate(Operation::Embeddings, 40, Some(9), None, 16);
     assert_eq!((e.prompt, e.completion), (10, 0));
-    assert_eq!(rough_estimate(Operation::Other, 4000, None, None, 16).total(), 0);
+    assert_eq!(
+        rough_estimate(Operation::Other, 4000, None, None, 16).total(),
+        0
+    );
 }

@@ -49,7 +49,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::policy::{BackendSpec, CircuitBreakerSettings, FailoverSettings};
@@ -125,6 +126,9 @@ pub struct BackendPool {
     backends: Vec<Backend>,
     /// One entry per backend, same order. Locked briefly, one at a time, never across `.await`.
     health: Vec<Mutex<Health>>,
+    /// Attempts in flight per backend, same order; counted outside the health lock so that
+    /// starting and ending an attempt never contends with routing.
+    in_flight: Vec<Arc<AtomicU64>>,
     settings: PoolSettings,
     rng: RngSource,
 }
@@ -237,7 +241,14 @@ pub struct BackendStatus {
     pub remaining_tokens: Option<RemainingQuota>,
     /// Last `x-ratelimit-remaining-requests` seen.
     pub remaining_requests: Option<RemainingQuota>,
+    /// Attempts sent to it whose response has not ended yet (see [`BackendPool::begin`]).
+    pub in_flight: u64,
 }
+
+/// One attempt in flight on a backend, from [`BackendPool::begin`]: the count goes down when it is
+/// dropped, so hold it until the attempt's response body ends.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicU64>);
 
 /// A quota counter as last reported by a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,9 +340,11 @@ impl BackendPool {
             .iter()
             .map(|_| Mutex::new(Health::new(&settings)))
             .collect();
+        let in_flight = backends.iter().map(|_| Arc::default()).collect();
         Self {
             backends,
             health,
+            in_flight,
             settings,
             rng: RngSource::Thread,
         }
@@ -524,6 +537,14 @@ impl BackendPool {
         }
     }
 
+    /// Counts an attempt on backend `id` as in flight until the returned guard is dropped. An `id`
+    /// from another pool is counted nowhere.
+    pub fn begin(&self, id: BackendId) -> InFlight {
+        let counter = self.in_flight.get(id.0).cloned().unwrap_or_default();
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+
     /// The state of every backend, for a status page or metrics.
     pub fn snapshot(&self, now: Instant) -> Vec<BackendStatus> {
         self.backends
@@ -546,6 +567,7 @@ impl BackendPool {
                     not_found: view.not_found,
                     remaining_tokens: view.remaining_tokens,
                     remaining_requests: view.remaining_requests,
+                    in_flight: self.in_flight[i].load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -647,6 +669,14 @@ impl BackendPool {
 
     fn lock(&self, id: BackendId) -> MutexGuard<'_, Health> {
         lock(&self.health[id.0])
+    }
+}
+
+// === impl InFlight ===
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -744,6 +744,24 @@ fn snapshot_reports_identity_and_quota() {
 }
 
 #[test]
+fn in_flight_counts_until_the_guard_is_dropped() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    let now = Instant::now();
+    let first = pool.begin(A);
+    let second = pool.begin(A);
+    let unknown = pool.begin(BackendId(7));
+    let counts = |pool: &BackendPool| -> Vec<u64> {
+        pool.snapshot(now).iter().map(|b| b.in_flight).collect()
+    };
+    assert_eq!(counts(&pool), [2, 0]);
+    drop(first);
+    drop(unknown);
+    assert_eq!(counts(&pool), [1, 0]);
+    drop(second);
+    assert_eq!(counts(&pool), [0, 0]);
+}
+
+#[test]
 fn unknown_ids_are_ignored_by_record_and_observe() {
     let pool = pool(vec![backend("a", 1, 1)]);
     let now = Instant::now();

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway_core::pool::{BackendId, BackendPool, Outcome};
+use gateway_core::pool::{BackendId, BackendPool, InFlight, Outcome};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -34,6 +34,8 @@ pub(super) struct StreamWatch {
     pub(super) deployment: String,
     pub(super) sse: bool,
     pub(super) idle_timeout: Duration,
+    /// Keeps the attempt counted as in flight on its backend until the body ends or breaks.
+    pub(super) _in_flight: InFlight,
 }
 
 // === impl FailoverBody ===

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use gateway_core::pool::{BackendId, Exhausted, Outcome, Selection};
+use gateway_core::pool::{Backend, BackendId, Exhausted, Outcome, Selection};
 use gateway_core::retry_after::{cooldown_hint, parse_remaining};
 use gateway_core::tokens::Estimate;
 use http::request::Parts;
@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use super::body::StreamWatch;
 use super::{
@@ -173,6 +174,7 @@ where
             }
         };
         tried.push(id);
+        let in_flight = pool.begin(id);
         let up = &shared.upstreams[id.0];
         let req = match build_attempt(&parts, &ctx, up, pool.get(id).deployment_name(deployment)) {
             Ok(req) => req,
@@ -184,9 +186,14 @@ where
         };
 
         let timeout = config.response_header_timeout.min(deadline - now);
-        let result = tokio::time::timeout(timeout, attempt(&mut inner, req)).await;
+        let backend = pool.get(id);
+        let model = backend.deployment_name(deployment).unwrap_or(deployment);
+        let span = attempt_span(&ctx, backend, model, &req, report.attempts.len() + 1);
+        let call = attempt(&mut inner, req).instrument(span.clone());
+        let result = tokio::time::timeout(timeout, call).await;
         let elapsed = now.elapsed();
         let mut record = |status: Option<u16>, outcome: AttemptOutcome| {
+            record_outcome(&span, status, outcome);
             report.attempts.push(Attempt {
                 backend: id,
                 backend_name: up.name.clone(),
@@ -240,6 +247,7 @@ where
                     deployment: deployment.to_owned(),
                     sse,
                     idle_timeout: config.stream_idle_timeout,
+                    _in_flight: in_flight,
                 };
                 let res = res.map(|b| FailoverBody::upstream(b, Some(watch)));
                 return served(res, up.served_by.clone(), report);
@@ -321,6 +329,62 @@ where
         .call(req)
         .await
         .map_err(Into::into)
+}
+
+/// The client span of one attempt, a child of the current (server) span. It carries OpenTelemetry's
+/// GenAI and HTTP client attributes; the outcome is filled in by [`record_outcome`]. It ends when the
+/// attempt is decided (response headers or failure); the response body belongs to the server span.
+/// Integers are recorded as `i64`: OpenTelemetry has no unsigned attributes.
+fn attempt_span(
+    ctx: &RequestContext,
+    backend: &Backend,
+    model: &str,
+    req: &Request<Full<Bytes>>,
+    number: usize,
+) -> tracing::Span {
+    let op = ctx.operation.gen_ai_name();
+    let uri = req.uri();
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
+    tracing::info_span!(
+        "upstream attempt",
+        otel.name = %format_args!("{} {model}", op.unwrap_or(req.method().as_str())),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = op,
+        gen_ai.provider.name = "azure.ai.openai",
+        gen_ai.request.model = model,
+        gen_ai.request.max_tokens = ctx.max_tokens.and_then(|t| i64::try_from(t).ok()),
+        http.request.method = req.method().as_str(),
+        server.address = uri.host(),
+        server.port = i64::from(port),
+        gateway.backend.name = backend.name.as_str(),
+        gateway.backend.region = backend.region.as_str(),
+        gateway.attempt = i64::try_from(number).unwrap_or(i64::MAX),
+        http.response.status_code = tracing::field::Empty,
+        gateway.failover.reason = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+fn record_outcome(span: &tracing::Span, status: Option<u16>, outcome: AttemptOutcome) {
+    if let Some(status) = status {
+        span.record("http.response.status_code", i64::from(status));
+    }
+    if outcome != AttemptOutcome::Served {
+        span.record("gateway.failover.reason", outcome.as_str());
+    }
+    // As OpenTelemetry's HTTP client spans do: the status when it is an error, else what went wrong.
+    match status {
+        Some(s) if s >= 400 => span.record("error.type", tracing::field::display(s)),
+        Some(_) => return,
+        None => span.record("error.type", outcome.as_str()),
+    };
+    span.record("otel.status_code", "error");
 }
 
 fn verdict(status: StatusCode, headers: &HeaderMap, failover_on: &[u16]) -> Verdict {

@@ -168,6 +168,16 @@ struct Shared<St> {
     store_down: AtomicBool,
 }
 
+/// The counter key of a consumer's own limits, for reading its usage from the store.
+pub fn consumer_key(consumer: &str) -> String {
+    format!("consumer:{consumer}")
+}
+
+/// The counter key of a consumer's limits for one deployment.
+pub fn consumer_deployment_key(consumer: &str, deployment: &str) -> String {
+    format!("consumer:{consumer}:deployment:{deployment}")
+}
+
 // === impl ConsumerLimits ===
 
 impl ConsumerLimits {

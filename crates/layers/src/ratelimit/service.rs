@@ -118,7 +118,10 @@ where
     };
     let deployment = ctx.deployment.clone();
     let consumer = req.extensions().get::<Consumer>().map(|c| c.name.clone());
-    let checks = match consumer.as_deref().and_then(|c| config.consumers.get(c).map(|l| (c, l))) {
+    let checks = match consumer
+        .as_deref()
+        .and_then(|c| config.consumers.get(c).map(|l| (c, l)))
+    {
         Some((name, limits)) => checks(name, deployment.as_deref(), limits),
         None => Vec::new(),
     };
@@ -137,7 +140,12 @@ where
             .as_deref()
             .map(|d| config.models.get(d).map_or(d, String::as_str))
             .unwrap_or_default();
-        tokens::estimate(ctx.operation, model, &ctx.body, config.default_completion_tokens)
+        tokens::estimate(
+            ctx.operation,
+            model,
+            &ctx.body,
+            config.default_completion_tokens,
+        )
     };
     let streaming_chat = ctx.stream
         && matches!(
@@ -319,14 +327,14 @@ fn checks(
     let mut checks = Vec::with_capacity(2);
     if !limits.all.is_empty() {
         checks.push(LimitCheck {
-            key: format!("consumer:{consumer}"),
+            key: super::consumer_key(consumer),
             limits: limits.all.clone(),
         });
     }
     if let Some((d, l)) = deployment.and_then(|d| limits.per_deployment.get(d).map(|l| (d, l))) {
         if !l.is_empty() {
             checks.push(LimitCheck {
-                key: format!("consumer:{consumer}:deployment:{d}"),
+                key: super::consumer_deployment_key(consumer, d),
                 limits: l.clone(),
             });
         }

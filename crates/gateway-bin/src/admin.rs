@@ -1,0 +1,393 @@
+//! Operator endpoints: `/metrics` for Prometheus, `/admin/status` (the live state as JSON) and
+//! `/admin` (a dependency-free page that shows it and refreshes itself every second).
+//!
+//! They are served on the main listener, or on their own when the policy sets `admin.listen`. With
+//! `admin.key`, `/admin` and `/admin/status` answer only callers presenting it as `api-key`,
+//! `Authorization: Bearer` or `?key=` (the page passes its own `?key=` on to its fetches); others get
+//! a 401 in Azure's error shape. `/metrics` stays open for scrapers: put it on an internal
+//! `admin.listen` to keep it private.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use gateway_core::limits::{LimitCheck, LimitStore, Limits, StoreError, Usage};
+use gateway_core::policy::QuotaPeriod;
+use gateway_core::pool::{BackendPool, BackendState, BackendStatus, RemainingQuota};
+use gateway_core::secret::Secret;
+use gateway_layers::error::azure_error;
+use gateway_layers::ratelimit::{consumer_deployment_key, consumer_key};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+
+use crate::observe::Latency;
+use crate::store::Store;
+
+/// The status page, compiled in: one file, inline CSS and JS, nothing fetched from elsewhere.
+const PAGE: &str = include_str!("admin.html");
+
+/// What the operator endpoints read. Build it with [`Admin::new`], then [`Admin::router`].
+pub struct Admin {
+    pool: Arc<BackendPool>,
+    store: Arc<Store>,
+    latency: Arc<Latency>,
+    metrics: PrometheusHandle,
+    key: Option<Secret>,
+    consumers: Vec<ConsumerLimits>,
+}
+
+/// A consumer's limits, as the status page reports its usage against them.
+struct ConsumerLimits {
+    name: String,
+    all: Limits,
+    per_deployment: Vec<(String, Limits)>,
+}
+
+#[derive(Deserialize)]
+struct KeyParam {
+    key: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    backends: Vec<BackendView<'a>>,
+    consumers: Vec<ConsumerView<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackendView<'a> {
+    name: String,
+    region: String,
+    priority: u32,
+    weight: u32,
+    deployments: Vec<&'a str>,
+    state: &'static str,
+    cooldown_remaining_ms: Option<u64>,
+    circuit_open_remaining_ms: Option<u64>,
+    consecutive_failures: u32,
+    window_failures: u32,
+    not_found: Vec<String>,
+    remaining_tokens: Option<QuotaView>,
+    remaining_requests: Option<QuotaView>,
+    in_flight: u64,
+    ttfb_ms: Option<LatencyView>,
+}
+
+#[derive(Serialize)]
+struct QuotaView {
+    value: u64,
+    age_ms: u64,
+}
+
+#[derive(Serialize)]
+struct LatencyView {
+    last: f64,
+    ewma: f64,
+}
+
+#[derive(Serialize)]
+struct ConsumerView<'a> {
+    name: &'a str,
+    limits: Option<LimitsView>,
+    usage: Option<UsageView>,
+    deployments: Vec<DeploymentView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DeploymentView<'a> {
+    deployment: &'a str,
+    limits: LimitsView,
+    usage: Option<UsageView>,
+}
+
+#[derive(Serialize)]
+struct LimitsView {
+    tokens_per_minute: Option<u64>,
+    requests_per_minute: Option<u64>,
+    token_quota: Option<u64>,
+    token_quota_period: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    tokens_this_minute: u64,
+    requests_this_minute: u64,
+    quota_tokens_used: u64,
+}
+
+// === impl Admin ===
+
+impl Admin {
+    /// Endpoints over `pool`, the limit `store`, the observe layer's `latency` and the `metrics`
+    /// recorder; unprotected and without consumers until told otherwise.
+    pub fn new(
+        pool: Arc<BackendPool>,
+        store: Arc<Store>,
+        latency: Arc<Latency>,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        Self {
+            pool,
+            store,
+            latency,
+            metrics,
+            key: None,
+            consumers: Vec::new(),
+        }
+    }
+
+    /// Requires `key` for `/admin` and `/admin/status`.
+    pub fn key(mut self, key: Option<Secret>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Reports a consumer's usage against its limits (both may be empty: it is listed all the same).
+    pub fn consumer(
+        mut self,
+        name: &str,
+        all: Limits,
+        per_deployment: impl IntoIterator<Item = (String, Limits)>,
+    ) -> Self {
+        self.consumers.push(ConsumerLimits {
+            name: name.to_owned(),
+            all,
+            per_deployment: per_deployment.into_iter().collect(),
+        });
+        self
+    }
+
+    /// The routes: `/metrics`, `/admin`, `/admin/status`.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route("/admin", get(page))
+            .route("/admin/status", get(status))
+            .with_state(Arc::new(self))
+    }
+
+    /// Whether the caller presented the admin key, when there is one. Compared in constant time, so
+    /// response timing does not reveal how much of a guess was right.
+    fn allows(&self, headers: &HeaderMap, uri: &Uri) -> bool {
+        let Some(key) = &self.key else {
+            return true;
+        };
+        // A malformed query string just means no key was given there.
+        let param = Query::<KeyParam>::try_from_uri(uri).ok();
+        let query = param.as_ref().and_then(|p| p.key.as_deref());
+        let header = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        let bearer = header(header::AUTHORIZATION.as_str()).and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+        [header("api-key"), bearer, query]
+            .into_iter()
+            .flatten()
+            .any(|given| same(given.as_bytes(), key.expose().as_bytes()))
+    }
+
+    async fn status(&self) -> Status<'_> {
+        let now = Instant::now();
+        let backends = self
+            .pool
+            .snapshot(now)
+            .into_iter()
+            .map(|b| self.backend_view(b))
+            .collect();
+        let mut consumers = Vec::with_capacity(self.consumers.len());
+        for c in &self.consumers {
+            consumers.push(self.consumer_view(c).await);
+        }
+        Status {
+            backends,
+            consumers,
+        }
+    }
+
+    fn backend_view(&self, b: BackendStatus) -> BackendView<'_> {
+        let quota = |q: Option<RemainingQuota>| {
+            q.map(|q| QuotaView {
+                value: q.value,
+                age_ms: millis(q.age),
+            })
+        };
+        BackendView {
+            deployments: self
+                .pool
+                .get(b.id)
+                .deployments
+                .keys()
+                .map(String::as_str)
+                .collect(),
+            state: state_name(b.state),
+            cooldown_remaining_ms: b.cooldown_remaining.map(millis),
+            circuit_open_remaining_ms: b.circuit_open_remaining.map(millis),
+            consecutive_failures: b.consecutive_failures,
+            window_failures: b.window_failures,
+            remaining_tokens: quota(b.remaining_tokens),
+            remaining_requests: quota(b.remaining_requests),
+            in_flight: b.in_flight,
+            ttfb_ms: self.latency.get(b.id).map(|r| LatencyView {
+                last: r.last.as_micros() as f64 / 1000.0,
+                ewma: r.ewma.as_micros() as f64 / 1000.0,
+            }),
+            name: b.name,
+            region: b.region,
+            priority: b.priority,
+            weight: b.weight,
+            not_found: b.not_found,
+        }
+    }
+
+    async fn consumer_view<'a>(&self, c: &'a ConsumerLimits) -> ConsumerView<'a> {
+        let mut error = None;
+        let mut usage = |result: Result<Usage, StoreError>| match result {
+            Ok(u) => Some(UsageView::from(u)),
+            Err(e) => {
+                error = Some(e.to_string());
+                None
+            }
+        };
+        let all = if c.all.is_empty() {
+            None
+        } else {
+            let check = LimitCheck {
+                key: consumer_key(&c.name),
+                limits: c.all.clone(),
+            };
+            usage(self.store.usage(&check).await)
+        };
+        let mut deployments = Vec::with_capacity(c.per_deployment.len());
+        for (d, limits) in &c.per_deployment {
+            let check = LimitCheck {
+                key: consumer_deployment_key(&c.name, d),
+                limits: limits.clone(),
+            };
+            deployments.push(DeploymentView {
+                deployment: d,
+                limits: LimitsView::from(limits),
+                usage: usage(self.store.usage(&check).await),
+            });
+        }
+        ConsumerView {
+            name: &c.name,
+            limits: (!c.all.is_empty()).then(|| LimitsView::from(&c.all)),
+            usage: all,
+            deployments,
+            error,
+        }
+    }
+}
+
+// === impl LimitsView ===
+
+impl From<&Limits> for LimitsView {
+    fn from(l: &Limits) -> Self {
+        Self {
+            tokens_per_minute: l.tokens_per_minute,
+            requests_per_minute: l.requests_per_minute,
+            token_quota: l.quota.map(|q| q.tokens),
+            token_quota_period: l.quota.map(|q| match q.period {
+                QuotaPeriod::Hourly => "hourly",
+                QuotaPeriod::Daily => "daily",
+                QuotaPeriod::Weekly => "weekly",
+                QuotaPeriod::Monthly => "monthly",
+            }),
+        }
+    }
+}
+
+// === impl UsageView ===
+
+impl From<Usage> for UsageView {
+    fn from(u: Usage) -> Self {
+        Self {
+            tokens_this_minute: u.tokens_this_minute,
+            requests_this_minute: u.requests_this_minute,
+            quota_tokens_used: u.quota_tokens_used,
+        }
+    }
+}
+
+// === handlers ===
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let text = crate::observe::metrics::render(&admin.metrics, &admin.pool);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn page(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
+    if !admin.allows(&headers, &uri) {
+        return denied();
+    }
+    let mut res = Html(PAGE).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+async fn status(State(admin): State<Arc<Admin>>, headers: HeaderMap, uri: Uri) -> Response {
+    if !admin.allows(&headers, &uri) {
+        return denied();
+    }
+    let mut res = axum::Json(admin.status().await).into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+fn denied() -> Response {
+    azure_error(
+        StatusCode::UNAUTHORIZED,
+        "401",
+        "Access denied due to a missing or invalid admin key. Send the policy's admin.key as the api-key header, as Authorization: Bearer, or as ?key= in the URL.",
+    )
+}
+
+fn state_name(state: BackendState) -> &'static str {
+    match state {
+        BackendState::Available => "available",
+        BackendState::CoolingDown => "cooling_down",
+        BackendState::CircuitOpen => "circuit_open",
+        BackendState::HalfOpen => "half_open",
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Equality in time that depends on the lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret2"));
+        assert!(!same(b"", b"x"));
+    }
+}

@@ -1,0 +1,196 @@
+//! The access log: one JSON line per request on stdout. No secrets and no content: names, statuses,
+//! counts and durations only.
+
+use std::fmt;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gateway_layers::failover::Attempt;
+use gateway_layers::ratelimit::UsageReport;
+use serde::Serialize;
+use serde::ser::{SerializeSeq, Serializer};
+
+use super::body::{End, Record};
+
+#[derive(Serialize)]
+struct Line<'a> {
+    #[serde(serialize_with = "display")]
+    timestamp: Rfc3339,
+    request_id: Option<&'a str>,
+    consumer: Option<&'a str>,
+    deployment: Option<&'a str>,
+    operation: &'a str,
+    stream: bool,
+    status: u16,
+    backend: Option<&'a str>,
+    region: Option<&'a str>,
+    attempts: Attempts<'a>,
+    tokens: Option<Tokens>,
+    durations: Durations,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<&'a str>,
+    client_closed: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    body_error: bool,
+}
+
+struct Attempts<'a>(&'a [Attempt]);
+
+#[derive(Serialize)]
+struct AttemptLine<'a> {
+    backend: &'a str,
+    status: Option<u16>,
+    outcome: &'a str,
+    elapsed_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Tokens {
+    prompt: u64,
+    completion: u64,
+    total: u64,
+    /// True when the backend did not report usage and these are the gateway's estimate.
+    estimated: bool,
+}
+
+#[derive(Serialize)]
+struct Durations {
+    ttfb_ms: f64,
+    total_ms: f64,
+    overhead_ms: f64,
+}
+
+/// A UTC timestamp such as `2025-06-01T12:00:00.123Z`.
+struct Rfc3339(SystemTime);
+
+/// Writes the line for `record`. A closed or failing stdout is ignored: the log must never fail or
+/// delay a request beyond the write itself.
+pub(super) fn write(record: &Record, end: End, total: Duration) {
+    let served_by = record.served_by();
+    let line = Line {
+        timestamp: Rfc3339(record.wall),
+        request_id: record.request_id.as_ref().and_then(|v| v.to_str().ok()),
+        consumer: record.consumer.as_deref(),
+        deployment: record
+            .undeclared
+            .as_deref()
+            .or_else(|| (&*record.deployment != super::UNKNOWN).then_some(&*record.deployment)),
+        operation: record.operation,
+        stream: record.stream,
+        status: record.status,
+        backend: served_by.map(|b| &*b.name),
+        region: served_by.map(|b| &*b.region),
+        attempts: Attempts(record.report.as_ref().map_or(&[], |r| &r.attempts)),
+        tokens: tokens(record.usage.as_ref(), record.status),
+        durations: Durations {
+            ttfb_ms: ms(record.ttfb),
+            total_ms: ms(total),
+            overhead_ms: ms(record.overhead),
+        },
+        limit: record.limit,
+        client_closed: end == End::ClientClosed,
+        body_error: end == End::Error,
+    };
+    let mut buf = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut buf, &line).is_err() {
+        return;
+    }
+    buf.push(b'\n');
+    // One write of a whole line: lines from concurrent requests never interleave.
+    let _ = std::io::stdout().lock().write_all(&buf);
+}
+
+/// The real usage when the backend told it; for a successful call that did not (yet), the estimate.
+fn tokens(usage: Option<&UsageReport>, status: u16) -> Option<Tokens> {
+    let report = usage?;
+    match report.usage() {
+        Some(u) => Some(Tokens {
+            prompt: u.prompt,
+            completion: u.completion,
+            total: u.total,
+            estimated: false,
+        }),
+        None if (200..300).contains(&status) => Some(Tokens {
+            prompt: report.estimate.prompt,
+            completion: report.estimate.completion,
+            total: report.estimate.total(),
+            estimated: true,
+        }),
+        None => None,
+    }
+}
+
+/// Milliseconds with microsecond precision.
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+fn display<T: fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+// === impl Attempts ===
+
+impl Serialize for Attempts<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for a in self.0 {
+            seq.serialize_element(&AttemptLine {
+                backend: &a.backend_name,
+                status: a.status,
+                outcome: a.outcome.as_str(),
+                elapsed_ms: ms(a.elapsed),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+// === impl Rfc3339 ===
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let since = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        let rem = secs % 86_400;
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            since.subsec_millis()
+        )
+    }
+}
+
+/// Year, month and day of the `days`-th day after 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let at = |secs: u64, ms: u64| {
+            Rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(ms)).to_string()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_748_779_200, 123), "2025-06-01T12:00:00.123Z");
+        assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
+    }
+}
