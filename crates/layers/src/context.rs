@@ -51,6 +51,7 @@ use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::error::azure_error;
+use crate::headers::content_length;
 pub use gateway_core::operation::Operation;
 
 /// `x-request-id`: the id the gateway answers with and sends upstream.
@@ -442,15 +443,6 @@ fn is_multipart(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/"))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn peek_json(body: &[u8]) -> Result<Peek, CaptureError> {

@@ -35,6 +35,7 @@ pub mod client;
 pub mod context;
 pub mod error;
 pub mod failover;
+mod headers;
 pub mod propagate;
 pub mod ratelimit;
 

@@ -23,6 +23,7 @@ use super::{
 use crate::BoxError;
 use crate::context::{DeploymentSource, RequestContext, X_GATEWAY_ATTEMPTS};
 use crate::error::azure_error;
+use crate::headers::is_event_stream;
 
 /// Service produced by [`FailoverLayer`](super::FailoverLayer).
 #[derive(Clone, Debug)]
@@ -426,13 +427,6 @@ fn is_deployment_not_found(body: &[u8]) -> bool {
     }
     serde_json::from_slice::<Error>(body)
         .is_ok_and(|e| e.error.code.as_deref() == Some("DeploymentNotFound"))
-}
-
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// Headers never copied from the client onto an attempt: its credentials, and what the client library

@@ -23,6 +23,7 @@ use crate::BoxError;
 use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::azure_error;
+use crate::headers::{content_length, is_event_stream};
 
 /// Service produced by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, St> {
@@ -430,22 +431,6 @@ fn quota_exceeded<B: From<Bytes>>(
     res.headers_mut()
         .insert("x-gateway-limit", HeaderValue::from_static("quota"));
     res
-}
-
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn asks_for_usage(body: &[u8]) -> bool {
