@@ -3,30 +3,13 @@
 //! available again once its cooldown is over.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{Proc, free_port};
 use serde_json::{Value, json};
-
-const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The page's DOM after its script has fetched `/admin/status` (a virtual-time budget lets its
 /// timers and fetches run without waiting in real time).
@@ -86,24 +69,13 @@ async fn sweden_state(base: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_demo_regions_turn_from_available_to_cooling_down_and_back() {
     let port = free_port();
-    let mut demo = KillOnDrop(
-        Command::new(GATEWAY)
-            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+    let mut demo = Proc::spawn(
+        common::demo_command(port)
             .env("RUST_LOG", "warn")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
     );
-    let mut out = BufReader::new(demo.0.stdout.take().unwrap());
-    for _ in 0..200 {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 || line.contains("Press Ctrl-C") {
-            break;
-        }
-    }
+    let (_banner, mut out) = common::demo_banner(&mut demo);
     // Keep reading the access log, so the demo never blocks on a full pipe.
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut out, &mut std::io::sink());
@@ -126,9 +98,7 @@ async fn the_status_page_shows_the_demo_regions_turn_from_available_to_cooling_d
     let client = reqwest::Client::new();
     let call = || {
         client
-            .post(format!(
-                "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-            ))
+            .post(common::chat_url(&base))
             .header("api-key", "demo-key")
             .json(&json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100}))
             .send()

@@ -1,58 +1,18 @@
 //! The `gateway` binary as a user runs it: `check`, `serve` with graceful shutdown, and `demo`.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::{GATEWAY, Proc};
 use futures_util::StreamExt;
-
-const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 
 fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits (bounded) for the process to exit.
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -104,8 +64,7 @@ fn check_reports_unresolvable_secrets_with_their_location() {
 
 #[test]
 fn check_reports_policy_errors_precisely() {
-    let dir = std::env::temp_dir().join(format!("gw-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir();
     let file = dir.join("bad.toml");
     std::fs::write(
         &file,
@@ -151,12 +110,9 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
     let mut config = simulator::RegionConfig::new("Sweden Central", "backend-key")
         .deployment(simulator::DeploymentConfig::chat("gpt4o", 100_000));
     config.token_delay = Duration::from_millis(40);
-    let sim = simulator::spawn(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("gw-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
+    let sim = common::spawn_region(config).await;
+    let dir = common::temp_dir();
+    let port = common::free_port();
     let policy = dir.join("serve.toml");
     std::fs::write(
         &policy,
@@ -168,32 +124,21 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
     .unwrap();
     std::fs::write(dir.join("client.key"), "client-secret\n").unwrap();
 
-    let mut child = KillOnDrop(
+    // The policy sets the listen address: no `--listen`.
+    let (mut child, base) = common::spawn_gateway(
         Command::new(GATEWAY)
             .args(["serve", "--policy"])
             .arg(&policy)
             .env("TEST_BACKEND_KEY", "backend-key")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
+            .stderr(Stdio::piped()),
+        port,
+    )
+    .await;
     let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..100 {
-        if client.get(format!("{base}/readyz")).send().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "gateway did not start");
 
     // About 30 tokens x 40 ms: the stream is still running when SIGTERM arrives.
     let res = client
-        .post(format!(
-            "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-        ))
+        .post(common::chat_url(&base))
         .header("api-key", "client-secret")
         .body(r#"{"messages":[{"role":"user","content":"story"}],"max_tokens":30,"stream":true}"#)
         .send()
@@ -203,7 +148,7 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
     let mut body = res.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
-    sigterm(&child.0);
+    common::sigterm(&child);
 
     let mut text = String::from_utf8_lossy(&first).into_owned();
     while let Some(chunk) = body.next().await {
@@ -213,7 +158,7 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
         text.trim_end().ends_with("data: [DONE]"),
         "stream was cut: {text}"
     );
-    let status = wait_exit(&mut child.0, Duration::from_secs(20));
+    let status = common::wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     assert!(
         client.get(format!("{base}/healthz")).send().await.is_err(),
@@ -254,24 +199,9 @@ fn printed_commands(banner: &str) -> Vec<String> {
 
 #[test]
 fn demo_prints_curl_lines_that_work() {
-    let port = free_port();
-    let mut child = KillOnDrop(
-        Command::new(GATEWAY)
-            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut banner = String::new();
-    for _ in 0..200 {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 || line.contains("Press Ctrl-C") {
-            break;
-        }
-        banner.push_str(&line);
-    }
+    let port = common::free_port();
+    let mut child = Proc::spawn(&mut common::demo_command(port));
+    let (banner, _stdout) = common::demo_banner(&mut child);
     let commands = printed_commands(&banner);
     assert_eq!(
         commands.len(),
@@ -321,6 +251,6 @@ fn demo_prints_curl_lines_that_work() {
     assert!(limited.contains("x-gateway-limit: requests"), "{limited}");
     assert!(limited.contains("retry-after:"), "{limited}");
 
-    sigterm(&child.0);
-    assert!(wait_exit(&mut child.0, Duration::from_secs(15)).success());
+    common::sigterm(&child);
+    assert!(common::wait_exit(&mut child, Duration::from_secs(15)).success());
 }

@@ -3,18 +3,20 @@
 //! observed by the client.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{Proc, free_port};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use simulator::{DeploymentConfig, Fault, RegionConfig, RunningRegion};
+use simulator::{Fault, RunningRegion};
 
-const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 const CLIENT_KEY: &str = "obs-client-key";
 const LIMITED_KEY: &str = "obs-limited-key";
 const BACKEND_KEY: &str = "obs-backend-key";
@@ -22,85 +24,53 @@ const ADMIN_KEY: &str = "obs-admin-key";
 /// Sent as prompt content: must never reach the access log.
 const PROMPT: &str = "a confidential prompt";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn region(name: &str, token_delay: Duration) -> RunningRegion {
-    let config = RegionConfig::new(name, BACKEND_KEY)
-        .deployment(DeploymentConfig::chat("m", 10_000_000))
-        .token_delay(token_delay);
-    simulator::spawn(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
+    common::spawn_region(
+        common::chat_region(name, BACKEND_KEY, 10_000_000).token_delay(token_delay),
+    )
+    .await
 }
 
 /// A policy with regions r0, r1.. (priority in order), the consumers `app` and `limited` (one
 /// request per minute), and `extra` TOML.
 fn policy_file(regions: &[&RunningRegion], extra: &str) -> PathBuf {
-    let mut text = String::from("[[deployments]]\nname = \"gpt-4o\"\n\n");
-    for (i, r) in regions.iter().enumerate() {
-        text.push_str(&format!(
-            "[[backends]]\nname = \"r{i}\"\nregion = \"Region {i}\"\nendpoint = \"{}\"\npriority = {}\napi_key = \"env:BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"m\" }}\n\n",
-            r.url(),
-            i + 1
-        ));
-    }
+    let mut text = common::regions_policy(regions);
     text.push_str(
         "[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n\n\
          [[consumers]]\nname = \"limited\"\nkeys = [\"env:LIMITED_KEY\"]\n\
          [consumers.limits]\nrequests_per_minute = 1\ntoken_quota = 1000000\ntoken_quota_period = \"monthly\"\n\n",
     );
     text.push_str(extra);
-    let dir = std::env::temp_dir().join(format!("gw-obs-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("policy.toml");
-    std::fs::write(&file, text).unwrap();
-    file
+    common::write_policy(&text)
 }
 
 /// A `gateway serve` process, killed on drop, whose stdout lines (the access log) are collected.
 struct Gateway {
-    child: Child,
+    _proc: Proc,
     base: String,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Gateway {
-    async fn start(policy: &PathBuf, admin_port: Option<u16>) -> Self {
+    async fn start(policy: &Path, admin_port: Option<u16>) -> Self {
         let port = free_port();
-        let mut child = Command::new(GATEWAY)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--policy",
-            ])
-            .arg(policy)
-            .env("BACKEND_KEY", BACKEND_KEY)
-            .env("CLIENT_KEY", CLIENT_KEY)
-            .env("LIMITED_KEY", LIMITED_KEY)
-            .env("ADMIN_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "warn")
+        let mut proc = Proc::spawn(
+            common::serve_command(
+                policy,
+                port,
+                &[
+                    ("BACKEND_KEY", BACKEND_KEY),
+                    ("CLIENT_KEY", CLIENT_KEY),
+                    ("LIMITED_KEY", LIMITED_KEY),
+                    ("ADMIN_KEY", ADMIN_KEY),
+                ],
+            )
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped()),
+        );
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
+        let stdout = proc.0.stdout.take().unwrap();
         let sink = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -109,32 +79,23 @@ impl Gateway {
             }
         });
         let gw = Gateway {
-            child,
+            _proc: proc,
             base: format!("http://127.0.0.1:{port}"),
             lines,
         };
         let ready = [Some(port), admin_port];
         for port in ready.into_iter().flatten() {
-            let url = format!("http://127.0.0.1:{port}/metrics");
-            let mut up = false;
-            for _ in 0..200 {
-                if reqwest::get(&url).await.is_ok() {
-                    up = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            assert!(up, "gateway did not start listening on {port}");
+            assert!(
+                common::answers(&format!("http://127.0.0.1:{port}/metrics")).await,
+                "gateway did not start listening on {port}"
+            );
         }
         gw
     }
 
     async fn chat(&self, key: &str, id: &str, body: Value) -> reqwest::Response {
         reqwest::Client::new()
-            .post(format!(
-                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-                self.base
-            ))
+            .post(common::chat_url(&self.base))
             .header("api-key", key)
             .header("x-request-id", id)
             .json(&body)

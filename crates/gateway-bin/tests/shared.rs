@@ -2,137 +2,38 @@
 //! backend cooldowns, and Redis going away and coming back.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::{Proc, Redis, free_port};
 use serde_json::{Value, json};
-use simulator::{DeploymentConfig, Fault, RegionConfig, RunningRegion};
+use simulator::{Fault, RunningRegion};
 
-const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 const CLIENT_KEY: &str = "shared-client-key";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A `redis-server` on a free loopback port, killed on drop.
-struct Redis {
-    port: u16,
-    proc: Option<Proc>,
-}
-
-impl Redis {
-    fn start() -> Self {
-        let port = free_port();
-        let mut redis = Redis { port, proc: None };
-        redis.restart();
-        redis
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed: run ./scripts/test, which installs it");
-        self.proc = Some(Proc(child));
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn kill(&mut self) {
-        self.proc = None;
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
 async fn region(name: &str, tpm: u64) -> RunningRegion {
-    simulator::spawn(
-        RegionConfig::new(name, "backend-key").deployment(DeploymentConfig::chat("m", tpm)),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
+    common::spawn_region(common::chat_region(name, "backend-key", tpm)).await
 }
 
 /// A policy with the given regions (priority in order) and extra TOML.
 fn policy_file(regions: &[&RunningRegion], extra: &str) -> PathBuf {
-    let mut text = String::from("[[deployments]]\nname = \"gpt-4o\"\n\n");
-    for (i, r) in regions.iter().enumerate() {
-        text.push_str(&format!(
-            "[[backends]]\nname = \"r{i}\"\nregion = \"Region {i}\"\nendpoint = \"{}\"\npriority = {}\napi_key = \"env:BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"m\" }}\n\n",
-            r.url(),
-            i + 1
-        ));
-    }
-    text.push_str(extra);
-    let dir =
-        std::env::temp_dir().join(format!("gw-shared-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("policy.toml");
-    std::fs::write(&file, text).unwrap();
-    file
+    common::write_policy(&(common::regions_policy(regions) + extra))
 }
 
 /// Starts a gateway process on a free port and waits until it is ready.
-async fn gateway(policy: &PathBuf) -> (Proc, String) {
-    let port = free_port();
-    let child = Command::new(GATEWAY)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--policy",
-        ])
-        .arg(policy)
-        .env("BACKEND_KEY", "backend-key")
-        .env("CLIENT_KEY", CLIENT_KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
-            return (proc, base);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("gateway did not start");
+async fn gateway(policy: &Path) -> (Proc, String) {
+    common::gateway_process(
+        policy,
+        &[("BACKEND_KEY", "backend-key"), ("CLIENT_KEY", CLIENT_KEY)],
+    )
+    .await
 }
 
 async fn chat(base: &str, max_tokens: u64) -> reqwest::Response {
     reqwest::Client::new()
-        .post(format!(
-            "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-        ))
+        .post(common::chat_url(base))
         .header("api-key", CLIENT_KEY)
         .json(
             &json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens}),

@@ -3,15 +3,17 @@
 //! `traceparent` each backend received, and a collector that is down hurting nothing.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
+use common::Proc;
 use futures_util::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -21,29 +23,11 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use serde_json::json;
-use simulator::{DeploymentConfig, Fault, RegionConfig, RunningRegion};
+use simulator::{Fault, RunningRegion};
 
-const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 const CLIENT_KEY: &str = "traces-client-key";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN_ID: &str = "00f067aa0ba902b7";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A received span and the `service.name` of its resource.
 #[derive(Clone, Debug)]
@@ -151,75 +135,45 @@ fn kind(span: &Span, kind: SpanKind) -> bool {
 }
 
 async fn region(name: &str) -> RunningRegion {
-    simulator::spawn(
-        RegionConfig::new(name, "backend-key").deployment(DeploymentConfig::chat("m", 100_000_000)),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
+    common::spawn_region(common::chat_region(name, "backend-key", 100_000_000)).await
 }
 
 /// A policy with the given regions (priority in order) and one consumer, `app`.
 fn policy_file(regions: &[&RunningRegion]) -> PathBuf {
-    let mut text = String::from("[[deployments]]\nname = \"gpt-4o\"\n\n");
-    for (i, r) in regions.iter().enumerate() {
-        text.push_str(&format!(
-            "[[backends]]\nname = \"r{i}\"\nregion = \"Region {i}\"\nendpoint = \"{}\"\npriority = {}\napi_key = \"env:BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"m\" }}\n\n",
-            r.url(),
-            i + 1
-        ));
-    }
-    text.push_str("[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n");
-    let dir =
-        std::env::temp_dir().join(format!("gw-traces-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("policy.toml");
-    std::fs::write(&file, text).unwrap();
-    file
+    common::write_policy(
+        &(common::regions_policy(regions)
+            + "[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n"),
+    )
 }
 
 /// Starts `gateway serve` exporting to `otlp` and waits until it answers. Its stderr goes to the
 /// returned file.
-async fn gateway(policy: &PathBuf, otlp: &str) -> (Proc, String, PathBuf) {
-    let port = free_port();
+async fn gateway(policy: &Path, otlp: &str) -> (Proc, String, PathBuf) {
+    let port = common::free_port();
     let log = policy.with_file_name("stderr.log");
-    let child = Command::new(GATEWAY)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--policy",
-        ])
-        .arg(policy)
-        .env("BACKEND_KEY", "backend-key")
-        .env("CLIENT_KEY", CLIENT_KEY)
-        // Logs are not traces: spans are exported whatever RUST_LOG says.
-        .env("RUST_LOG", "warn")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
-        .env("OTEL_SERVICE_NAME", "gateway-under-test")
-        // Export every 50 ms rather than every 5 s, so the test waits less.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+    // Logs are not traces: spans are exported whatever RUST_LOG (`warn` here) says.
+    let mut command = common::serve_command(
+        policy,
+        port,
+        &[
+            ("BACKEND_KEY", "backend-key"),
+            ("CLIENT_KEY", CLIENT_KEY),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+            ("OTEL_SERVICE_NAME", "gateway-under-test"),
+            // Export every 50 ms rather than every 5 s, so the test waits less.
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    command
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
-            return (proc, base, log);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("gateway did not start");
+        .stderr(std::fs::File::create(&log).unwrap());
+    let (proc, base) = common::spawn_gateway(&mut command, port).await;
+    (proc, base, log)
 }
 
 fn chat_request(base: &str, trace_id: &str, stream: bool) -> reqwest::RequestBuilder {
     reqwest::Client::new()
-        .post(format!(
-            "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-        ))
+        .post(common::chat_url(base))
         .header("api-key", CLIENT_KEY)
         .header("traceparent", format!("00-{trace_id}-{CLIENT_SPAN_ID}-01"))
         .header("tracestate", "client=yes")
@@ -389,7 +343,7 @@ async fn a_stream_keeps_its_server_span_open_until_the_usage_at_its_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_requests_nothing_and_spans_are_counted_as_dropped() {
     // Nothing listens there.
-    let down = format!("http://127.0.0.1:{}", free_port());
+    let down = format!("http://127.0.0.1:{}", common::free_port());
     let only = region("Region 0").await;
     let policy = policy_file(&[&only]);
     let (mut gw, base, log) = gateway(&policy, &down).await;
@@ -430,22 +384,8 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_spans_are_counted_a
         std::fs::read_to_string(&log).unwrap()
     );
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &gw.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = gw.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the gateway did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    common::sigterm(&gw);
+    let status = common::wait_exit(&mut gw, Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
     let stderr = std::fs::read_to_string(&log).unwrap();
     // Logged once per outage, not per batch.
