@@ -81,8 +81,9 @@ async fn drain_quota(bases: &[String]) -> u64 {
     panic!("the quota never ran out");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_gateways_sharing_redis_hold_one_limit_where_local_limiters_would_not() {
+/// `n` gateway processes sharing one Redis hold one quota; the same `n` counting alone admit about
+/// `n` times as much.
+async fn gateways_sharing_redis_hold_one_limit(n: usize) {
     let redis = Redis::start();
     let sim = region("Region 0", 100_000_000).await;
     let shared = policy_file(
@@ -95,35 +96,45 @@ async fn three_gateways_sharing_redis_hold_one_limit_where_local_limiters_would_
     );
     let mut procs = Vec::new();
     let mut bases = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..n {
         let (p, b) = gateway(&shared).await;
         procs.push(p);
         bases.push(b);
     }
     let admitted = drain_quota(&bases).await;
     // Each call reserves about 50 tokens and uses at most that: admission stops within one call of
-    // the quota, across all three processes.
-    assert!(admitted <= QUOTA, "admitted {admitted} of {QUOTA}");
+    // the quota, across all the processes.
+    assert!(admitted <= QUOTA, "{n} gateways admitted {admitted} of {QUOTA}");
     assert!(
         admitted >= QUOTA * 95 / 100,
-        "admitted only {admitted} of {QUOTA}"
+        "{n} gateways admitted only {admitted} of {QUOTA}"
     );
     drop(procs);
 
-    // The same three gateways each counting alone admit about three times as much.
     let local = policy_file(&[&sim], &limited_consumer(""));
     let mut procs = Vec::new();
     let mut bases = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..n {
         let (p, b) = gateway(&local).await;
         procs.push(p);
         bases.push(b);
     }
     let admitted_locally = drain_quota(&bases).await;
+    let n = n as u64;
     assert!(
-        admitted_locally >= QUOTA * 28 / 10,
-        "local-only limiters admitted {admitted_locally}"
+        admitted_locally >= QUOTA * (n * 10 - 2) / 10,
+        "{n} local-only limiters admitted {admitted_locally}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_hold_one_limit_where_local_limiters_would_not() {
+    gateways_sharing_redis_hold_one_limit(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_sharing_redis_hold_one_limit_where_local_limiters_would_not() {
+    gateways_sharing_redis_hold_one_limit(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
