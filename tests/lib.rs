@@ -131,6 +131,8 @@ pub fn policy_with_limits(
         s.push('\n');
     }
     s.push_str(extra);
+    // Access-log lines would go straight to the test output, around the harness's capture.
+    s.push_str("\n[telemetry]\naccess_log = false\n");
     s.push_str("\n[[consumers]]\nname = \"tester\"\nkeys = [\"env:CLIENT_KEY\"]\n");
     s.push_str(consumer);
     s

@@ -311,3 +311,96 @@ async fn an_exhausted_backend_is_skipped_before_it_answers_429() {
     assert_eq!(small.headers()["x-served-by"], "a (Region A)");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_that_can_never_fit_is_a_400_not_an_endless_429() {
+    let (sim, gw) = limited("[consumers.limits]\ntokens_per_minute = 1000\n").await;
+    let huge = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000_000_000_000_000_000u64});
+    let res = gw.chat("gpt-4o", &huge).await;
+    assert_eq!(res.status(), 400);
+    let (code, msg) = azure_error(res).await;
+    assert_eq!(code, "BadRequest");
+    assert!(msg.contains("1000 tokens per minute"), "{msg}");
+    assert_eq!(sim.handle().request_count(), 0);
+    // The limiter still works for reasonable calls.
+    assert_eq!(gw.chat("gpt-4o", &chat("hi")).await.status(), 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_mid_stream_pays_at_least_its_reservation() {
+    let sim = region_with("Sweden Central", &[("gpt4o-swc", 1_000_000)], |mut c| {
+        c.token_delay = std::time::Duration::from_millis(50);
+        c
+    })
+    .await;
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[("gpt-4o", "gpt4o-swc")],
+    );
+    let gw = gateway(
+        &policy_with_limits(
+            &["gpt-4o"],
+            &[b],
+            "",
+            "[consumers.limits]\ntokens_per_minute = 100000\n",
+        ),
+        &["Sweden Central"],
+    )
+    .await;
+    let body = json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300, "stream": true});
+    let res = gw.chat("gpt-4o", &body).await;
+    let reserved = 100_000 - header(&res, "x-ratelimit-remaining-tokens");
+    let mut stream = res.bytes_stream();
+    while !std::str::from_utf8(&stream.next().await.unwrap().unwrap())
+        .unwrap()
+        .contains("chat.completion.chunk")
+    {}
+    drop(stream);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let next = gw
+        .chat(
+            "gpt-4o",
+            &json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300}),
+        )
+        .await;
+    let used_before = 100_000 - header(&next, "x-ratelimit-remaining-tokens") - reserved;
+    assert!(
+        used_before >= reserved,
+        "charged {used_before}, reserved {reserved}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_old_api_version_gets_no_stream_options_and_keeps_its_reservation() {
+    let (sim, gw) = limited("[consumers.limits]\ntokens_per_minute = 100000\n").await;
+    let url = gw.url("/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01");
+    let res = client()
+        .post(&url)
+        .header("api-key", CLIENT_KEY)
+        .json(&json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let reserved = 100_000 - header(&res, "x-ratelimit-remaining-tokens");
+    let text = read_stream(res).await;
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let sent: Value = serde_json::from_slice(&sim.handle().recent_requests()[0].body).unwrap();
+    assert!(sent.get("stream_options").is_none(), "{sent}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let next = gw
+        .chat(
+            "gpt-4o",
+            &json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300}),
+        )
+        .await;
+    // No usage chunk: the stream keeps its whole reservation (at least).
+    assert!(100_000 - header(&next, "x-ratelimit-remaining-tokens") >= 2 * reserved);
+    gw.stop().await;
+}

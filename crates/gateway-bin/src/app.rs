@@ -110,6 +110,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         max_body_bytes: policy.gateway.max_body_bytes,
     };
 
+    warm_up_tokenizers(policy);
     let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());
     let store = match (policy.rate_limit.store, redis_url) {
         (StoreKind::Redis, Some(url)) => Store::Redis(
@@ -202,6 +203,30 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         admin,
         metrics,
     })
+}
+
+/// Loads the tokenizers the consumer limits will need, off the request path: the first exactly
+/// counted request would otherwise wait ~0.3 s for the tables.
+fn warm_up_tokenizers(policy: &Policy) {
+    let models: Vec<String> = policy
+        .consumers
+        .iter()
+        .filter(|c| c.limits.is_some() || !c.deployment_limits.is_empty())
+        .flat_map(|_| policy.deployments.iter().map(|d| d.model_name().to_owned()))
+        .collect();
+    if models.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("tokenizer-warm-up".into())
+        .spawn(move || {
+            for model in models {
+                gateway_core::tokens::encoding_for_model(&model).warm_up();
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(%err, "could not warm up the tokenizers; the first limited request will");
+    }
 }
 
 /// The policy's consumer limits as the rate-limit layer's configuration.

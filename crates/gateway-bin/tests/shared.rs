@@ -104,7 +104,10 @@ async fn gateways_sharing_redis_hold_one_limit(n: usize) {
     let admitted = drain_quota(&bases).await;
     // Each call reserves about 50 tokens and uses at most that: admission stops within one call of
     // the quota, across all the processes.
-    assert!(admitted <= QUOTA, "{n} gateways admitted {admitted} of {QUOTA}");
+    assert!(
+        admitted <= QUOTA,
+        "{n} gateways admitted {admitted} of {QUOTA}"
+    );
     assert!(
         admitted >= QUOTA * 95 / 100,
         "{n} gateways admitted only {admitted} of {QUOTA}"

@@ -54,6 +54,9 @@ use crate::error::azure_error;
 use crate::headers::content_length;
 pub use gateway_core::operation::Operation;
 
+/// Longest deployment name accepted (Azure allows 64 characters).
+const MAX_DEPLOYMENT_NAME: usize = 128;
+
 /// `x-request-id`: the id the gateway answers with and sends upstream.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-ms-client-request-id`: Azure SDKs' own request id, accepted when `x-request-id` is absent.
@@ -214,6 +217,16 @@ impl RequestContext {
             DeploymentSource::Body => peek.as_ref().and_then(|p| p.model.clone()),
             DeploymentSource::None => None,
         };
+        // Azure's deployment names have at most 64 characters; a longer one would only end up,
+        // whole, in logs, span names and error messages.
+        if deployment
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DEPLOYMENT_NAME)
+        {
+            return Err(CaptureError::InvalidJson(format!(
+                "the deployment name is longer than {MAX_DEPLOYMENT_NAME} characters"
+            )));
+        }
         let (stream, max_tokens, n) = match &peek {
             Some(p) => (
                 p.stream.unwrap_or(false),
@@ -607,6 +620,15 @@ mod tests {
             );
         }
         assert!(capture("/openai/deployments/gpt-4o.v2/chat/completions", "{}").is_ok());
+    }
+
+    #[test]
+    fn absurdly_long_deployment_names_are_refused() {
+        let long = "m".repeat(200);
+        let body = format!(r#"{{"model":"{long}","input":"x"}}"#);
+        assert!(capture("/openai/v1/embeddings", &body).is_err());
+        let path = format!("/openai/deployments/{long}/embeddings");
+        assert!(capture(&path, "{}").is_err());
     }
 
     #[test]

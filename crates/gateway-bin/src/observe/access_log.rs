@@ -96,8 +96,45 @@ pub(super) fn write(record: &Record, end: End, total: Duration) {
         return;
     }
     buf.push(b'\n');
-    // One write of a whole line: lines from concurrent requests never interleave.
-    let _ = std::io::stdout().lock().write_all(&buf);
+    writer().send(buf);
+}
+
+/// Lines go to stdout from a thread of their own, through a bounded queue: a slow or stalled log
+/// pipe must not block the runtime's workers, and with them every request. When the queue is full
+/// the line is dropped and counted.
+struct Writer {
+    queue: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+/// Lines waiting for stdout at most.
+const QUEUE: usize = 8192;
+
+fn writer() -> &'static Writer {
+    static WRITER: std::sync::OnceLock<Writer> = std::sync::OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (queue, lines) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                for line in lines {
+                    // One write of a whole line: lines never interleave.
+                    let _ = stdout.lock().write_all(&line);
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::error!(%err, "cannot start the access-log writer; access log lines are lost");
+        }
+        Writer { queue }
+    })
+}
+
+impl Writer {
+    fn send(&self, line: Vec<u8>) {
+        if self.queue.try_send(line).is_err() {
+            metrics::counter!("gateway_access_log_dropped_total").increment(1);
+        }
+    }
 }
 
 /// The real usage when the backend told it; for a successful call that did not (yet), the estimate.

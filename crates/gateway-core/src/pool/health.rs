@@ -31,8 +31,17 @@ pub(super) struct Health {
     not_found: Vec<(Box<str>, Instant)>,
     remaining_tokens: Option<(u64, Instant)>,
     remaining_requests: Option<(u64, Instant)>,
-    /// Tokens sent to this backend (as estimates) since `remaining_tokens` was observed.
-    sent_since_observed: u64,
+    /// Per deployment (Azure counts quota per deployment): the last remaining tokens reported, when,
+    /// and the estimates sent there since.
+    headroom: Vec<Headroom>,
+}
+
+#[derive(Debug)]
+struct Headroom {
+    deployment: Box<str>,
+    remaining: u64,
+    at: Instant,
+    sent_since: u64,
 }
 
 /// Whether a backend can take a request for one deployment right now.
@@ -100,7 +109,7 @@ impl Health {
             probe_started: None,
             not_found: Vec::new(),
             remaining_tokens: None,
-            sent_since_observed: 0,
+            headroom: Vec::new(),
             remaining_requests: None,
         }
     }
@@ -167,6 +176,7 @@ impl Health {
             }
             Outcome::Throttled { hint } => {
                 recorded.cooldown = Some(self.cool_down(hint, true, now, settings));
+                self.forget_headroom(deployment);
                 self.release_probe(now);
             }
             Outcome::AuthFailure { hint } => {
@@ -192,30 +202,68 @@ impl Health {
 
     pub(super) fn observe_remaining(
         &mut self,
+        deployment: &str,
         tokens: Option<u64>,
         requests: Option<u64>,
         now: Instant,
     ) {
         if let Some(tokens) = tokens {
             self.remaining_tokens = Some((tokens, now));
-            self.sent_since_observed = 0;
+            match self
+                .headroom
+                .iter_mut()
+                .find(|h| &*h.deployment == deployment)
+            {
+                Some(h) => {
+                    h.remaining = tokens;
+                    h.at = now;
+                    h.sent_since = 0;
+                }
+                None => self.headroom.push(Headroom {
+                    deployment: deployment.into(),
+                    remaining: tokens,
+                    at: now,
+                    sent_since: 0,
+                }),
+            }
         }
         if let Some(requests) = requests {
             self.remaining_requests = Some((requests, now));
         }
     }
 
-    /// Tokens this backend can still take, as far as its last `x-ratelimit-remaining-tokens` and what
-    /// was sent since tell; `None` when never seen or older than `fresh_for`.
-    pub(super) fn headroom(&self, now: Instant, fresh_for: Duration) -> Option<u64> {
-        let (remaining, at) = self.remaining_tokens?;
-        (now.saturating_duration_since(at) <= fresh_for)
-            .then(|| remaining.saturating_sub(self.sent_since_observed))
+    /// Tokens `deployment` on this backend can still take, as far as its last
+    /// `x-ratelimit-remaining-tokens` and what was sent since tell; `None` when never seen or older
+    /// than `fresh_for`.
+    pub(super) fn headroom(
+        &self,
+        deployment: &str,
+        now: Instant,
+        fresh_for: Duration,
+    ) -> Option<u64> {
+        let h = self
+            .headroom
+            .iter()
+            .find(|h| &*h.deployment == deployment)?;
+        (now.saturating_duration_since(h.at) <= fresh_for)
+            .then(|| h.remaining.saturating_sub(h.sent_since))
     }
 
-    /// Counts an estimate sent to this backend against its headroom.
-    pub(super) fn note_sent(&mut self, tokens: u64) {
-        self.sent_since_observed = self.sent_since_observed.saturating_add(tokens);
+    /// Counts an estimate sent to `deployment` on this backend against its headroom.
+    pub(super) fn note_sent(&mut self, deployment: &str, tokens: u64) {
+        if let Some(h) = self
+            .headroom
+            .iter_mut()
+            .find(|h| &*h.deployment == deployment)
+        {
+            h.sent_since = h.sent_since.saturating_add(tokens);
+        }
+    }
+
+    /// A throttle's cooldown says when the backend takes traffic again: a remaining count seen with
+    /// it must not keep the deployment skipped beyond that.
+    fn forget_headroom(&mut self, deployment: &str) {
+        self.headroom.retain(|h| &*h.deployment != deployment);
     }
 
     pub(super) fn view(&self, now: Instant, settings: &PoolSettings) -> HealthView {

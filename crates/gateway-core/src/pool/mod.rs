@@ -407,7 +407,7 @@ impl BackendPool {
             match scan.chosen {
                 Some(id) if self.lock(id).claim(deployment, now, &self.settings) => {
                     if let Some(tokens) = need_tokens {
-                        self.lock(id).note_sent(tokens);
+                        self.lock(id).note_sent(deployment, tokens);
                     }
                     return Selection::Backend(id);
                 }
@@ -522,18 +522,20 @@ impl BackendPool {
             .map(BackendId)
     }
 
-    /// Stores the last `x-ratelimit-remaining-*` values seen from backend `id` (see
-    /// [`crate::retry_after::parse_remaining`]). A `None` keeps the previous value, which keeps its age.
+    /// Stores the last `x-ratelimit-remaining-*` values seen from backend `id` answering for
+    /// `deployment` (Azure counts quota per deployment; see [`crate::retry_after::parse_remaining`]).
+    /// A `None` keeps the previous value, which keeps its age.
     /// An `id` from another pool is ignored.
     pub fn observe_remaining(
         &self,
         id: BackendId,
+        deployment: &str,
         tokens: Option<u64>,
         requests: Option<u64>,
         now: Instant,
     ) {
         if let Some(health) = self.health.get(id.0) {
-            lock(health).observe_remaining(tokens, requests, now);
+            lock(health).observe_remaining(deployment, tokens, requests, now);
         }
     }
 
@@ -598,7 +600,7 @@ impl BackendPool {
                 let health = self.lock(id);
                 (
                     health.availability(deployment, now, &self.settings),
-                    need.and_then(|_| health.headroom(now, QUOTA_FRESHNESS)),
+                    need.and_then(|_| health.headroom(deployment, now, QUOTA_FRESHNESS)),
                 )
             };
             match availability {

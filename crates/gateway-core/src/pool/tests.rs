@@ -716,8 +716,8 @@ fn not_found_excludes_a_backend_for_that_deployment_only() {
 fn snapshot_reports_identity_and_quota() {
     let pool = pool(vec![backend("a", 1, 3), backend("b", 2, 1)]);
     let t0 = Instant::now();
-    pool.observe_remaining(A, Some(1_000), Some(50), t0);
-    pool.observe_remaining(A, None, Some(49), t0 + secs(2));
+    pool.observe_remaining(A, DEP, Some(1_000), Some(50), t0);
+    pool.observe_remaining(A, DEP, None, Some(49), t0 + secs(2));
     let snapshot = pool.snapshot(t0 + secs(3));
     let a = &snapshot[0];
     assert_eq!(
@@ -766,7 +766,7 @@ fn unknown_ids_are_ignored_by_record_and_observe() {
     let pool = pool(vec![backend("a", 1, 1)]);
     let now = Instant::now();
     pool.record(BackendId(7), DEP, Outcome::Timeout, now);
-    pool.observe_remaining(BackendId(7), Some(1), None, now);
+    pool.observe_remaining(BackendId(7), DEP, Some(1), None, now);
     assert_eq!(pick(&pool, &[], now), A);
 }
 
@@ -869,7 +869,7 @@ fn concurrent_selects_and_records_smoke() {
                             _ => Outcome::Success,
                         };
                         pool.record(id, DEP, outcome, now);
-                        pool.observe_remaining(id, Some(rng.u64(..)), None, now);
+                        pool.observe_remaining(id, DEP, Some(rng.u64(..)), None, now);
                         if outcome == Outcome::Success {
                             break;
                         }
@@ -913,15 +913,15 @@ fn pick_needing(pool: &BackendPool, need: u64, now: Instant) -> BackendId {
 fn a_backend_that_cannot_fit_the_estimate_is_skipped() {
     let pool = pool(vec![backend("ptu", 1, 1), backend("std", 2, 1)]);
     let t0 = Instant::now();
-    pool.observe_remaining(BackendId(0), Some(500), None, t0);
+    pool.observe_remaining(BackendId(0), DEP, Some(500), None, t0);
     assert_eq!(pick_needing(&pool, 400, t0), BackendId(0));
     // 400 of the 500 are now spoken for: the next 400-token request goes to priority 2.
     assert_eq!(pick_needing(&pool, 400, t0), BackendId(1));
     // A fresh report restores the headroom.
-    pool.observe_remaining(BackendId(0), Some(10_000), None, t0 + ms(10));
+    pool.observe_remaining(BackendId(0), DEP, Some(10_000), None, t0 + ms(10));
     assert_eq!(pick_needing(&pool, 400, t0 + ms(10)), BackendId(0));
     // Plain selection ignores quota.
-    pool.observe_remaining(BackendId(0), Some(0), None, t0 + ms(20));
+    pool.observe_remaining(BackendId(0), DEP, Some(0), None, t0 + ms(20));
     assert_eq!(pick(&pool, &[], t0 + ms(20)), BackendId(0));
 }
 
@@ -934,7 +934,7 @@ fn stale_or_missing_quota_falls_back_to_plain_selection() {
         BackendId(0),
         "never reported"
     );
-    pool.observe_remaining(BackendId(0), Some(0), None, t0);
+    pool.observe_remaining(BackendId(0), DEP, Some(0), None, t0);
     assert_eq!(pick_needing(&pool, 10, t0 + secs(1)), BackendId(1));
     let later = t0 + QUOTA_FRESHNESS + secs(1);
     assert_eq!(pick_needing(&pool, 10, later), BackendId(0), "stale report");
@@ -944,8 +944,8 @@ fn stale_or_missing_quota_falls_back_to_plain_selection() {
 fn when_no_backend_fits_selection_ignores_quota() {
     let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
     let t0 = Instant::now();
-    pool.observe_remaining(BackendId(0), Some(5), None, t0);
-    pool.observe_remaining(BackendId(1), Some(5), None, t0);
+    pool.observe_remaining(BackendId(0), DEP, Some(5), None, t0);
+    pool.observe_remaining(BackendId(1), DEP, Some(5), None, t0);
     assert_eq!(pick_needing(&pool, 100, t0), BackendId(0));
 }
 
@@ -957,8 +957,8 @@ fn headroom_weights_the_draw_inside_a_group_when_all_have_reported() {
         backend("c", 1, 1),
     ]);
     let t0 = Instant::now();
-    pool.observe_remaining(BackendId(0), Some(100_000), None, t0);
-    pool.observe_remaining(BackendId(1), Some(900_000), None, t0);
+    pool.observe_remaining(BackendId(0), DEP, Some(100_000), None, t0);
+    pool.observe_remaining(BackendId(1), DEP, Some(900_000), None, t0);
     // `c` has not reported: plain weights, about a third each.
     let count = |id: usize, need: Option<u64>| {
         (0..3000)
@@ -968,7 +968,7 @@ fn headroom_weights_the_draw_inside_a_group_when_all_have_reported() {
     let a = count(0, Some(1));
     assert!((800..=1200).contains(&a), "{a}");
     // All reported: a 1 : b 9 : c 10 by headroom (the 1-token estimates barely move it).
-    pool.observe_remaining(BackendId(2), Some(1_000_000), None, t0);
+    pool.observe_remaining(BackendId(2), DEP, Some(1_000_000), None, t0);
     let a = count(0, Some(1));
     assert!(
         (90..=220).contains(&a),
@@ -979,4 +979,32 @@ fn headroom_weights_the_draw_inside_a_group_when_all_have_reported() {
     // Without an estimate, quota plays no part.
     let a = count(0, None);
     assert!((800..=1200).contains(&a), "{a}");
+}
+
+#[test]
+fn headroom_is_per_deployment_and_a_throttle_clears_it() {
+    let pool = pool(vec![
+        backend_for("ptu", 1, 1, &[DEP, "emb"]),
+        backend_for("std", 2, 1, &[DEP, "emb"]),
+    ]);
+    let t0 = Instant::now();
+    // The embeddings deployment is exhausted; gpt-4o on the same backend is not.
+    pool.observe_remaining(BackendId(0), "emb", Some(0), None, t0);
+    pool.observe_remaining(BackendId(0), DEP, Some(50_000), None, t0);
+    assert_eq!(pick_needing(&pool, 1_000, t0), BackendId(0));
+    assert_eq!(
+        pool.select_with("emb", &[], Some(10), t0),
+        Selection::Backend(BackendId(1))
+    );
+    // A 429 for gpt-4o: once its cooldown is over, the stale 'remaining 0' does not keep it away.
+    pool.observe_remaining(BackendId(0), DEP, Some(0), None, t0);
+    pool.record(
+        BackendId(0),
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(1)),
+        },
+        t0,
+    );
+    assert_eq!(pick_needing(&pool, 1_000, t0 + secs(1)), BackendId(0));
 }

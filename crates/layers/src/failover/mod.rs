@@ -235,8 +235,8 @@ impl FailoverLayer {
         }
     }
 
-    /// Calls `hook(backend, cooldown)` whenever an answer puts a backend into cooldown (a 429, a
-    /// 401/403, a 5xx with a retry hint): the way to tell other gateway instances, e.g. through Redis.
+    /// Calls `hook(backend, cooldown)` whenever a 429 puts a backend into cooldown: the way to tell
+    /// other gateway instances, e.g. through Redis. (Auth failures and 5xx are this instance's own.)
     pub fn on_cooldown(self, hook: impl Fn(&str, Duration) + Send + Sync + 'static) -> Self {
         let mut shared = Arc::unwrap_or_clone(self.shared);
         shared.on_cooldown = Some(Arc::new(hook));

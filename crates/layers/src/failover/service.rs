@@ -231,6 +231,7 @@ where
         };
         pool.observe_remaining(
             id,
+            deployment,
             remaining("x-ratelimit-remaining-tokens"),
             remaining("x-ratelimit-remaining-requests"),
             Instant::now(),
@@ -256,7 +257,11 @@ where
             Verdict::FailOver(outcome, kind) => {
                 tracing::info!(backend = %up.name, status = status.as_u16(), "failing over");
                 let cooldown = pool.record(id, deployment, outcome, Instant::now());
-                if let (Some(cooldown), Some(hook)) = (cooldown, &shared.on_cooldown) {
+                // Only throttles are shared: another instance has its own credentials and errors.
+                let throttled = matches!(outcome, Outcome::Throttled { .. });
+                if let (true, Some(cooldown), Some(hook)) =
+                    (throttled, cooldown, &shared.on_cooldown)
+                {
                     hook(&up.name, cooldown);
                 }
                 record(Some(status.as_u16()), kind);

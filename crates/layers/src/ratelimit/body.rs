@@ -33,9 +33,17 @@ pub(crate) struct SseWatch {
     /// ends without its usage chunk.
     content_chunks: u64,
     prompt_estimate: u64,
+    /// Tokens reserved: the least a stream that never told its usage is charged.
+    reserved: u64,
+    /// Set when an event grew past [`MAX_PENDING`]: the stream is passed on without being read.
+    gave_up: bool,
     report: UsageReport,
     reconcile: Option<Reconcile>,
 }
+
+/// Largest incomplete event kept while looking for its end; SSE events are small, and a body that
+/// never ends one must not grow the gateway's memory.
+const MAX_PENDING: usize = 1 << 20;
 
 // === impl Reconcile ===
 
@@ -74,6 +82,7 @@ impl<B> UsageBody<B> {
         inner: B,
         strip_usage: bool,
         prompt_estimate: u64,
+        reserved: u64,
         report: UsageReport,
         reconcile: Option<Reconcile>,
     ) -> Self {
@@ -86,6 +95,8 @@ impl<B> UsageBody<B> {
                 usage: None,
                 content_chunks: 0,
                 prompt_estimate,
+                reserved,
+                gave_up: false,
                 report,
                 reconcile,
             })),
@@ -182,6 +193,9 @@ where
 impl SseWatch {
     /// Reads complete events in `data` (with what was pending), forwarding nothing.
     fn read(&mut self, data: &[u8]) {
+        if self.gave_up {
+            return;
+        }
         self.pending.extend_from_slice(data);
         let mut start = 0;
         while let Some(end) = find_event_end(&self.pending[start..]) {
@@ -191,10 +205,16 @@ impl SseWatch {
             start += end;
         }
         self.pending.drain(..start);
+        if self.pending.len() > MAX_PENDING {
+            self.give_up();
+        }
     }
 
     /// Returns the complete events in `data` (with what was pending) minus the usage chunk.
     fn filter(&mut self, data: &[u8]) -> Bytes {
+        if self.gave_up {
+            return Bytes::copy_from_slice(data);
+        }
         self.pending.extend_from_slice(data);
         let mut out = Vec::with_capacity(self.pending.len());
         let mut start = 0;
@@ -208,7 +228,17 @@ impl SseWatch {
             start += end;
         }
         self.pending.drain(..start);
+        if self.pending.len() > MAX_PENDING {
+            out.append(&mut self.pending);
+            self.give_up();
+        }
         Bytes::from(out)
+    }
+
+    fn give_up(&mut self) {
+        tracing::warn!("an SSE event grew past 1 MiB; passing the stream on without reading it");
+        self.pending = Vec::new();
+        self.gave_up = true;
     }
 
     fn note(&mut self, usage: Option<Usage>, content: bool) {
@@ -221,21 +251,43 @@ impl SseWatch {
     }
 
     fn finish(&mut self) {
-        let usage = self.usage.unwrap_or(Usage {
+        let counted = Usage {
             prompt: self.prompt_estimate,
             completion: self.content_chunks,
             total: self.prompt_estimate + self.content_chunks,
-        });
-        self.report.set(usage);
+        };
+        // Without the backend's own figure the chunk count is a floor (chunks may hold several
+        // tokens, tool calls, other fields): never charge less than was reserved.
+        let consumed = match self.usage {
+            Some(usage) => {
+                // Only what the backend said is usage; outer layers show the estimate otherwise.
+                self.report.set(usage);
+                usage.total
+            }
+            None => counted.total.max(self.reserved),
+        };
         if let Some(reconcile) = self.reconcile.as_mut() {
-            reconcile.fire(usage.total);
+            reconcile.fire(consumed);
         }
     }
 }
 
-/// The length of the first complete event (through its blank line), if `buf` holds one.
+impl Drop for SseWatch {
+    /// A client that goes away mid-stream still pays for the stream: settle with what was seen.
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The length of the first complete event (through its blank line, `\n\n` or `\r\n\r\n`), if `buf`
+/// holds one.
 fn find_event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The usage total if this event is a final usage chunk, and whether it carried generated text.
@@ -276,6 +328,8 @@ mod tests {
                 usage: None,
                 content_chunks: 0,
                 prompt_estimate: 10,
+                reserved: 0,
+                gave_up: false,
                 report: UsageReport::default(),
                 reconcile: Some(Reconcile::new(move |n| *s.lock().unwrap() = Some(n))),
             },
@@ -305,6 +359,38 @@ mod tests {
     }
 
     #[test]
+    fn crlf_framed_events_are_understood() {
+        let (mut w, seen) = watch(true);
+        let crlf = |e: &str| e.replace("\n\n", "\r\n\r\n");
+        let out = w.filter(format!("{}{}{}", crlf(CHUNK), crlf(USAGE), crlf(DONE)).as_bytes());
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            format!("{}{}", crlf(CHUNK), crlf(DONE))
+        );
+        w.finish();
+        assert_eq!(*seen.lock().unwrap(), Some(11));
+    }
+
+    #[test]
+    fn a_stream_dropped_without_usage_pays_at_least_its_reservation() {
+        let (mut w, seen) = watch(false);
+        w.reserved = 100;
+        w.read(CHUNK.as_bytes());
+        drop(w);
+        assert_eq!(*seen.lock().unwrap(), Some(100));
+    }
+
+    #[test]
+    fn an_endless_event_is_passed_on_unread() {
+        let (mut w, _) = watch(true);
+        let big = vec![b'x'; MAX_PENDING + 10];
+        let out = w.filter(&big);
+        assert_eq!(out.len(), big.len());
+        assert!(w.gave_up && w.pending.is_empty());
+        assert_eq!(w.filter(b"more").as_ref(), b"more");
+    }
+
+    #[test]
     fn reading_along_keeps_everything_and_finds_usage() {
         let (mut w, seen) = watch(false);
         w.read(CHUNK.as_bytes());
@@ -321,7 +407,6 @@ mod tests {
         w.finish();
         w.finish();
         assert_eq!(*seen.lock().unwrap(), Some(13));
-        let usage = w.report.usage().unwrap();
-        assert_eq!((usage.prompt, usage.completion), (10, 3));
+        assert_eq!(w.report.usage(), None, "the backend never told its usage");
     }
 }

@@ -65,8 +65,9 @@ mod body;
 mod service;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use gateway_core::limits::{LimitStore, Limits};
 use gateway_core::tokens::{Estimate, Usage};
@@ -97,8 +98,8 @@ impl UsageReport {
         let _ = self.usage.set(usage);
     }
 
-    /// The real usage, once the answer has told it (or the stream ended without telling: then the
-    /// prompt estimate plus one token per generated chunk).
+    /// The real usage, once the answer has told it; `None` while it has not, or when it never does
+    /// (a stream cut short or without a usage chunk), so the estimate stands.
     pub fn usage(&self) -> Option<Usage> {
         self.usage.get().copied()
     }
@@ -166,6 +167,29 @@ struct Shared<St> {
     config: RateLimitConfig,
     /// Whether the store is failing, so an outage is logged once, not per request.
     store_down: AtomicBool,
+    /// Until when (ms since `started`) the store is not asked after a failure: a black-holed store
+    /// would otherwise cost every request the store's whole timeout.
+    store_rest_until: AtomicU64,
+    started: Instant,
+}
+
+/// How long the store rests after it failed.
+const STORE_REST: Duration = Duration::from_secs(1);
+
+impl<St> Shared<St> {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn store_resting(&self) -> bool {
+        self.now_ms() < self.store_rest_until.load(Ordering::Relaxed)
+    }
+
+    fn store_failed(&self) {
+        metrics::counter!("gateway_limit_store_errors_total").increment(1);
+        let until = self.now_ms() + STORE_REST.as_millis() as u64;
+        self.store_rest_until.store(until, Ordering::Relaxed);
+    }
 }
 
 /// The counter key of a consumer's own limits, for reading its usage from the store.
@@ -243,6 +267,8 @@ impl<St: LimitStore> RateLimitLayer<St> {
                 store,
                 config,
                 store_down: AtomicBool::new(false),
+                store_rest_until: AtomicU64::new(0),
+                started: Instant::now(),
             }),
         }
     }

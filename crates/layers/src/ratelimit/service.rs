@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use gateway_core::limits::{
-    Admission, LimitCheck, LimitKind, LimitStore, Limits, Remaining, Reservation,
+    Admission, LimitCheck, LimitKind, LimitStore, Limits, Remaining, Reservation, StoreError,
 };
 use gateway_core::operation::Operation;
 use gateway_core::tokens;
@@ -33,6 +33,12 @@ pub struct RateLimit<S, St> {
 
 /// Response future of [`RateLimit`]: boxed, as it awaits the store before and after the call.
 pub type RateLimitFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+/// Why a call did not ask the store.
+const RESTING: &str = "skipped: the store failed less than a second ago";
+
+/// Largest reservation: far above any real request, far below what a counter can hold.
+const MAX_RESERVATION: u64 = 1 << 40;
 
 /// Largest non-streamed answer read whole to learn its usage (and send the tokens-consumed header);
 /// larger ones stream through and keep their estimate.
@@ -148,22 +154,37 @@ where
             config.default_completion_tokens,
         )
     };
-    let streaming_chat = ctx.stream
-        && matches!(
-            ctx.operation,
-            Operation::ChatCompletions | Operation::Completions
-        );
+    // Chat only: whether Azure's legacy Completions accept `stream_options` is not documented.
+    let streaming_chat = ctx.stream && ctx.operation == Operation::ChatCompletions;
     let v1 = ctx.deployment_source == DeploymentSource::Body;
     let api_version_supports_usage = tokens::supports_stream_usage(ctx.api_version.as_deref(), v1);
     req.extensions_mut().insert(estimate);
 
-    let (reservation, remaining) = if checks.is_empty() {
-        (None, Remaining::default())
+    // An absurd max_tokens must not overflow a counter (a store error would fail open).
+    let need = estimate.total().min(MAX_RESERVATION);
+    if let Some(res) = never_fits(consumer.as_deref().unwrap_or_default(), &checks, need) {
+        return Ok(res);
+    }
+
+    let stored = if checks.is_empty() {
+        None
+    } else if shared.store_resting() {
+        Some(Err(StoreError(RESTING.into())))
     } else {
-        match shared.store.reserve(&checks, estimate.total()).await {
+        let result = shared.store.reserve(&checks, need).await;
+        if result.is_err() {
+            // Only a real failure starts a rest: skipped calls must not prolong it forever.
+            shared.store_failed();
+        }
+        Some(result)
+    };
+    let (reservation, remaining) = match stored {
+        None => (None, Remaining::default()),
+        Some(result) => match result {
             Ok(admission) => {
                 if shared.store_down.swap(false, Ordering::Relaxed) {
                     tracing::info!("limit store reachable again");
+                    metrics::gauge!("gateway_limit_store_up").set(1.0);
                 }
                 match admission {
                     Admission::Admitted {
@@ -198,6 +219,7 @@ where
             Err(err) => {
                 if !shared.store_down.swap(true, Ordering::Relaxed) {
                     tracing::error!(error = %err, policy = ?config.on_store_error, "limit store unreachable");
+                    metrics::gauge!("gateway_limit_store_up").set(0.0);
                 }
                 if config.on_store_error == OnStoreError::FailClosed {
                     return Ok(azure_error(
@@ -208,7 +230,7 @@ where
                 }
                 (None, Remaining::default())
             }
-        }
+        },
     };
 
     // Ask for the final usage chunk, so a stream is accounted with real usage, not an estimate.
@@ -245,8 +267,16 @@ where
     }
     if is_event_stream(&parts.headers) {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
+        let reserved = reservation.as_ref().map_or(0, |r| r.tokens);
         let reconcile = reservation.map(|r| reconciler(shared.store.clone(), r));
-        let body = UsageBody::sse(body, strip_usage, estimate.prompt, report, reconcile);
+        let body = UsageBody::sse(
+            body,
+            strip_usage,
+            estimate.prompt,
+            reserved,
+            report,
+            reconcile,
+        );
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
@@ -343,6 +373,29 @@ fn checks(
     checks
 }
 
+/// A request larger than a whole per-minute limit or quota would be told to retry forever: say so.
+fn never_fits<B: From<Bytes>>(
+    consumer: &str,
+    checks: &[LimitCheck],
+    need: u64,
+) -> Option<Response<B>> {
+    let (limit, what) = match (
+        tightest(checks, |l| l.tokens_per_minute),
+        tightest(checks, |l| l.quota.map(|q| q.tokens)),
+    ) {
+        (Some(tpm), _) if need > tpm => (tpm, "tokens per minute"),
+        (_, Some(quota)) if need > quota => (quota, "tokens of quota"),
+        _ => return None,
+    };
+    Some(azure_error(
+        StatusCode::BAD_REQUEST,
+        "BadRequest",
+        &format!(
+            "This request needs an estimated {need} tokens (prompt plus max_tokens times n), more than consumer '{consumer}' may use at all ({limit} {what}). Lower max_tokens or split the request."
+        ),
+    ))
+}
+
 fn tightest(checks: &[LimitCheck], f: impl Fn(&Limits) -> Option<u64>) -> Option<u64> {
     checks.iter().filter_map(|c| f(&c.limits)).min()
 }
@@ -354,9 +407,13 @@ fn stamp(
     r: &Remaining,
 ) {
     let h = &config.headers;
-    let mut set = |name: &http::HeaderName, value: Option<u64>| {
-        if let Some(v) = value {
+    // The consumer's figures replace the backend's, even those the consumer has no limit for.
+    let mut set = |name: &http::HeaderName, value: Option<u64>| match value {
+        Some(v) => {
             headers.insert(name.clone(), HeaderValue::from(v));
+        }
+        None => {
+            headers.remove(name);
         }
     };
     set(&h.remaining_tokens, r.tokens);
