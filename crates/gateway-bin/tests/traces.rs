@@ -399,3 +399,57 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_spans_are_counted_a
     // Two spans per request (server and attempt), all lost.
     assert_eq!(dropped.get("dropped"), Some(&"100"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_accepts_and_never_answers_costs_requests_nothing() {
+    // The worst collector: it takes the connection and then says nothing, so each export waits for
+    // its whole timeout while spans keep coming.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", hole.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for conn in hole.incoming().flatten() {
+            keep.lock().unwrap().push(conn);
+        }
+    });
+    let only = region("Region 0").await;
+    let policy = policy_file(&[&only]);
+    let (mut gw, base, log) = gateway(&policy, &url).await;
+
+    // 1,200 requests make 2,400 spans: more than the 2,048 the exporter may hold.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let calls = futures_util::stream::iter(0..1200u32).map(|i| {
+        let req = chat_request(&base, &format!("{:032x}", i + 1), false)
+            .build()
+            .unwrap();
+        client.execute(req)
+    });
+    let mut calls = calls.buffer_unordered(16);
+    let mut ok = 0;
+    while let Some(res) = calls.next().await {
+        assert_eq!(res.unwrap().status(), 200);
+        ok += 1;
+    }
+    assert_eq!(ok, 1200);
+
+    common::sigterm(&gw);
+    let status = common::wait_exit(&mut gw, Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let dropped: u64 = stderr
+        .lines()
+        .filter(|l| l.contains("spans dropped in total"))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == "dropped")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no drop count logged: {stderr}"));
+    assert!(
+        (352..=2400).contains(&dropped),
+        "the queue overflowed, and the overflow was counted: {dropped}"
+    );
+}
