@@ -40,6 +40,39 @@ pub async fn region_with(
         .unwrap()
 }
 
+/// One simulated "Sweden Central" region serving `gpt-4o` (as `gpt4o-swc`, `chat_tpm` tokens per
+/// minute) and `text-embedding-3-small` (as `embedding-swc`), behind a gateway whose consumer gets
+/// `consumer_toml` appended (e.g. its `[consumers.limits]`).
+pub async fn sweden(chat_tpm: u64, consumer_toml: &str) -> (RunningRegion, Gateway) {
+    let sim = region(
+        "Sweden Central",
+        &[("gpt4o-swc", chat_tpm), ("embedding-swc", 1_000_000)],
+    )
+    .await;
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[
+            ("gpt-4o", "gpt4o-swc"),
+            ("text-embedding-3-small", "embedding-swc"),
+        ],
+    );
+    let gw = gateway(
+        &policy_with_limits(
+            &["gpt-4o", "text-embedding-3-small"],
+            &[b],
+            "",
+            consumer_toml,
+        ),
+        &["Sweden Central"],
+    )
+    .await;
+    (sim, gw)
+}
+
 /// The backend key a simulated region accepts.
 pub fn backend_key(region: &str) -> String {
     format!("key-{}", region.to_lowercase().replace(' ', "-"))

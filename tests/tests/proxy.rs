@@ -9,28 +9,7 @@ use gateway_e2e::*;
 use serde_json::{Value, json};
 
 async fn one_region() -> (simulator::RunningRegion, Gateway) {
-    let sim = region(
-        "Sweden Central",
-        &[("gpt4o-swc", 100_000), ("embedding-swc", 1_000_000)],
-    )
-    .await;
-    let b = backend_toml(
-        "swc",
-        &sim,
-        "Sweden Central",
-        1,
-        1,
-        &[
-            ("gpt-4o", "gpt4o-swc"),
-            ("text-embedding-3-small", "embedding-swc"),
-        ],
-    );
-    let gw = gateway(
-        &policy(&["gpt-4o", "text-embedding-3-small"], &[b], ""),
-        &["Sweden Central"],
-    )
-    .await;
-    (sim, gw)
+    sweden(100_000, "").await
 }
 
 #[tokio::test]

@@ -8,33 +8,7 @@ use serde_json::{Value, json};
 use simulator::{Fault, RunningRegion};
 
 async fn limited(consumer_toml: &str) -> (RunningRegion, Gateway) {
-    let sim = region(
-        "Sweden Central",
-        &[("gpt4o-swc", 1_000_000), ("embedding-swc", 1_000_000)],
-    )
-    .await;
-    let b = backend_toml(
-        "swc",
-        &sim,
-        "Sweden Central",
-        1,
-        1,
-        &[
-            ("gpt-4o", "gpt4o-swc"),
-            ("text-embedding-3-small", "embedding-swc"),
-        ],
-    );
-    let gw = gateway(
-        &policy_with_limits(
-            &["gpt-4o", "text-embedding-3-small"],
-            &[b],
-            "",
-            consumer_toml,
-        ),
-        &["Sweden Central"],
-    )
-    .await;
-    (sim, gw)
+    sweden(1_000_000, consumer_toml).await
 }
 
 fn header(res: &reqwest::Response, name: &str) -> u64 {
