@@ -1,0 +1,163 @@
+use std::borrow::Cow;
+
+use super::parse::Text;
+use super::*;
+
+fn parse(op: Operation, body: &str) -> RequestJson {
+    RequestJson::parse(op, body.as_bytes()).unwrap()
+}
+
+fn edited(json: &RequestJson, body: &str, edits: Edits<'_>) -> serde_json::Value {
+    let out = json.edit(&Bytes::from(body.to_owned()), &edits);
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[test]
+fn strings_are_borrowed_unless_escaped() {
+    let plain: Text<'_> = serde_json::from_str(r#""hello""#).unwrap();
+    assert!(matches!(plain.0, Cow::Borrowed("hello")));
+    let escaped: Text<'_> = serde_json::from_str(r#""a\nb""#).unwrap();
+    assert!(matches!(escaped.0, Cow::Owned(ref s) if s == "a\nb"));
+}
+
+#[test]
+fn routing_fields_are_read_whatever_the_spacing() {
+    let body = "{ \"model\" : \"gpt-4o\" ,\n \"stream\": true, \"stream_options\" : { \"include_usage\" : true },\n \"max_completion_tokens\": 7, \"max_tokens\": 5, \"n\": 2, \"messages\": [] }";
+    let json = parse(Operation::ChatCompletions, body);
+    assert_eq!(json.model.as_deref(), Some("gpt-4o"));
+    assert!(json.stream && json.include_usage);
+    assert_eq!(json.output_limit(), Some(7));
+    assert_eq!(json.n, Some(2));
+}
+
+#[test]
+fn prompt_texts_point_into_the_body_unless_escaped() {
+    let body =
+        r#"{"messages":[{"role":"user","content":"Hello"},{"role":"user","content":"a\nb"}]}"#;
+    let json = parse(Operation::ChatCompletions, body);
+    let prompt = json.prompt.as_ref().unwrap();
+    let texts: Vec<_> = prompt.texts(body.as_bytes()).collect();
+    assert_eq!(texts, ["user", "Hello", "user", "a\nb"]);
+    assert!(matches!(prompt.texts[1], Piece::At(_)));
+    assert!(matches!(prompt.texts[3], Piece::Decoded(_)));
+    assert_eq!(prompt.fixed, 3 + 3 + 3);
+}
+
+#[test]
+fn an_unexpected_prompt_shape_keeps_the_routing_fields() {
+    let json = parse(
+        Operation::ChatCompletions,
+        r#"{"model":"m","messages":[{"role":"user","content":42}],"stream":true}"#,
+    );
+    assert!(json.prompt.is_none());
+    assert!(json.stream);
+    assert_eq!(json.model.as_deref(), Some("m"));
+}
+
+#[test]
+fn bodies_that_are_not_objects_or_have_bad_routing_fields_are_errors() {
+    for body in [
+        "",
+        "  ",
+        "[1,2]",
+        "null",
+        "{nope",
+        r#"{"stream":"yes"}"#,
+        r#"{"model":3}"#,
+    ] {
+        assert!(
+            RequestJson::parse(Operation::ChatCompletions, body.as_bytes()).is_err(),
+            "{body}"
+        );
+    }
+    let err = RequestJson::parse(Operation::Embeddings, b"{nope").unwrap_err();
+    assert!(err.0.contains("line 1"), "{err}");
+}
+
+#[test]
+fn model_is_rewritten_in_place_keeping_everything_else() {
+    let body = r#"{"input":"hi", "model" : "gpt-4o" , "dimensions":3}"#;
+    let json = parse(Operation::Embeddings, body);
+    let out = json.edit(
+        &Bytes::from(body),
+        &Edits {
+            model: Some("emb-\"ptu\""),
+            include_usage: false,
+        },
+    );
+    assert_eq!(
+        std::str::from_utf8(&out).unwrap(),
+        r#"{"input":"hi", "model" : "emb-\"ptu\"" , "dimensions":3}"#
+    );
+}
+
+#[test]
+fn nothing_to_change_returns_the_same_bytes() {
+    let body = Bytes::from_static(
+        br#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    let json = RequestJson::parse(Operation::ChatCompletions, &body).unwrap();
+    let out = json.edit(
+        &body,
+        &Edits {
+            model: Some("gpt-4o"),
+            include_usage: true,
+        },
+    );
+    assert_eq!(out.as_ptr(), body.as_ptr());
+}
+
+#[test]
+fn include_usage_is_added_keeping_other_stream_options() {
+    let body = r#"{"messages":[],"stream":true,"stream_options":{"other":1}}"#;
+    let json = parse(Operation::ChatCompletions, body);
+    assert!(!json.include_usage);
+    let v = edited(
+        &json,
+        body,
+        Edits {
+            model: None,
+            include_usage: true,
+        },
+    );
+    assert_eq!(v["stream_options"]["other"], 1);
+    assert_eq!(v["stream_options"]["include_usage"], true);
+
+    for body in [
+        r#"{"messages":[],"stream":true}"#,
+        "{\"messages\":[],\"stream\":true}\n",
+        "{}",
+        "{ }",
+        r#"{"stream_options":null,"stream":true}"#,
+        r#"{"stream_options":"junk","stream":true}"#,
+        r#"{"stream_options":{"include_usage":false},"stream":true}"#,
+    ] {
+        let json = parse(Operation::ChatCompletions, body);
+        let v = edited(
+            &json,
+            body,
+            Edits {
+                model: None,
+                include_usage: true,
+            },
+        );
+        assert_eq!(v["stream_options"]["include_usage"], true, "{body}");
+    }
+}
+
+#[test]
+fn both_edits_at_once() {
+    let body = r#"{"model":"gpt-4o","input":"x","stream":true}"#;
+    let json = parse(Operation::Responses, body);
+    let v = edited(
+        &json,
+        body,
+        Edits {
+            model: Some("gpt-4o-ptu"),
+            include_usage: true,
+        },
+    );
+    assert_eq!(v["model"], "gpt-4o-ptu");
+    assert_eq!(v["stream_options"]["include_usage"], true);
+    assert_eq!(v["input"], "x");
+}
