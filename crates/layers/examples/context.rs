@@ -16,8 +16,8 @@ async fn describe(Extension(ctx): Extension<RequestContext>) -> Json<Value> {
         "operation": ctx.operation.as_str(),
         "deployment": ctx.deployment,
         "api_version": ctx.api_version,
-        "stream": ctx.stream,
-        "max_tokens": ctx.max_tokens,
+        "stream": ctx.stream(),
+        "max_tokens": ctx.max_tokens(),
         "body_bytes": ctx.body.len(),
     }))
 }

@@ -1,9 +1,12 @@
 //! Request-context capture: reads a request once and records what every later layer needs.
 //!
-//! [`RequestContextLayer`] buffers the body (up to a cap, so it can be replayed on failover), works out
-//! the operation, the logical deployment (from the path, or the body's `model` on v1 and Responses paths),
-//! the `api-version`, whether the call streams and the requested `max_tokens`, and stores a
-//! [`RequestContext`] in the request extensions. It answers 413 for a body over the cap and 400 for
+//! [`RequestContextLayer`] buffers the body (up to a cap, so it can be replayed on failover), parses it
+//! once ([`RequestJson`]), works out the operation, the logical deployment (from the path, or the
+//! body's `model` on v1 and Responses paths), the `api-version`, whether the call streams and the
+//! requested `max_tokens`, and stores a [`RequestContext`] in the request extensions. It is the one
+//! owner of the body: inner layers never parse it again, and record the edits they need (such as
+//! asking a stream for its usage chunk) in the context, to be spliced in when each attempt is built
+//! ([`RequestContext::body_for`]). It answers 413 for a body over the cap and 400 for
 //! invalid JSON, both in Azure's error shape, and stamps `x-request-id` on every response (and
 //! `x-gateway-attempts: 0` and `x-served-by: gateway` when nothing upstream answered). The response
 //! extensions get a copy of the context without its body, for outer layers such as metrics.
@@ -18,7 +21,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! async fn handler(Extension(ctx): Extension<RequestContext>) -> String {
-//!     format!("{} {:?} stream={}", ctx.operation.as_str(), ctx.deployment, ctx.stream)
+//!     format!("{} {:?} stream={}", ctx.operation.as_str(), ctx.deployment, ctx.stream())
 //! }
 //!
 //! let app = Router::new()
@@ -38,33 +41,27 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use gateway_core::request::{Edits, RequestJson};
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde::Deserialize;
 use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::error::azure_error;
-use crate::headers::content_length;
+use crate::headers::{
+    X_GATEWAY_ATTEMPTS, X_MS_CLIENT_REQUEST_ID, X_REQUEST_ID, X_SERVED_BY, content_length,
+};
 pub use gateway_core::operation::Operation;
 
 /// Longest deployment name accepted (Azure allows 64 characters).
 const MAX_DEPLOYMENT_NAME: usize = 128;
-
-/// `x-request-id`: the id the gateway answers with and sends upstream.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// `x-ms-client-request-id`: Azure SDKs' own request id, accepted when `x-request-id` is absent.
-pub static X_MS_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
-/// `x-served-by`: which backend (`name (region)`) answered, or `gateway` when the gateway did.
-pub static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
-/// `x-gateway-attempts`: how many upstream attempts the gateway made for this request.
-pub static X_GATEWAY_ATTEMPTS: HeaderName = HeaderName::from_static("x-gateway-attempts");
 
 /// Where a request names its deployment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,13 +92,12 @@ pub struct RequestContext {
     pub deployment_source: DeploymentSource,
     /// The `api-version` query parameter.
     pub api_version: Option<String>,
-    /// Whether the client asked for a Server-Sent Events stream.
-    pub stream: bool,
-    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens` from the body.
-    pub max_tokens: Option<u64>,
-    /// `n` (choices) from the body.
-    pub n: Option<u32>,
-    /// The whole request body, replayable on every attempt.
+    /// The body's one parse, for the operations whose body is JSON; `None` for the others.
+    pub json: Option<Arc<RequestJson>>,
+    /// Set by a layer that needs a stream's final usage chunk (the rate-limit layer): every attempt's
+    /// body then asks for it (`stream_options.include_usage`).
+    pub ask_for_usage: bool,
+    /// The whole request body as received, replayable on every attempt.
     pub body: Bytes,
 }
 
@@ -137,23 +133,6 @@ pub struct CaptureContext<S> {
 
 /// Response future of [`CaptureContext`]: boxed, since it awaits the body before calling the inner service.
 pub type CaptureFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
-
-// Only the fields the gateway routes and accounts on; everything else is skipped, not allocated.
-#[derive(Deserialize)]
-struct Peek {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(default)]
-    max_output_tokens: Option<u64>,
-    #[serde(default)]
-    n: Option<u32>,
-}
 
 // === impl RequestContext ===
 
@@ -206,15 +185,17 @@ impl RequestContext {
         let wants_json = operation != Operation::Other
             && parts.method == Method::POST
             && !is_multipart(&parts.headers);
-        let peek = if wants_json {
-            Some(peek_json(&body)?)
+        let json = if wants_json {
+            let json =
+                RequestJson::parse(operation, &body).map_err(|e| CaptureError::InvalidJson(e.0))?;
+            Some(Arc::new(json))
         } else {
             None
         };
 
         let deployment = match deployment_source {
             DeploymentSource::Path { .. } => path_deployment,
-            DeploymentSource::Body => peek.as_ref().and_then(|p| p.model.clone()),
+            DeploymentSource::Body => json.as_ref().and_then(|j| j.model.clone()),
             DeploymentSource::None => None,
         };
         // Azure's deployment names have at most 64 characters; a longer one would only end up,
@@ -227,17 +208,6 @@ impl RequestContext {
                 "the deployment name is longer than {MAX_DEPLOYMENT_NAME} characters"
             )));
         }
-        let (stream, max_tokens, n) = match &peek {
-            Some(p) => (
-                p.stream.unwrap_or(false),
-                p.max_completion_tokens
-                    .or(p.max_tokens)
-                    .or(p.max_output_tokens),
-                p.n,
-            ),
-            None => (false, None, None),
-        };
-
         Ok(RequestContext {
             request_id: request_id(&parts.headers),
             received_at,
@@ -245,11 +215,41 @@ impl RequestContext {
             deployment,
             deployment_source,
             api_version,
-            stream,
-            max_tokens,
-            n,
+            json,
+            ask_for_usage: false,
             body,
         })
+    }
+
+    /// Whether the client asked for a Server-Sent Events stream.
+    pub fn stream(&self) -> bool {
+        self.json.as_ref().is_some_and(|j| j.stream)
+    }
+
+    /// `max_completion_tokens`, `max_tokens` or `max_output_tokens` from the body.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.json.as_ref().and_then(|j| j.output_limit())
+    }
+
+    /// `n` (choices) from the body.
+    pub fn n(&self) -> Option<u32> {
+        self.json.as_ref().and_then(|j| j.n)
+    }
+
+    /// The body to send to a backend: the body as received, with the recorded edits spliced in, and
+    /// `model` replaced by `model` when given (a backend's own deployment name on v1 and Responses
+    /// paths). Costs nothing when there is nothing to change.
+    pub fn body_for(&self, model: Option<&str>) -> Bytes {
+        match &self.json {
+            Some(json) => json.edit(
+                &self.body,
+                &Edits {
+                    model,
+                    include_usage: self.ask_for_usage,
+                },
+            ),
+            None => self.body.clone(),
+        }
     }
 }
 
@@ -458,15 +458,6 @@ fn is_multipart(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("multipart/"))
 }
 
-fn peek_json(body: &[u8]) -> Result<Peek, CaptureError> {
-    if body.is_empty() {
-        return Err(CaptureError::InvalidJson(
-            "a JSON object is required and the body is empty".into(),
-        ));
-    }
-    serde_json::from_slice::<Peek>(body).map_err(|e| CaptureError::InvalidJson(e.to_string()))
-}
-
 /// The client's request id when it is a sane token, else a new UUID.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     for name in [&X_REQUEST_ID, &X_MS_CLIENT_REQUEST_ID] {
@@ -534,8 +525,8 @@ mod tests {
         assert_eq!(ctx.operation, Operation::ChatCompletions);
         assert_eq!(ctx.deployment.as_deref(), Some("gpt-4o"));
         assert_eq!(ctx.api_version.as_deref(), Some("2024-10-21"));
-        assert!(ctx.stream);
-        assert_eq!(ctx.max_tokens, Some(50));
+        assert!(ctx.stream());
+        assert_eq!(ctx.max_tokens(), Some(50));
         assert_eq!(
             ctx.deployment_source,
             DeploymentSource::Path {
@@ -558,7 +549,7 @@ mod tests {
         .unwrap();
         assert_eq!(ctx.operation, Operation::Responses);
         assert_eq!(ctx.deployment.as_deref(), Some("gpt-4o"));
-        assert_eq!(ctx.max_tokens, Some(9));
+        assert_eq!(ctx.max_tokens(), Some(9));
     }
 
     #[test]
@@ -568,8 +559,8 @@ mod tests {
             r#"{"max_tokens":5,"max_completion_tokens":7,"n":2}"#,
         )
         .unwrap();
-        assert_eq!(ctx.max_tokens, Some(7));
-        assert_eq!(ctx.n, Some(2));
+        assert_eq!(ctx.max_tokens(), Some(7));
+        assert_eq!(ctx.n(), Some(2));
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //!
 //! Clients and SDKs parse this shape, so every answer the gateway makes itself uses it.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::headers::RETRY_AFTER_MS;
 
 /// Builds a JSON error response in Azure's shape.
 ///
@@ -27,5 +31,34 @@ pub fn azure_error<B: From<Bytes>>(status: StatusCode, code: &str, message: &str
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    res
+}
+
+/// A 429 the gateway makes itself, in Azure's shape: `message` followed by "Please retry after N
+/// seconds.", with `retry-after` (whole seconds, rounded up) and `retry-after-ms` set to `wait`, as
+/// Azure's own 429s carry them, so SDKs wait exactly as long.
+///
+/// ```
+/// use std::time::Duration;
+/// use gateway_layers::error::too_many_requests;
+///
+/// let res: http::Response<bytes::Bytes> =
+///     too_many_requests("Every backend is rate limited.", Duration::from_millis(1500));
+/// assert_eq!(res.status(), 429);
+/// assert_eq!(res.headers()["retry-after"], "2");
+/// assert_eq!(res.headers()["retry-after-ms"], "1500");
+/// assert!(std::str::from_utf8(res.body()).unwrap().ends_with("Please retry after 2 seconds.\"}}"));
+/// ```
+pub fn too_many_requests<B: From<Bytes>>(message: &str, wait: Duration) -> Response<B> {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    let secs = ms.div_ceil(1000);
+    let mut res = azure_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "429",
+        &format!("{message} Please retry after {secs} seconds."),
+    );
+    let h = res.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    h.insert(RETRY_AFTER_MS.clone(), HeaderValue::from(ms));
     res
 }

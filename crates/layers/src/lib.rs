@@ -11,7 +11,8 @@
 //! | [`propagate`] | [`PropagateHeadersLayer`] | which headers cross the gateway in each direction |
 //! | [`failover`] | [`FailoverLayer`] | picks a backend, replays the request, fails over on 429/5xx/timeouts |
 //!
-//! [`client::ReqwestClient`] is the HTTP client service the failover layer sends attempts through.
+//! [`client::ReqwestClient`] is the HTTP client service the failover layer sends attempts through;
+//! [`headers`] names every header the gateway owns; [`error`] builds answers in Azure's error shape.
 //!
 //! # Example: a complete gateway in a plain axum app
 //!
@@ -35,7 +36,7 @@ pub mod client;
 pub mod context;
 pub mod error;
 pub mod failover;
-mod headers;
+pub mod headers;
 pub mod propagate;
 pub mod ratelimit;
 

@@ -5,10 +5,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use gateway_layers::auth::Consumer;
-use gateway_layers::context::{RequestContext, X_REQUEST_ID};
+use gateway_layers::context::RequestContext;
 use gateway_layers::failover::FailoverReport;
+use gateway_layers::headers::{X_GATEWAY_LIMIT, X_REQUEST_ID};
 use gateway_layers::ratelimit::UsageReport;
-use http::{HeaderName, Request, Response, header};
+use http::{Request, Response, header};
 use http_body::Body;
 use metrics::{counter, histogram};
 use pin_project_lite::pin_project;
@@ -17,9 +18,6 @@ use tower::Service;
 use super::body::{ObserveBody, Record};
 use super::metrics::{FAILOVERS, LIMIT_REJECTIONS, OVERHEAD, UPSTREAM_ATTEMPTS, UPSTREAM_TTFB};
 use super::{Shared, UNKNOWN};
-
-/// Set by the rate-limit layer on the gateway's own limit answers: `tokens`, `requests` or `quota`.
-static X_GATEWAY_LIMIT: HeaderName = HeaderName::from_static("x-gateway-limit");
 
 /// Service produced by [`ObserveLayer`](super::ObserveLayer).
 #[derive(Clone, Debug)]
@@ -176,7 +174,7 @@ fn on_headers<B>(
         operation: ctx.map_or(UNKNOWN, |c| c.operation.as_str()),
         deployment,
         undeclared,
-        stream: ctx.is_some_and(|c| c.stream),
+        stream: ctx.is_some_and(RequestContext::stream),
         consumer: consumer.map(|c| c.name.clone()),
         usage: ext.get::<UsageReport>().cloned(),
         report,

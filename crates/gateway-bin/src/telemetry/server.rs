@@ -355,7 +355,7 @@ fn name_span(span: &Span, ctx: &RequestContext, method: &Method) {
     span.record("otel.name", name);
     span.record("gen_ai.operation.name", op);
     span.record("gen_ai.request.model", model);
-    span.record("gen_ai.request.max_tokens", ctx.max_tokens.map(int));
+    span.record("gen_ai.request.max_tokens", ctx.max_tokens().map(int));
     span.record("gateway.request_id", ctx.request_id.to_str().ok());
 }
 

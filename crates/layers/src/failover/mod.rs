@@ -86,10 +86,6 @@ use tower::Layer;
 pub use body::FailoverBody;
 pub use service::{Failover, FailoverFuture};
 
-pub use crate::context::X_SERVED_BY;
-/// `x-gateway-throttled`: set on a 429 the gateway made because every backend was cooling down.
-pub static X_GATEWAY_THROTTLED: HeaderName = HeaderName::from_static("x-gateway-throttled");
-
 /// How the failover layer bounds and triggers attempts.
 #[derive(Clone, Debug)]
 pub struct FailoverConfig {

@@ -17,13 +17,14 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::body::StreamWatch;
-use super::{
-    Attempt, AttemptOutcome, FailoverBody, FailoverReport, Shared, X_GATEWAY_THROTTLED, X_SERVED_BY,
-};
+use super::{Attempt, AttemptOutcome, FailoverBody, FailoverReport, Shared};
 use crate::BoxError;
-use crate::context::{DeploymentSource, RequestContext, X_GATEWAY_ATTEMPTS};
-use crate::error::azure_error;
-use crate::headers::is_event_stream;
+use crate::context::{DeploymentSource, RequestContext};
+use crate::error::{azure_error, too_many_requests};
+use crate::headers::{
+    X_GATEWAY_ATTEMPTS, X_GATEWAY_THROTTLED, X_RATELIMIT_REMAINING_REQUESTS,
+    X_RATELIMIT_REMAINING_TOKENS, X_SERVED_BY, is_event_stream, never_forwarded,
+};
 
 /// Service produced by [`FailoverLayer`](super::FailoverLayer).
 #[derive(Clone, Debug)]
@@ -223,7 +224,7 @@ where
 
         let status = res.status();
         let headers = res.headers();
-        let remaining = |name: &str| {
+        let remaining = |name: &http::HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
@@ -232,8 +233,8 @@ where
         pool.observe_remaining(
             id,
             deployment,
-            remaining("x-ratelimit-remaining-tokens"),
-            remaining("x-ratelimit-remaining-requests"),
+            remaining(&X_RATELIMIT_REMAINING_TOKENS),
+            remaining(&X_RATELIMIT_REMAINING_REQUESTS),
             Instant::now(),
         );
 
@@ -364,7 +365,7 @@ fn attempt_span(
         gen_ai.operation.name = op,
         gen_ai.provider.name = "azure.ai.openai",
         gen_ai.request.model = model,
-        gen_ai.request.max_tokens = ctx.max_tokens.and_then(|t| i64::try_from(t).ok()),
+        gen_ai.request.max_tokens = ctx.max_tokens().and_then(|t| i64::try_from(t).ok()),
         http.request.method = req.method().as_str(),
         server.address = uri.host(),
         server.port = i64::from(port),
@@ -434,25 +435,6 @@ fn is_deployment_not_found(body: &[u8]) -> bool {
         .is_ok_and(|e| e.error.code.as_deref() == Some("DeploymentNotFound"))
 }
 
-/// Headers never copied from the client onto an attempt: its credentials, and what the client library
-/// recomputes for the new request.
-fn skip_on_attempt(name: &header::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "api-key"
-            | "authorization"
-            | "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authorization"
-    )
-}
-
 fn build_attempt(
     parts: &Parts,
     ctx: &RequestContext,
@@ -465,21 +447,22 @@ fn build_attempt(
     let query = parts.uri.query();
     let mut uri = String::with_capacity(up.base.len() + path.len() + 64);
     uri.push_str(&up.base);
-    let mut body = ctx.body.clone();
-    match &ctx.deployment_source {
+    let body = match &ctx.deployment_source {
         DeploymentSource::Path { rest } => {
             uri.push_str("/openai/deployments/");
             uri.push_str(mapped);
             uri.push_str(rest);
+            ctx.body_for(None)
         }
         DeploymentSource::Body => {
             uri.push_str(path);
-            if mapped != logical {
-                body = rewrite_model(&ctx.body, mapped)?;
-            }
+            ctx.body_for(Some(mapped))
         }
-        DeploymentSource::None => uri.push_str(path),
-    }
+        DeploymentSource::None => {
+            uri.push_str(path);
+            ctx.body_for(None)
+        }
+    };
     if let Some(q) = query {
         uri.push('?');
         uri.push_str(q);
@@ -489,7 +472,7 @@ fn build_attempt(
     if let Some(headers) = builder.headers_mut() {
         headers.reserve(parts.headers.len() + 1);
         for (name, value) in &parts.headers {
-            if !skip_on_attempt(name) {
+            if !never_forwarded(name) {
                 headers.append(name.clone(), value.clone());
             }
         }
@@ -500,16 +483,6 @@ fn build_attempt(
     builder
         .body(Full::new(body))
         .map_err(|e| format!("invalid upstream request: {e}"))
-}
-
-/// The body with `model` replaced by the backend's own deployment name.
-fn rewrite_model(body: &[u8], mapped: &str) -> Result<Bytes, String> {
-    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|e| format!("request body is not a JSON object: {e}"))?;
-    value.insert("model".into(), serde_json::Value::String(mapped.to_owned()));
-    serde_json::to_vec(&value)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
 }
 
 fn served<B>(
@@ -624,19 +597,13 @@ fn throttled<B>(
     wait: Duration,
     report: FailoverReport,
 ) -> Response<FailoverBody<B>> {
-    let ms = wait.as_millis().max(1);
-    let secs = ms.div_ceil(1000);
-    let mut res: Response<FailoverBody<B>> = azure_error(
-        StatusCode::TOO_MANY_REQUESTS,
-        "429",
+    let mut res: Response<FailoverBody<B>> = too_many_requests(
         &format!(
-            "Every backend for deployment '{deployment}' is rate limited; this 429 comes from the gateway, not from Azure OpenAI. Please retry after {secs} seconds."
+            "Every backend for deployment '{deployment}' is rate limited; this 429 comes from the gateway, not from Azure OpenAI."
         ),
+        wait,
     );
-    let h = res.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-    h.insert("retry-after-ms", HeaderValue::from(ms as u64));
-    h.insert(
+    res.headers_mut().insert(
         X_GATEWAY_THROTTLED.clone(),
         HeaderValue::from_static("true"),
     );
@@ -691,13 +658,5 @@ mod tests {
             br#"{"error":{"code":"404","message":"Resource not found"}}"#
         ));
         assert!(!is_deployment_not_found(b"not json"));
-    }
-
-    #[test]
-    fn model_is_rewritten_per_backend() {
-        let out = rewrite_model(br#"{"model":"gpt-4o","input":"hi"}"#, "gpt-4o-ptu").unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["model"], "gpt-4o-ptu");
-        assert_eq!(v["input"], "hi");
     }
 }

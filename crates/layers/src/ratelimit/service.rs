@@ -10,11 +10,10 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitKind, LimitStore, Limits, Remaining, Reservation, StoreError,
 };
 use gateway_core::operation::Operation;
-use gateway_core::tokens;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use gateway_core::tokens::{self, Estimate};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
-use serde::Deserialize;
 use tower::Service;
 
 use super::body::{Reconcile, UsageBody};
@@ -22,8 +21,8 @@ use super::{OnStoreError, Shared, UsageReport};
 use crate::BoxError;
 use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
-use crate::error::azure_error;
-use crate::headers::{content_length, is_event_stream};
+use crate::error::{azure_error, too_many_requests};
+use crate::headers::{X_GATEWAY_LIMIT, content_length, is_event_stream};
 
 /// Service produced by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, St> {
@@ -85,7 +84,7 @@ where
     S::Future: Send,
     S::Error: Send,
     St: LimitStore,
-    ReqB: From<Bytes> + Send + 'static,
+    ReqB: Send + 'static,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError> + Send,
 {
@@ -113,7 +112,6 @@ async fn run<S, St, ReqB, ResB>(
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     St: LimitStore,
-    ReqB: From<Bytes>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
@@ -135,29 +133,16 @@ where
     // Exact counting only where a limit needs an exact reservation: tokenizing a long prompt costs
     // more than everything else the gateway does for a request. Routing can do with a rough figure.
     let estimate = if checks.is_empty() {
-        tokens::rough_estimate(
-            ctx.operation,
-            ctx.body.len(),
-            ctx.max_tokens,
-            ctx.n,
-            config.default_completion_tokens,
-        )
+        rough(ctx, config.default_completion_tokens)
     } else {
-        let model = deployment
-            .as_deref()
-            .map(|d| config.models.get(d).map_or(d, String::as_str))
-            .unwrap_or_default();
-        tokens::estimate(
-            ctx.operation,
-            model,
-            &ctx.body,
-            config.default_completion_tokens,
-        )
+        exact(ctx, config)
     };
     // Chat only: whether Azure's legacy Completions accept `stream_options` is not documented.
-    let streaming_chat = ctx.stream && ctx.operation == Operation::ChatCompletions;
+    let streaming_chat = ctx.stream() && ctx.operation == Operation::ChatCompletions;
     let v1 = ctx.deployment_source == DeploymentSource::Body;
-    let api_version_supports_usage = tokens::supports_stream_usage(ctx.api_version.as_deref(), v1);
+    let wants_usage_chunk = streaming_chat
+        && tokens::supports_stream_usage(ctx.api_version.as_deref(), v1)
+        && !ctx.json.as_ref().is_some_and(|j| j.include_usage);
     req.extensions_mut().insert(estimate);
 
     // An absurd max_tokens must not overflow a counter (a store error would fail open).
@@ -233,17 +218,13 @@ where
         },
     };
 
-    // Ask for the final usage chunk, so a stream is accounted with real usage, not an estimate.
+    // Ask for the final usage chunk, so a stream is accounted with real usage, not an estimate. The
+    // edit is only recorded here; it is spliced in when each attempt's body is built.
     let mut strip_usage = false;
-    if streaming_chat && api_version_supports_usage {
+    if wants_usage_chunk {
         if let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>() {
-            if !asks_for_usage(&ctx.body) {
-                if let Some(body) = with_include_usage(&ctx.body) {
-                    ctx.body = body.clone();
-                    *req.body_mut() = ReqB::from(body);
-                    strip_usage = true;
-                }
-            }
+            ctx.ask_for_usage = true;
+            strip_usage = true;
         }
     }
 
@@ -314,6 +295,43 @@ where
             ))
         }
     }
+}
+
+/// What routing needs: no tokenizer, the body's length over four plus the output limit.
+fn rough(ctx: &RequestContext, default_completion: u64) -> Estimate {
+    tokens::rough_estimate(
+        ctx.operation,
+        ctx.body.len(),
+        ctx.max_tokens(),
+        ctx.n(),
+        default_completion,
+    )
+}
+
+/// What a limit reserves: the prompt counted with the deployment's tokenizer, from the body's one
+/// parse. Without the `tokenizer` feature, the rough figure.
+#[cfg(feature = "tokenizer")]
+fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
+    let Some(json) = &ctx.json else {
+        return rough(ctx, config.default_completion_tokens);
+    };
+    let model = ctx
+        .deployment
+        .as_deref()
+        .map(|d| config.models.get(d).map_or(d, String::as_str))
+        .unwrap_or_default();
+    tokens::estimate_parsed(
+        ctx.operation,
+        tokens::encoding_for_model(model),
+        json,
+        &ctx.body,
+        config.default_completion_tokens,
+    )
+}
+
+#[cfg(not(feature = "tokenizer"))]
+fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
+    rough(ctx, config.default_completion_tokens)
 }
 
 /// Reconciles now; a store error is logged, never shown to the client, whose call already happened.
@@ -432,8 +450,6 @@ fn limited<B: From<Bytes>>(
     kind: LimitKind,
     retry_after: Duration,
 ) -> Response<B> {
-    let ms = retry_after.as_millis().max(1);
-    let secs = ms.div_ceil(1000);
     let what = match kind {
         LimitKind::Tokens => format!(
             "token rate limit of {} tokens per minute",
@@ -444,18 +460,12 @@ fn limited<B: From<Bytes>>(
             tightest(checks, |l| l.requests_per_minute).unwrap_or_default()
         ),
     };
-    let mut res = azure_error(
-        StatusCode::TOO_MANY_REQUESTS,
-        "429",
-        &format!(
-            "Consumer '{consumer}' exceeded its {what} at the gateway. Please retry after {secs} seconds."
-        ),
+    let mut res = too_many_requests(
+        &format!("Consumer '{consumer}' exceeded its {what} at the gateway."),
+        retry_after,
     );
-    let h = res.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-    h.insert("retry-after-ms", HeaderValue::from(ms as u64));
-    h.insert(
-        "x-gateway-limit",
+    res.headers_mut().insert(
+        X_GATEWAY_LIMIT.clone(),
         HeaderValue::from_static(match kind {
             LimitKind::Tokens => "tokens",
             LimitKind::Requests => "requests",
@@ -486,56 +496,13 @@ fn quota_exceeded<B: From<Bytes>>(
         ),
     );
     res.headers_mut()
-        .insert("x-gateway-limit", HeaderValue::from_static("quota"));
+        .insert(X_GATEWAY_LIMIT.clone(), HeaderValue::from_static("quota"));
     res
-}
-
-fn asks_for_usage(body: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Req {
-        stream_options: Option<Opts>,
-    }
-    #[derive(Deserialize)]
-    struct Opts {
-        include_usage: Option<bool>,
-    }
-    serde_json::from_slice::<Req>(body)
-        .ok()
-        .and_then(|r| r.stream_options?.include_usage)
-        .unwrap_or(false)
-}
-
-/// The body with `stream_options.include_usage = true`, keeping any other stream option.
-fn with_include_usage(body: &[u8]) -> Option<Bytes> {
-    let mut value: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).ok()?;
-    let opts = value
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
-    if !opts.is_object() {
-        *opts = serde_json::Value::Object(serde_json::Map::new());
-    }
-    opts.as_object_mut()?
-        .insert("include_usage".into(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&value).ok().map(Bytes::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn include_usage_is_added_and_detected() {
-        let body = br#"{"messages":[],"stream":true,"stream_options":{"other":1}}"#;
-        assert!(!asks_for_usage(body));
-        let with = with_include_usage(body).unwrap();
-        assert!(asks_for_usage(&with));
-        let v: serde_json::Value = serde_json::from_slice(&with).unwrap();
-        assert_eq!(v["stream_options"]["other"], 1);
-        assert!(asks_for_usage(
-            br#"{"stream_options":{"include_usage":true}}"#
-        ));
-    }
 
     #[test]
     fn checks_cover_consumer_and_deployment() {
