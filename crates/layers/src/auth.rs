@@ -3,7 +3,8 @@
 //! Clients present their key as Azure's SDKs do, in `api-key` or `Authorization: Bearer`.
 //! [`ConsumerAuthLayer`] answers 401 in Azure's shape for a missing or unknown key (the same answer for
 //! both, so keys cannot be probed), compares keys in constant time, answers 403 when the consumer may not
-//! call the requested deployment, and stores the [`Consumer`] in the request extensions.
+//! call the requested deployment, and stores the [`Consumer`] in the request extensions (and its name
+//! in the request's [`Record`], for observers).
 //!
 //! # Example
 //!
@@ -37,11 +38,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{HeaderMap, Request, Response, StatusCode, header};
-use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::context::RequestContext;
 use crate::error::azure_error;
+use crate::record::Record;
 
 /// The authenticated caller, stored in request extensions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,32 +75,6 @@ pub struct ConsumerAuthLayer {
 pub struct ConsumerAuth<S> {
     inner: S,
     keys: Arc<ConsumerKeys>,
-}
-
-pin_project! {
-    /// Response future of [`ConsumerAuth`]: copies the [`Consumer`] into the response extensions, for
-    /// outer layers such as metrics and access logs.
-    pub struct AuthFuture<F> {
-        #[pin]
-        inner: F,
-        consumer: Option<Consumer>,
-    }
-}
-
-impl<F, B, E> std::future::Future for AuthFuture<F>
-where
-    F: std::future::Future<Output = Result<Response<B>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut res = std::task::ready!(this.inner.poll(cx))?;
-        if let Some(consumer) = this.consumer.take() {
-            res.extensions_mut().insert(consumer);
-        }
-        Poll::Ready(Ok(res))
-    }
 }
 
 enum Verdict<'a> {
@@ -224,7 +199,7 @@ where
 {
     type Response = Response<ResB>;
     type Error = S::Error;
-    type Future = Either<AuthFuture<S::Future>, Ready<Result<Response<ResB>, S::Error>>>;
+    type Future = Either<S::Future, Ready<Result<Response<ResB>, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -254,11 +229,11 @@ where
                 ))));
             }
         };
-        req.extensions_mut().insert(consumer.clone());
-        Either::Left(AuthFuture {
-            inner: self.inner.call(req),
-            consumer: Some(consumer),
-        })
+        if let Some(record) = req.extensions().get::<Arc<Record>>() {
+            record.set_consumer(consumer.name.clone());
+        }
+        req.extensions_mut().insert(consumer);
+        Either::Left(self.inner.call(req))
     }
 }
 

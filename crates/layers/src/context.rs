@@ -58,6 +58,7 @@ use crate::error::azure_error;
 use crate::headers::{
     X_GATEWAY_ATTEMPTS, X_MS_CLIENT_REQUEST_ID, X_REQUEST_ID, X_SERVED_BY, content_length,
 };
+use crate::record::{Record, RecordBody};
 pub use gateway_core::operation::Operation;
 
 /// Longest deployment name accepted (Azure allows 64 characters).
@@ -341,9 +342,9 @@ where
     S::Future: Send,
     ReqB: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     ReqB::Error: Into<BoxError>,
-    ResB: From<Bytes>,
+    ResB: Body + From<Bytes>,
 {
-    type Response = Response<ResB>;
+    type Response = Response<RecordBody<ResB>>;
     type Error = S::Error;
     type Future = CaptureFuture<Self::Response, Self::Error>;
 
@@ -362,27 +363,30 @@ where
                 Ok(ctx) => ctx,
                 Err(err) => {
                     tracing::info!(error = ?err, path = parts.uri.path(), "request rejected");
-                    let mut res = err.into_response();
-                    stamp(res.headers_mut(), request_id(&parts.headers));
-                    return Ok(res);
+                    let record = Arc::new(Record::new(request_id(&parts.headers), None));
+                    return Ok(finish(err.into_response(), record));
                 }
             };
-            let id = ctx.request_id.clone();
             // Upstreams see the same id the client gets back.
-            parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+            parts
+                .headers
+                .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            let record = Arc::new(Record::new(ctx.request_id.clone(), Some(ctx.clone())));
             let body = ReqB::from(ctx.body.clone());
-            // Outer layers (metrics, logs) see the capture in the response, without the body.
-            let summary = RequestContext {
-                body: Bytes::new(),
-                ..ctx.clone()
-            };
             parts.extensions.insert(ctx);
-            let mut res = inner.call(Request::from_parts(parts, body)).await?;
-            stamp(res.headers_mut(), id);
-            res.extensions_mut().insert(summary);
-            Ok(res)
+            parts.extensions.insert(record.clone());
+            let res = inner.call(Request::from_parts(parts, body)).await?;
+            Ok(finish(res, record))
         })
     }
+}
+
+/// Stamps the response with who served it, and hands it the record, which its body ends.
+fn finish<B: Body>(mut res: Response<B>, record: Arc<Record>) -> Response<RecordBody<B>> {
+    stamp(res.headers_mut(), record.request_id().clone());
+    let length = content_length(res.headers());
+    res.extensions_mut().insert(record.clone());
+    res.map(|body| RecordBody::new(body, record, length))
 }
 
 /// Every answer, including those made before any upstream was tried, says who served it.

@@ -12,7 +12,8 @@
 //! | [`failover`] | [`FailoverLayer`] | picks a backend, replays the request, fails over on 429/5xx/timeouts |
 //!
 //! [`client::ReqwestClient`] is the HTTP client service the failover layer sends attempts through;
-//! [`headers`] names every header the gateway owns; [`error`] builds answers in Azure's error shape.
+//! [`headers`] names every header the gateway owns; [`error`] builds answers in Azure's error shape;
+//! [`record`] is the one record of each request that the layers fill in and observers read.
 //!
 //! # Example: a complete gateway in a plain axum app
 //!
@@ -39,6 +40,7 @@ pub mod failover;
 pub mod headers;
 pub mod propagate;
 pub mod ratelimit;
+pub mod record;
 
 pub use auth::ConsumerAuthLayer;
 pub use context::RequestContextLayer;

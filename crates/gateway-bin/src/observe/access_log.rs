@@ -6,11 +6,11 @@ use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_layers::failover::Attempt;
-use gateway_layers::ratelimit::UsageReport;
+use gateway_layers::record::{End, Record};
 use serde::Serialize;
 use serde::ser::{SerializeSeq, Serializer};
 
-use super::body::{End, Record};
+use super::observation::Observation;
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -63,31 +63,36 @@ struct Durations {
 /// A UTC timestamp such as `2025-06-01T12:00:00.123Z`.
 struct Rfc3339(SystemTime);
 
-/// Writes the line for `record`. A closed or failing stdout is ignored: the log must never fail or
+/// Writes the line of a request. A closed or failing stdout is ignored: the log must never fail or
 /// delay a request beyond the write itself.
-pub(super) fn write(record: &Record, end: End, total: Duration) {
-    let served_by = record.served_by();
+pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total: Duration) {
+    let served_by = obs.served_by(record);
+    let request = record.and_then(Record::request);
     let line = Line {
-        timestamp: Rfc3339(record.wall),
-        request_id: record.request_id.as_ref().and_then(|v| v.to_str().ok()),
-        consumer: record.consumer.as_deref(),
-        deployment: record
+        timestamp: Rfc3339(obs.wall),
+        request_id: record.and_then(|r| r.request_id().to_str().ok()),
+        consumer: record.and_then(Record::consumer).map(|c| &**c),
+        deployment: obs
             .undeclared
             .as_deref()
-            .or_else(|| (&*record.deployment != super::UNKNOWN).then_some(&*record.deployment)),
-        operation: record.operation,
-        stream: record.stream,
-        status: record.status,
+            .or_else(|| (&*obs.deployment != super::UNKNOWN).then_some(&*obs.deployment)),
+        operation: request.map_or(super::UNKNOWN, |r| r.operation.as_str()),
+        stream: request.is_some_and(|r| r.stream()),
+        status: obs.status,
         backend: served_by.map(|b| &*b.name),
         region: served_by.map(|b| &*b.region),
-        attempts: Attempts(record.report.as_ref().map_or(&[], |r| &r.attempts)),
-        tokens: tokens(record.usage.as_ref(), record.status),
+        attempts: Attempts(
+            record
+                .and_then(Record::failover)
+                .map_or(&[], |r| &r.attempts),
+        ),
+        tokens: record.and_then(|r| tokens(r, obs.status)),
         durations: Durations {
-            ttfb_ms: ms(record.ttfb),
+            ttfb_ms: ms(obs.ttfb),
             total_ms: ms(total),
-            overhead_ms: ms(record.overhead),
+            overhead_ms: ms(obs.overhead),
         },
-        limit: record.limit,
+        limit: record.and_then(Record::limit).map(|l| l.as_str()),
         client_closed: end == End::ClientClosed,
         body_error: end == End::Error,
     };
@@ -138,9 +143,9 @@ impl Writer {
 }
 
 /// The real usage when the backend told it; for a successful call that did not (yet), the estimate.
-fn tokens(usage: Option<&UsageReport>, status: u16) -> Option<Tokens> {
-    let report = usage?;
-    match report.usage() {
+fn tokens(record: &Record, status: u16) -> Option<Tokens> {
+    let estimate = record.estimate()?;
+    match record.usage() {
         Some(u) => Some(Tokens {
             prompt: u.prompt,
             completion: u.completion,
@@ -148,9 +153,9 @@ fn tokens(usage: Option<&UsageReport>, status: u16) -> Option<Tokens> {
             estimated: false,
         }),
         None if (200..300).contains(&status) => Some(Tokens {
-            prompt: report.estimate.prompt,
-            completion: report.estimate.completion,
-            total: report.estimate.total(),
+            prompt: estimate.prompt,
+            completion: estimate.completion,
+            total: estimate.total(),
             estimated: true,
         }),
         None => None,

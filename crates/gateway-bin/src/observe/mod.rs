@@ -1,16 +1,15 @@
 //! Observation of every `/openai` request: Prometheus metrics and the access log.
 //!
-//! [`ObserveLayer`] wraps the whole `/openai` stack. It reads what the inner layers left in the
-//! response extensions (the [`RequestContext`](gateway_layers::context::RequestContext), the
-//! [`Consumer`](gateway_layers::auth::Consumer), the [`UsageReport`](gateway_layers::ratelimit::UsageReport) and the
-//! [`FailoverReport`](gateway_layers::failover::FailoverReport)) and:
+//! [`ObserveLayer`] wraps the whole `/openai` stack, outside the request-context layer. It reads the
+//! request's one [`Record`](gateway_layers::record::Record) (in the response extensions), which the
+//! inner layers filled in (request, consumer, attempts, limit verdict, usage), and:
 //!
 //! - when the response headers are ready, counts the upstream attempts, failovers and limit
 //!   rejections, records each backend's time to first byte and the gateway's own overhead, and keeps
 //!   a per-backend [`Latency`] for the status page;
-//! - when the response body ends (for a stream: its last event; or when the client goes away),
-//!   counts the request with its status class, duration and tokens, and writes one JSON access log
-//!   line to stdout.
+//! - when the response body ends (for a stream: its last event; or when the client goes away), in a
+//!   hook of the record, counts the request with its status class, duration and tokens, and writes
+//!   one JSON access log line to stdout.
 //!
 //! The metric names are in [`metrics`]; values go to the global `metrics` recorder, see
 //! [`metrics::recorder`].
@@ -24,6 +23,7 @@
 //! use gateway_bin::observe::ObserveLayer;
 //! use gateway_core::pool::{Backend, BackendId, BackendPool, PoolSettings};
 //! use gateway_layers::failover::{Attempt, AttemptOutcome, FailoverReport};
+//! use gateway_layers::record::{Record, RecordBody};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -40,8 +40,8 @@
 //! let pool = BackendPool::new(vec![sweden], PoolSettings::default());
 //! // A stand-in for the gateway's stack: one attempt on Sweden that got its headers in 40 ms.
 //! let stack = service_fn(|_req: http::Request<Body>| async {
-//!     let mut res = http::Response::new(Body::from("{}"));
-//!     res.extensions_mut().insert(FailoverReport {
+//!     let record = Arc::new(Record::new(http::HeaderValue::from_static("req-1"), None));
+//!     record.set_failover(FailoverReport {
 //!         served_by: Some(BackendId(0)),
 //!         attempts: vec![Attempt {
 //!             backend: BackendId(0),
@@ -51,6 +51,8 @@
 //!             elapsed: Duration::from_millis(40),
 //!         }],
 //!     });
+//!     let mut res = http::Response::new(RecordBody::new(Body::from("{}"), record.clone(), None));
+//!     res.extensions_mut().insert(record);
 //!     Ok::<_, std::convert::Infallible>(res)
 //! });
 //! let observe = ObserveLayer::new(&pool).deployments(["gpt-4o"]).access_log(false);
@@ -64,9 +66,9 @@
 //! ```
 
 mod access_log;
-mod body;
 mod latency;
 pub mod metrics;
+mod observation;
 mod service;
 
 use std::collections::HashMap;
@@ -76,7 +78,6 @@ use ::metrics::SharedString;
 use gateway_core::pool::{BackendId, BackendPool};
 use tower::Layer;
 
-pub use body::ObserveBody;
 pub use latency::{Latency, Recent};
 pub use service::{Observe, ResponseFuture};
 

@@ -4,19 +4,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use gateway_layers::auth::Consumer;
-use gateway_layers::context::RequestContext;
-use gateway_layers::failover::FailoverReport;
-use gateway_layers::headers::{X_GATEWAY_LIMIT, X_REQUEST_ID};
-use gateway_layers::ratelimit::UsageReport;
-use http::{Request, Response, header};
-use http_body::Body;
+use gateway_layers::record::{End, Record};
+use http::{Request, Response};
 use metrics::{counter, histogram};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use super::body::{ObserveBody, Record};
 use super::metrics::{FAILOVERS, LIMIT_REJECTIONS, OVERHEAD, UPSTREAM_ATTEMPTS, UPSTREAM_TTFB};
+use super::observation::Observation;
 use super::{Shared, UNKNOWN};
 
 /// Service produced by [`ObserveLayer`](super::ObserveLayer).
@@ -28,7 +23,7 @@ pub struct Observe<S> {
 
 pin_project! {
     /// Response future of [`Observe`]: records what is known once the response headers are ready,
-    /// and hands the rest to the [`ObserveBody`].
+    /// and registers the rest with the request's [`Record`], to run when its body ends.
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
@@ -64,9 +59,8 @@ impl<S> Observe<S> {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Observe<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: Body,
 {
-    type Response = Response<ObserveBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -89,43 +83,41 @@ where
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: Body,
 {
-    type Output = Result<Response<ObserveBody<B>>, E>;
+    type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = std::task::ready!(this.inner.poll(cx))?;
-        let record = on_headers(this.shared, &res, *this.start, *this.wall);
-        let length = content_length(&res);
-        Poll::Ready(Ok(res.map(|body| ObserveBody::new(body, record, length))))
+        let record = res.extensions().get::<Arc<Record>>();
+        let observation = on_headers(
+            this.shared,
+            &res,
+            record.map(|r| &**r),
+            *this.start,
+            *this.wall,
+        );
+        match record {
+            // The rest is known when the body ends: the record's one end-of-body hook.
+            Some(record) => record.on_end(move |record, end| observation.finish(Some(record), end)),
+            // No context layer inside: nothing will say when the body ends.
+            None => observation.finish(None, End::Complete),
+        }
+        Poll::Ready(Ok(res))
     }
 }
 
-/// Records what the response headers tell, and captures what the end of the body will need.
+/// Records what the response headers tell, and keeps what the end of the body will need.
 fn on_headers<B>(
     shared: &Arc<Shared>,
     res: &Response<B>,
+    record: Option<&Record>,
     start: Instant,
     wall: SystemTime,
-) -> Box<Record> {
+) -> Observation {
     let ttfb = start.elapsed();
-    let ext = res.extensions();
-    let ctx = ext.get::<RequestContext>();
-    let consumer = ext.get::<Consumer>();
-    let report = ext.get::<FailoverReport>().cloned();
-    let limit = res
-        .headers()
-        .get(&X_GATEWAY_LIMIT)
-        .and_then(|v| match v.as_bytes() {
-            b"tokens" => Some("tokens"),
-            b"requests" => Some("requests"),
-            b"quota" => Some("quota"),
-            _ => None,
-        });
-
     let mut upstream = Duration::ZERO;
-    if let Some(report) = &report {
+    if let Some(report) = record.and_then(Record::failover) {
         let last = report.attempts.len().saturating_sub(1);
         for (i, a) in report.attempts.iter().enumerate() {
             upstream += a.elapsed;
@@ -152,42 +144,27 @@ fn on_headers<B>(
     }
     let overhead = ttfb.saturating_sub(upstream);
     histogram!(OVERHEAD).record(overhead.as_secs_f64());
-    if let Some(limit) = limit {
-        counter!(LIMIT_REJECTIONS, "consumer" => shared.consumer(consumer.map(|c| &c.name)), "limit" => limit)
-            .increment(1);
+    if let Some(limit) = record.and_then(Record::limit) {
+        let consumer = shared.consumer(record.and_then(Record::consumer));
+        counter!(LIMIT_REJECTIONS, "consumer" => consumer, "limit" => limit.as_str()).increment(1);
     }
 
-    let deployment_name = ctx.and_then(|c| c.deployment.as_deref());
+    let deployment_name = record
+        .and_then(Record::request)
+        .and_then(|c| c.deployment.as_deref());
     let deployment = shared.deployment(deployment_name);
     // The log names what the client asked for; a copy is made only when it is not in the policy.
     let undeclared = deployment_name
         .filter(|_| &*deployment == UNKNOWN)
         .map(str::to_owned);
-    Box::new(Record {
+    Observation {
         shared: shared.clone(),
         start,
         wall,
         ttfb,
         overhead,
         status: res.status().as_u16(),
-        request_id: res.headers().get(&X_REQUEST_ID).cloned(),
-        operation: ctx.map_or(UNKNOWN, |c| c.operation.as_str()),
         deployment,
         undeclared,
-        stream: ctx.is_some_and(RequestContext::stream),
-        consumer: consumer.map(|c| c.name.clone()),
-        usage: ext.get::<UsageReport>().cloned(),
-        report,
-        limit,
-    })
-}
-
-/// The body length the client was promised, if any: the body is complete once that much went out,
-/// whether or not the server polls it again.
-fn content_length<B: Body>(res: &Response<B>) -> Option<u64> {
-    res.headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .or_else(|| res.body().size_hint().exact())
+    }
 }

@@ -32,7 +32,7 @@ use tracing_subscriber::{Layer, fmt};
 
 pub use inject::{InjectTraceContext, InjectTraceContextLayer};
 pub use server::{
-    EnterServerSpan, EnterServerSpanLayer, ResponseFuture, ServerSpan, ServerSpanLayer, TracedBody,
+    EnterServerSpan, EnterServerSpanLayer, ResponseFuture, ServerSpan, ServerSpanLayer,
 };
 
 /// Longest wait for the last spans to leave at shutdown: a dead collector must not hold up exit.

@@ -5,8 +5,9 @@
 //!
 //! - [`ServerSpanLayer`], outermost, opens the span when the request arrives (so it covers the whole
 //!   request, body upload included), makes the client's `traceparent` its parent, and fills in what
-//!   the response tells (status, consumer, backend, tokens). The span ends with the response body,
-//!   so a stream's tokens, known at its end, are on it.
+//!   the response tells (status, consumer, backend, tokens), read from the request's
+//!   [`Record`]. The span ends with the response body, in a hook of that record, so a stream's
+//!   tokens, known at its end, are on it.
 //! - [`EnterServerSpanLayer`], right inside the request-context layer, names the span from the
 //!   captured [`RequestContext`] and runs the rest of the stack inside it: each upstream attempt's
 //!   client span is then its child.
@@ -19,13 +20,10 @@ use std::task::{Context, Poll, ready};
 
 use gateway_core::pool::BackendPool;
 use gateway_core::tokens::Usage;
-use gateway_layers::auth::Consumer;
 use gateway_layers::context::RequestContext;
-use gateway_layers::failover::FailoverReport;
-use gateway_layers::ratelimit::UsageReport;
+use gateway_layers::record::{End, Record};
 use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Response, header};
-use http_body::{Body, Frame, SizeHint};
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt;
 use pin_project_lite::pin_project;
@@ -76,22 +74,6 @@ pin_project! {
     }
 }
 
-pin_project! {
-    /// Response body of [`ServerSpan`]: ends the server span when the body ends (or is dropped),
-    /// recording the tokens a stream reported at its end.
-    pub struct TracedBody<B> {
-        #[pin]
-        inner: B,
-        end: Option<SpanEnd>,
-    }
-}
-
-/// Ends the server span when dropped, after recording the usage if it has become known.
-struct SpanEnd {
-    span: Span,
-    usage: Option<UsageReport>,
-}
-
 struct HeaderExtractor<'a>(&'a HeaderMap);
 
 // === impl ServerSpanLayer ===
@@ -137,7 +119,7 @@ impl<S, ReqB, ResB> Service<Request<ReqB>> for ServerSpan<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    type Response = Response<TracedBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -207,7 +189,7 @@ impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<TracedBody<B>>, E>;
+    type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -215,12 +197,14 @@ where
         let span = this.span.take().unwrap_or_else(Span::none);
         Poll::Ready(match result {
             Ok(res) => {
-                let usage = record_response(&span, &res, this.pool, this.method);
-                let end = SpanEnd { span, usage };
-                Ok(res.map(|inner| TracedBody {
-                    inner,
-                    end: Some(end),
-                }))
+                let record = res.extensions().get::<Arc<Record>>();
+                record_response(&span, &res, record.map(|r| &**r), this.pool, this.method);
+                // The span ends when the record does: with the response body. Without a record
+                // (no context layer inside), it ends now.
+                if let Some(record) = record {
+                    record.on_end(move |record, end| end_span(span, record, end));
+                }
+                Ok(res)
             }
             Err(err) => {
                 span.record("error.type", "_OTHER");
@@ -231,14 +215,14 @@ where
     }
 }
 
-/// Records what the response head and extensions tell; returns the usage report when the tokens are
-/// only known once the body has been read.
+/// Records what the response head and the record tell when the headers are ready.
 fn record_response<B>(
     span: &Span,
     res: &Response<B>,
+    record: Option<&Record>,
     pool: &BackendPool,
     method: &Method,
-) -> Option<UsageReport> {
+) {
     let status = res.status();
     span.record("http.response.status_code", i64::from(status.as_u16()));
     // For a server span only 5xx is an error: a 4xx is the client's doing.
@@ -246,16 +230,15 @@ fn record_response<B>(
         span.record("error.type", status.as_str());
         span.record("otel.status_code", "error");
     }
-    let ext = res.extensions();
-    let ctx = ext.get::<RequestContext>();
+    let ctx = record.and_then(Record::request);
     if ctx.is_none() {
         // Refused before the context was captured (413, 400): the span was never named.
         span.record("otel.name", method.as_str());
     }
-    if let Some(consumer) = ext.get::<Consumer>() {
-        span.record("gateway.consumer", &*consumer.name);
+    if let Some(consumer) = record.and_then(Record::consumer) {
+        span.record("gateway.consumer", &**consumer);
     }
-    if let Some(report) = ext.get::<FailoverReport>() {
+    if let Some(report) = record.and_then(Record::failover) {
         span.record("gateway.attempts", int(report.attempts.len() as u64));
         if let Some(id) = report.served_by {
             let backend = pool.get(id);
@@ -268,14 +251,18 @@ fn record_response<B>(
             span.record("gen_ai.response.model", own);
         }
     }
-    let report = ext.get::<UsageReport>()?;
-    match report.usage() {
-        Some(usage) => {
-            record_usage(span, usage);
-            None
-        }
-        None => Some(report.clone()),
+}
+
+/// Ends the server span with the response body, with the tokens the answer reported.
+fn end_span(span: Span, record: &Record, end: End) {
+    if end == End::Error {
+        span.record("error.type", "response_body");
+        span.record("otel.status_code", "error");
     }
+    if let Some(usage) = record.usage() {
+        record_usage(&span, usage);
+    }
+    drop(span);
 }
 
 fn record_usage(span: &Span, usage: Usage) {
@@ -357,53 +344,6 @@ fn name_span(span: &Span, ctx: &RequestContext, method: &Method) {
     span.record("gen_ai.request.model", model);
     span.record("gen_ai.request.max_tokens", ctx.max_tokens().map(int));
     span.record("gateway.request_id", ctx.request_id.to_str().ok());
-}
-
-// === impl TracedBody ===
-
-impl<B> Body for TracedBody<B>
-where
-    B: Body,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(_)) => {}
-            Some(Err(_)) => {
-                if let Some(end) = this.end.take() {
-                    end.span.record("error.type", "response_body");
-                    end.span.record("otel.status_code", "error");
-                }
-            }
-            None => drop(this.end.take()),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-// === impl SpanEnd ===
-
-impl Drop for SpanEnd {
-    fn drop(&mut self) {
-        if let Some(usage) = self.usage.take().and_then(|u| u.usage()) {
-            record_usage(&self.span, usage);
-        }
-    }
 }
 
 // === impl HeaderExtractor ===

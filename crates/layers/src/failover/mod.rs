@@ -20,7 +20,8 @@
 //!   budget and an overall deadline bound the work.
 //!
 //! Every response carries `x-served-by` (`name (region)` of the backend that answered, or `gateway`)
-//! and `x-gateway-attempts`; the response extensions carry a [`FailoverReport`].
+//! and `x-gateway-attempts`. The [`FailoverReport`] of the request goes to its
+//! [`Record`](crate::record::Record) when there is one, else to the response extensions.
 //!
 //! # Example
 //!

@@ -25,6 +25,7 @@ use crate::headers::{
     X_GATEWAY_ATTEMPTS, X_GATEWAY_THROTTLED, X_RATELIMIT_REMAINING_REQUESTS,
     X_RATELIMIT_REMAINING_TOKENS, X_SERVED_BY, is_event_stream, never_forwarded,
 };
+use crate::record::Record;
 
 /// Service produced by [`FailoverLayer`](super::FailoverLayer).
 #[derive(Clone, Debug)]
@@ -108,7 +109,17 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let inner = self.inner.clone();
         let shared = self.shared.clone();
-        Box::pin(async move { Ok(run(shared, inner, req).await) })
+        let record = req.extensions().get::<Arc<Record>>().cloned();
+        Box::pin(async move {
+            let mut res = run(shared, inner, req).await;
+            // With a request record, the report is the record's: observers read it there.
+            if let Some(record) = record {
+                if let Some(report) = res.extensions_mut().remove::<FailoverReport>() {
+                    record.set_failover(report);
+                }
+            }
+            Ok(res)
+        })
     }
 }
 

@@ -1,4 +1,5 @@
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -6,8 +7,8 @@ use gateway_core::tokens::{self, Usage};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::UsageReport;
 use crate::BoxError;
+use crate::record::Record;
 
 /// Reconciles a reservation with the tokens really consumed; runs at most once.
 pub(crate) struct Reconcile(Option<Box<dyn FnOnce(u64) + Send>>);
@@ -37,7 +38,8 @@ pub(crate) struct SseWatch {
     reserved: u64,
     /// Set when an event grew past [`MAX_PENDING`]: the stream is passed on without being read.
     gave_up: bool,
-    report: UsageReport,
+    /// Where the backend's usage goes, for observers.
+    record: Option<Arc<Record>>,
     reconcile: Option<Reconcile>,
 }
 
@@ -83,7 +85,7 @@ impl<B> UsageBody<B> {
         strip_usage: bool,
         prompt_estimate: u64,
         reserved: u64,
-        report: UsageReport,
+        record: Option<Arc<Record>>,
         reconcile: Option<Reconcile>,
     ) -> Self {
         Self {
@@ -97,7 +99,7 @@ impl<B> UsageBody<B> {
                 prompt_estimate,
                 reserved,
                 gave_up: false,
-                report,
+                record,
                 reconcile,
             })),
         }
@@ -261,7 +263,9 @@ impl SseWatch {
         let consumed = match self.usage {
             Some(usage) => {
                 // Only what the backend said is usage; outer layers show the estimate otherwise.
-                self.report.set(usage);
+                if let Some(record) = &self.record {
+                    record.set_usage(usage);
+                }
                 usage.total
             }
             None => counted.total.max(self.reserved),
@@ -316,7 +320,7 @@ fn inspect(event: &[u8]) -> (Option<Usage>, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     fn watch(strip: bool) -> (SseWatch, Arc<Mutex<Option<u64>>>) {
         let seen = Arc::new(Mutex::new(None));
@@ -330,7 +334,10 @@ mod tests {
                 prompt_estimate: 10,
                 reserved: 0,
                 gave_up: false,
-                report: UsageReport::default(),
+                record: Some(Arc::new(Record::new(
+                    http::HeaderValue::from_static("t"),
+                    None,
+                ))),
                 reconcile: Some(Reconcile::new(move |n| *s.lock().unwrap() = Some(n))),
             },
             seen,
@@ -407,6 +414,7 @@ mod tests {
         w.finish();
         w.finish();
         assert_eq!(*seen.lock().unwrap(), Some(13));
-        assert_eq!(w.report.usage(), None, "the backend never told its usage");
+        let record = w.record.as_ref().unwrap();
+        assert_eq!(record.usage(), None, "the backend never told its usage");
     }
 }

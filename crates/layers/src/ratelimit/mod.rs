@@ -15,7 +15,8 @@
 //!   `x-ratelimit-limit-*` and the tokens consumed go back in response headers (names configurable).
 //!
 //! The estimate is also stored in the request extensions as a [`gateway_core::tokens::Estimate`], so
-//! the failover layer can skip backends that cannot fit it.
+//! the failover layer can skip backends that cannot fit it; the estimate, the limit verdict and the
+//! real usage go to the request's [`Record`](crate::record::Record) for observers.
 //!
 //! Counting happens in a [`LimitStore`]: in memory for one instance, in Redis for many.
 //!
@@ -65,45 +66,16 @@ mod body;
 mod service;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use gateway_core::limits::{LimitStore, Limits};
-use gateway_core::tokens::{Estimate, Usage};
 use http::HeaderName;
 use tower::Layer;
 
 pub use body::UsageBody;
 pub use service::{RateLimit, RateLimitFuture};
-
-/// A call's tokens, in the response extensions for outer layers (metrics, access log): the estimate
-/// at once, the real usage when known: at once for JSON answers, when the body ends for streams.
-#[derive(Clone, Debug, Default)]
-pub struct UsageReport {
-    /// What was estimated (and reserved, for limited consumers) before the call.
-    pub estimate: Estimate,
-    usage: Arc<OnceLock<Usage>>,
-}
-
-impl UsageReport {
-    pub(crate) fn new(estimate: Estimate) -> Self {
-        Self {
-            estimate,
-            usage: Arc::default(),
-        }
-    }
-
-    pub(crate) fn set(&self, usage: Usage) {
-        let _ = self.usage.set(usage);
-    }
-
-    /// The real usage, once the answer has told it; `None` while it has not, or when it never does
-    /// (a stream cut short or without a usage chunk), so the estimate stands.
-    pub fn usage(&self) -> Option<Usage> {
-        self.usage.get().copied()
-    }
-}
 
 /// A consumer's limits: across all its calls, and per logical deployment.
 #[derive(Clone, Debug, Default)]

@@ -17,12 +17,13 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use super::body::{Reconcile, UsageBody};
-use super::{OnStoreError, Shared, UsageReport};
+use super::{OnStoreError, Shared};
 use crate::BoxError;
 use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::{azure_error, too_many_requests};
 use crate::headers::{X_GATEWAY_LIMIT, content_length, is_event_stream};
+use crate::record::{Limit, Record};
 
 /// Service produced by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, St> {
@@ -144,6 +145,10 @@ where
         && tokens::supports_stream_usage(ctx.api_version.as_deref(), v1)
         && !ctx.json.as_ref().is_some_and(|j| j.include_usage);
     req.extensions_mut().insert(estimate);
+    let record = req.extensions().get::<Arc<Record>>().cloned();
+    if let Some(record) = &record {
+        record.set_estimate(estimate);
+    }
 
     // An absurd max_tokens must not overflow a counter (a store error would fail open).
     let need = estimate.total().min(MAX_RESERVATION);
@@ -184,6 +189,12 @@ where
                     } => {
                         let name = consumer.as_deref().unwrap_or_default();
                         tracing::info!(consumer = name, %key, ?kind, "rejected: consumer rate limit");
+                        if let Some(record) = &record {
+                            record.set_limit(match kind {
+                                LimitKind::Tokens => Limit::Tokens,
+                                LimitKind::Requests => Limit::Requests,
+                            });
+                        }
                         let mut res = limited(name, &checks, kind, retry_after);
                         stamp(res.headers_mut(), config, &checks, &remaining);
                         return Ok(res);
@@ -195,6 +206,9 @@ where
                     } => {
                         let name = consumer.as_deref().unwrap_or_default();
                         tracing::info!(consumer = name, %key, "rejected: consumer quota");
+                        if let Some(record) = &record {
+                            record.set_limit(Limit::Quota);
+                        }
                         let mut res = quota_exceeded(name, &checks, resets_in);
                         stamp(res.headers_mut(), config, &checks, &remaining);
                         return Ok(res);
@@ -228,7 +242,6 @@ where
         }
     }
 
-    let report = UsageReport::new(estimate);
     let res = match inner.call(req).await {
         Ok(res) => res,
         Err(err) => {
@@ -237,7 +250,6 @@ where
         }
     };
     let (mut parts, body) = res.into_parts();
-    parts.extensions.insert(report.clone());
     if reservation.is_some() {
         stamp(&mut parts.headers, config, &checks, &remaining);
     }
@@ -255,7 +267,7 @@ where
             strip_usage,
             estimate.prompt,
             reserved,
-            report,
+            record,
             reconcile,
         );
         return Ok(Response::from_parts(parts, body));
@@ -276,7 +288,9 @@ where
                         config.headers.tokens_consumed.clone(),
                         HeaderValue::from(usage.total),
                     );
-                    report.set(usage);
+                    if let Some(record) = &record {
+                        record.set_usage(usage);
+                    }
                     usage.total
                 }
                 None => estimate.total(),

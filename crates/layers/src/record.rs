@@ -1,0 +1,326 @@
+//! The one record of a request: what happened to it, built once and read by every observer.
+//!
+//! [`RequestContextLayer`](crate::RequestContextLayer) creates one [`Record`] per request and puts it,
+//! as an `Arc<Record>`, in the request extensions (for the layers that learn something) and in the
+//! response extensions (for the observers outside). Each fact has one writer:
+//!
+//! | fact | written by |
+//! |---|---|
+//! | request id, operation, deployment, stream, `max_tokens` | the context layer ([`Record::request`]) |
+//! | the consumer | [`ConsumerAuthLayer`](crate::ConsumerAuthLayer) |
+//! | estimate, limit verdict, real usage | [`RateLimitLayer`](crate::RateLimitLayer) |
+//! | who served, every attempt | [`FailoverLayer`](crate::FailoverLayer) |
+//!
+//! The context layer's response body, [`RecordBody`], is the one place that sees the end of the
+//! response: when the body ends, breaks, or is dropped by a client that went away, it calls every hook
+//! registered with [`Record::on_end`], once. Metrics, access logs and trace spans are such hooks.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use axum::{Router, body::Body, routing::post};
+//! use gateway_layers::RequestContextLayer;
+//! use gateway_layers::record::{End, Record};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let app = Router::new()
+//!     .route("/openai/deployments/{d}/embeddings", post(|| async { "{}" }))
+//!     .layer(RequestContextLayer::new(1 << 20));
+//! let req = http::Request::post("/openai/deployments/emb/embeddings")
+//!     .body(Body::from(r#"{"input":"hi"}"#))
+//!     .unwrap();
+//! let res = app.oneshot(req).await.unwrap();
+//!
+//! let seen = Arc::new(Mutex::new(None));
+//! let record = res.extensions().get::<Arc<Record>>().unwrap().clone();
+//! let s = seen.clone();
+//! record.on_end(move |record, end| {
+//!     let deployment = record.request().and_then(|r| r.deployment.clone());
+//!     *s.lock().unwrap() = Some((deployment, end));
+//! });
+//! res.into_body().collect().await.unwrap();
+//! assert_eq!(*seen.lock().unwrap(), Some((Some("emb".to_string()), End::Complete)));
+//! # }
+//! ```
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use gateway_core::tokens::{Estimate, Usage};
+use http::HeaderValue;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::context::RequestContext;
+use crate::failover::FailoverReport;
+
+/// What happened to one request. See the [module docs](self).
+pub struct Record {
+    request_id: HeaderValue,
+    request: Option<RequestContext>,
+    consumer: OnceLock<Arc<str>>,
+    failover: OnceLock<FailoverReport>,
+    limit: OnceLock<Limit>,
+    estimate: OnceLock<Estimate>,
+    usage: OnceLock<Usage>,
+    end: Mutex<EndState>,
+}
+
+/// Which of the consumer's limits the gateway answered with, on its own 429 or 403.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// Tokens per minute.
+    Tokens,
+    /// Requests per minute.
+    Requests,
+    /// The token quota of the period.
+    Quota,
+}
+
+/// How a response ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Sent whole.
+    Complete,
+    /// The body failed mid-way.
+    Error,
+    /// The client went away first.
+    ClientClosed,
+}
+
+type Hook = Box<dyn FnOnce(&Record, End) + Send>;
+
+enum EndState {
+    Open(Vec<Hook>),
+    Ended(End),
+}
+
+pin_project! {
+    /// Response body of the context layer: passes the body through untouched, and ends the
+    /// [`Record`] once it ends, breaks, or is dropped unfinished.
+    pub struct RecordBody<B> {
+        // Declared first, so dropped first: a body inside that settles its accounting when dropped
+        // (a stream the client left) has written to the record before the hooks read it.
+        #[pin]
+        inner: B,
+        pending: Pending,
+    }
+}
+
+/// A record not ended yet. Dropping it unended means the client left before the end.
+struct Pending {
+    record: Option<Arc<Record>>,
+    /// Bytes still to send when the length is known: the body is complete once they are sent, even
+    /// if the server never polls it again to learn so.
+    remaining: Option<u64>,
+}
+
+// === impl Record ===
+
+impl Record {
+    /// A record of the request `request` (its body is not kept), answered with `request_id`.
+    pub fn new(request_id: HeaderValue, request: Option<RequestContext>) -> Self {
+        Self {
+            request_id,
+            request: request.map(|ctx| RequestContext {
+                body: Bytes::new(),
+                ..ctx
+            }),
+            consumer: OnceLock::new(),
+            failover: OnceLock::new(),
+            limit: OnceLock::new(),
+            estimate: OnceLock::new(),
+            usage: OnceLock::new(),
+            end: Mutex::new(EndState::Open(Vec::new())),
+        }
+    }
+
+    /// The id the request is answered with.
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    /// The captured request, without its body; `None` when it was refused before it could be read.
+    pub fn request(&self) -> Option<&RequestContext> {
+        self.request.as_ref()
+    }
+
+    /// The consumer that called, once authenticated.
+    pub fn consumer(&self) -> Option<&Arc<str>> {
+        self.consumer.get()
+    }
+
+    /// Records the consumer (the first call wins).
+    pub fn set_consumer(&self, name: Arc<str>) {
+        let _ = self.consumer.set(name);
+    }
+
+    /// The backend that served and every attempt made, once the failover layer answered.
+    pub fn failover(&self) -> Option<&FailoverReport> {
+        self.failover.get()
+    }
+
+    /// Records the failover report (the first call wins).
+    pub fn set_failover(&self, report: FailoverReport) {
+        let _ = self.failover.set(report);
+    }
+
+    /// The limit the gateway refused the request on, if it did.
+    pub fn limit(&self) -> Option<Limit> {
+        self.limit.get().copied()
+    }
+
+    /// Records a refusal on a consumer limit.
+    pub fn set_limit(&self, limit: Limit) {
+        let _ = self.limit.set(limit);
+    }
+
+    /// What the request was estimated (and reserved) at before the call.
+    pub fn estimate(&self) -> Option<Estimate> {
+        self.estimate.get().copied()
+    }
+
+    /// Records the estimate.
+    pub fn set_estimate(&self, estimate: Estimate) {
+        let _ = self.estimate.set(estimate);
+    }
+
+    /// The usage the backend reported: at once for a JSON answer, at its end for a stream; `None`
+    /// when it never told (a stream cut short or without a usage chunk).
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage.get().copied()
+    }
+
+    /// Records the backend's usage.
+    pub fn set_usage(&self, usage: Usage) {
+        let _ = self.usage.set(usage);
+    }
+
+    /// Calls `hook` once when the response ends (at once if it already has).
+    pub fn on_end(&self, hook: impl FnOnce(&Record, End) + Send + 'static) {
+        let mut state = self.end.lock().unwrap_or_else(PoisonError::into_inner);
+        match &mut *state {
+            EndState::Open(hooks) => hooks.push(Box::new(hook)),
+            EndState::Ended(end) => {
+                let end = *end;
+                drop(state);
+                hook(self, end);
+            }
+        }
+    }
+
+    /// Ends the record: runs the hooks, once.
+    fn finish(&self, end: End) {
+        let hooks = {
+            let mut state = self.end.lock().unwrap_or_else(PoisonError::into_inner);
+            match std::mem::replace(&mut *state, EndState::Ended(end)) {
+                EndState::Open(hooks) => hooks,
+                // Already ended: keep the first ending.
+                ended @ EndState::Ended(_) => {
+                    *state = ended;
+                    return;
+                }
+            }
+        };
+        for hook in hooks {
+            hook(self, end);
+        }
+    }
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("request_id", &self.request_id)
+            .field("consumer", &self.consumer.get())
+            .field("limit", &self.limit.get())
+            .field("usage", &self.usage.get())
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Limit ===
+
+impl Limit {
+    /// `tokens`, `requests` or `quota`: the value of `x-gateway-limit`, and a metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Limit::Tokens => "tokens",
+            Limit::Requests => "requests",
+            Limit::Quota => "quota",
+        }
+    }
+}
+
+// === impl RecordBody ===
+
+impl<B: Body> RecordBody<B> {
+    /// Ends `record` with `inner`, whose length (when known) is `length`.
+    pub fn new(inner: B, record: Arc<Record>, length: Option<u64>) -> Self {
+        let mut pending = Pending {
+            record: Some(record),
+            remaining: length.or_else(|| inner.size_hint().exact()),
+        };
+        // The server never polls a body that is already over (e.g. an empty error answer).
+        if inner.is_end_stream() || pending.remaining == Some(0) {
+            pending.finish(End::Complete);
+        }
+        Self { inner, pending }
+    }
+}
+
+impl<B: Body> Body for RecordBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(left)) =
+                    (frame.data_ref(), this.pending.remaining.as_mut())
+                {
+                    *left = left.saturating_sub(data.remaining() as u64);
+                }
+                if this.inner.is_end_stream() || this.pending.remaining == Some(0) {
+                    this.pending.finish(End::Complete);
+                }
+            }
+            Some(Err(_)) => this.pending.finish(End::Error),
+            None => this.pending.finish(End::Complete),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === impl Pending ===
+
+impl Pending {
+    fn finish(&mut self, end: End) {
+        if let Some(record) = self.record.take() {
+            record.finish(end);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.finish(End::ClientClosed);
+    }
+}
