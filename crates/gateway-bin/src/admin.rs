@@ -14,12 +14,12 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use gateway_core::limits::{LimitCheck, LimitStore, Limits, StoreError, Usage};
+use gateway_core::limits::{LimitStore, Limits, StoreError, Usage};
 use gateway_core::policy::QuotaPeriod;
 use gateway_core::pool::{BackendPool, BackendState, BackendStatus, RemainingQuota};
 use gateway_core::secret::Secret;
 use gateway_layers::error::azure_error;
-use gateway_layers::ratelimit::{consumer_deployment_key, consumer_key};
+use gateway_layers::ratelimit::ConsumerLimits;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
@@ -37,14 +37,8 @@ pub struct Admin {
     latency: Arc<Latency>,
     metrics: PrometheusHandle,
     key: Option<Secret>,
-    consumers: Vec<ConsumerLimits>,
-}
-
-/// A consumer's limits, as the status page reports its usage against them.
-struct ConsumerLimits {
-    name: String,
-    all: Limits,
-    per_deployment: Vec<(String, Limits)>,
+    /// Each consumer with its limits, as the rate-limit layer enforces them.
+    consumers: Vec<(String, ConsumerLimits)>,
 }
 
 #[derive(Deserialize)]
@@ -148,18 +142,9 @@ impl Admin {
         self
     }
 
-    /// Reports a consumer's usage against its limits (both may be empty: it is listed all the same).
-    pub fn consumer(
-        mut self,
-        name: &str,
-        all: Limits,
-        per_deployment: impl IntoIterator<Item = (String, Limits)>,
-    ) -> Self {
-        self.consumers.push(ConsumerLimits {
-            name: name.to_owned(),
-            all,
-            per_deployment: per_deployment.into_iter().collect(),
-        });
+    /// Reports a consumer's usage against its limits (which may be empty: it is listed all the same).
+    pub fn consumer(mut self, name: &str, limits: ConsumerLimits) -> Self {
+        self.consumers.push((name.to_owned(), limits));
         self
     }
 
@@ -249,7 +234,7 @@ impl Admin {
         }
     }
 
-    async fn consumer_view<'a>(&self, c: &'a ConsumerLimits) -> ConsumerView<'a> {
+    async fn consumer_view<'a>(&self, (name, c): &'a (String, ConsumerLimits)) -> ConsumerView<'a> {
         let mut error = None;
         let mut usage = |result: Result<Usage, StoreError>| match result {
             Ok(u) => Some(UsageView::from(u)),
@@ -258,29 +243,24 @@ impl Admin {
                 None
             }
         };
-        let all = if c.all.is_empty() {
-            None
-        } else {
-            let check = LimitCheck {
-                key: consumer_key(&c.name),
-                limits: c.all.clone(),
-            };
-            usage(self.store.usage(&check).await)
+        let all = match c.own_check(name) {
+            Some(check) => usage(self.store.usage(&check).await),
+            None => None,
         };
         let mut deployments = Vec::with_capacity(c.per_deployment.len());
         for (d, limits) in &c.per_deployment {
-            let check = LimitCheck {
-                key: consumer_deployment_key(&c.name, d),
-                limits: limits.clone(),
+            let used = match c.deployment_check(name, d) {
+                Some(check) => usage(self.store.usage(&check).await),
+                None => None,
             };
             deployments.push(DeploymentView {
                 deployment: d,
                 limits: LimitsView::from(limits),
-                usage: usage(self.store.usage(&check).await),
+                usage: used,
             });
         }
         ConsumerView {
-            name: &c.name,
+            name,
             limits: (!c.all.is_empty()).then(|| LimitsView::from(&c.all)),
             usage: all,
             deployments,

@@ -17,7 +17,7 @@ use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;
 use gateway_layers::failover::FailoverConfig;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
-use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError, RateLimitConfig};
+use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
 use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
@@ -129,6 +129,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         failover_layer = failover_layer.on_cooldown(share_cooldowns(cooldowns, pool.clone()));
     }
 
+    let consumer_limits = consumer_limits(policy);
     let metrics = crate::observe::metrics::recorder();
     let observe = ObserveLayer::new(&pool)
         .deployments(policy.deployments.iter().map(|d| d.name.clone()))
@@ -151,10 +152,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .layer(ConsumerAuthLayer::new(Arc::new(keys)))
         // Consumer limits: reserve before any upstream work, reconcile with the real usage after.
         // It sits outside header propagation so its x-ratelimit-* headers reach the client.
-        .layer(RateLimitLayer::new(
-            store.clone(),
-            rate_limit_config(policy)?,
-        ))
+        .layer(rate_limit_layer(store.clone(), policy, &consumer_limits)?)
         // Only allow-listed headers go upstream (never client credentials) or come back.
         .layer(PropagateHeadersLayer::new(header_rules(&policy.headers)?))
         // Innermost policy: choose a backend, replay the request as a new one, fail over.
@@ -171,13 +169,8 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
     };
     let mut admin = Admin::new(pool.clone(), store, observe.latency(), metrics.clone())
         .key(secrets.admin_key.clone());
-    for c in &policy.consumers {
-        let per_deployment = c.deployment_limits.iter();
-        admin = admin.consumer(
-            &c.name,
-            c.limits.as_ref().map(Limits::from).unwrap_or_default(),
-            per_deployment.map(|(d, l)| (d.clone(), Limits::from(l))),
-        );
+    for (name, limits) in consumer_limits {
+        admin = admin.consumer(&name, limits);
     }
     let not_found = || async {
         azure_error::<axum::body::Body>(StatusCode::NOT_FOUND, "404", "Resource not found")
@@ -229,8 +222,35 @@ fn warm_up_tokenizers(policy: &Policy) {
     }
 }
 
-/// The policy's consumer limits as the rate-limit layer's configuration.
-fn rate_limit_config(policy: &Policy) -> Result<RateLimitConfig, BuildError> {
+/// Each consumer's limits, as the rate-limit layer enforces them and the status page reports them.
+fn consumer_limits(policy: &Policy) -> Vec<(String, ConsumerLimits)> {
+    policy
+        .consumers
+        .iter()
+        .map(|consumer| {
+            let limits = ConsumerLimits {
+                all: consumer
+                    .limits
+                    .as_ref()
+                    .map(Limits::from)
+                    .unwrap_or_default(),
+                per_deployment: consumer
+                    .deployment_limits
+                    .iter()
+                    .map(|(d, l)| (d.clone(), Limits::from(l)))
+                    .collect(),
+            };
+            (consumer.name.clone(), limits)
+        })
+        .collect()
+}
+
+/// The policy's `[rate_limit]` and consumer limits as the rate-limit layer.
+fn rate_limit_layer(
+    store: Arc<Store>,
+    policy: &Policy,
+    consumers: &[(String, ConsumerLimits)],
+) -> Result<RateLimitLayer<Store>, BuildError> {
     let r = &policy.rate_limit;
     let name = |key: &str, value: &str| {
         HeaderName::from_bytes(value.as_bytes())
@@ -244,36 +264,20 @@ fn rate_limit_config(policy: &Policy) -> Result<RateLimitConfig, BuildError> {
         remaining_quota: name("remaining_quota_header", &r.remaining_quota_header)?,
         tokens_consumed: name("tokens_consumed_header", &r.tokens_consumed_header)?,
     };
-    let mut config = RateLimitConfig {
-        default_completion_tokens: r.default_completion_tokens,
-        on_store_error: match r.on_store_error {
+    let mut layer = RateLimitLayer::new(store)
+        .default_completion_tokens(r.default_completion_tokens)
+        .on_store_error(match r.on_store_error {
             StoreFailure::FailOpen => OnStoreError::FailOpen,
             StoreFailure::FailClosed => OnStoreError::FailClosed,
-        },
-        headers,
-        models: policy
-            .deployments
-            .iter()
-            .map(|d| (d.name.clone(), d.model_name().to_owned()))
-            .collect(),
-        ..RateLimitConfig::default()
-    };
-    for consumer in &policy.consumers {
-        let limits = ConsumerLimits {
-            all: consumer
-                .limits
-                .as_ref()
-                .map(Limits::from)
-                .unwrap_or_default(),
-            per_deployment: consumer
-                .deployment_limits
-                .iter()
-                .map(|(d, l)| (d.clone(), Limits::from(l)))
-                .collect(),
-        };
-        config = config.consumer(&consumer.name, limits);
+        })
+        .headers(headers);
+    for d in &policy.deployments {
+        layer = layer.model(&d.name, d.model_name());
     }
-    Ok(config)
+    for (name, limits) in consumers {
+        layer = layer.consumer(name, limits.clone());
+    }
+    Ok(layer)
 }
 
 /// The policy's `[headers]` as the propagation layer's rules.

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::routing::post;
 use gateway_core::limits::{Limits, MemoryStore};
 use gateway_layers::auth::ConsumerKeys;
-use gateway_layers::ratelimit::{ConsumerLimits, RateLimitConfig};
+use gateway_layers::ratelimit::ConsumerLimits;
 use gateway_layers::{ConsumerAuthLayer, RateLimitLayer, RequestContextLayer};
 use tower::ServiceBuilder;
 
@@ -30,7 +30,6 @@ pub(crate) async fn run() -> Result<String, Error> {
         tokens_per_minute: Some(10_000),
         ..Limits::default()
     });
-    let config = RateLimitConfig::default().consumer("chatbot", limits);
     let app = Router::new()
         .route("/openai/{*path}", post(fake_azure))
         .layer(
@@ -38,7 +37,9 @@ pub(crate) async fn run() -> Result<String, Error> {
                 // The limits layer reads the captured body (to estimate tokens) and the consumer.
                 .layer(RequestContextLayer::new(64 * 1024))
                 .layer(ConsumerAuthLayer::new(Arc::new(keys)))
-                .layer(RateLimitLayer::new(Arc::new(MemoryStore::new()), config)),
+                .layer(
+                    RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("chatbot", limits),
+                ),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -30,21 +30,20 @@
 //! use axum::{Router, body::Body, routing::post};
 //! use gateway_core::limits::{Limits, MemoryStore};
 //! use gateway_layers::auth::ConsumerKeys;
-//! use gateway_layers::ratelimit::{ConsumerLimits, RateLimitConfig, RateLimitLayer};
+//! use gateway_layers::ratelimit::{ConsumerLimits, RateLimitLayer};
 //! use gateway_layers::{ConsumerAuthLayer, RequestContextLayer};
 //! use tower::{ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let limits = Limits { requests_per_minute: Some(2), ..Limits::default() };
-//! let config = RateLimitConfig::default().consumer("app", ConsumerLimits::all(limits));
 //! let app = Router::new()
 //!     .route("/openai/{*path}", post(|| async { r#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"# }))
 //!     .layer(
 //!         ServiceBuilder::new()
 //!             .layer(RequestContextLayer::new(1 << 20))
 //!             .layer(ConsumerAuthLayer::new(Arc::new(ConsumerKeys::new().consumer("app", ["k"], None))))
-//!             .layer(RateLimitLayer::new(Arc::new(MemoryStore::new()), config)),
+//!             .layer(RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", ConsumerLimits::all(limits))),
 //!     );
 //! let call = || {
 //!     http::Request::post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
@@ -65,13 +64,15 @@
 mod body;
 mod service;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
-use gateway_core::limits::{LimitStore, Limits};
+use gateway_core::limits::{LimitCheck, LimitStore, Limits};
 use http::HeaderName;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tower::Layer;
 
 pub use body::UsageBody;
@@ -83,7 +84,7 @@ pub struct ConsumerLimits {
     /// Limits over everything the consumer calls.
     pub all: Limits,
     /// Limits for one deployment, counted apart (both apply).
-    pub per_deployment: HashMap<String, Limits>,
+    pub per_deployment: BTreeMap<String, Limits>,
 }
 
 /// What to do when the store cannot be reached.
@@ -113,20 +114,20 @@ pub struct LimitHeaders {
     pub tokens_consumed: HeaderName,
 }
 
-/// Configuration of [`RateLimitLayer`].
+/// What [`RateLimitLayer`]'s builder methods set.
 #[derive(Clone, Debug)]
-pub struct RateLimitConfig {
+struct RateLimitConfig {
     /// Limits by consumer name. A consumer without an entry is not limited (its tokens are still
     /// estimated for routing).
-    pub consumers: HashMap<Arc<str>, ConsumerLimits>,
+    consumers: HashMap<Arc<str>, ConsumerLimits>,
     /// Logical deployment -> model name, to choose a tokenizer; the deployment name when absent.
-    pub models: HashMap<String, String>,
+    models: HashMap<String, String>,
     /// Completion tokens reserved when a request names no `max_tokens`.
-    pub default_completion_tokens: u64,
+    default_completion_tokens: u64,
     /// Store failure behaviour.
-    pub on_store_error: OnStoreError,
+    on_store_error: OnStoreError,
     /// Response header names.
-    pub headers: LimitHeaders,
+    headers: LimitHeaders,
 }
 
 /// Layer that accounts consumer limits. See the [module docs](self).
@@ -143,6 +144,9 @@ struct Shared<St> {
     /// would otherwise cost every request the store's whole timeout.
     store_rest_until: AtomicU64,
     started: Instant,
+    /// Reconciliations spawned at the end of streams and not finished yet, for [`RateLimitLayer::settled`].
+    reconciling: AtomicUsize,
+    reconciled: Notify,
 }
 
 /// How long the store rests after it failed.
@@ -164,16 +168,6 @@ impl<St> Shared<St> {
     }
 }
 
-/// The counter key of a consumer's own limits, for reading its usage from the store.
-pub fn consumer_key(consumer: &str) -> String {
-    format!("consumer:{consumer}")
-}
-
-/// The counter key of a consumer's limits for one deployment.
-pub fn consumer_deployment_key(consumer: &str, deployment: &str) -> String {
-    format!("consumer:{consumer}:deployment:{deployment}")
-}
-
 // === impl ConsumerLimits ===
 
 impl ConsumerLimits {
@@ -181,7 +175,7 @@ impl ConsumerLimits {
     pub fn all(limits: Limits) -> Self {
         Self {
             all: limits,
-            per_deployment: HashMap::new(),
+            per_deployment: BTreeMap::new(),
         }
     }
 
@@ -189,6 +183,23 @@ impl ConsumerLimits {
     pub fn deployment(mut self, name: impl Into<String>, limits: Limits) -> Self {
         self.per_deployment.insert(name.into(), limits);
         self
+    }
+
+    /// The store check of `consumer`'s own limits, if it has any.
+    pub fn own_check(&self, consumer: &str) -> Option<LimitCheck> {
+        (!self.all.is_empty()).then(|| LimitCheck {
+            key: format!("consumer:{consumer}"),
+            limits: self.all.clone(),
+        })
+    }
+
+    /// The store check of `consumer`'s limits for `deployment`, if it has any.
+    pub fn deployment_check(&self, consumer: &str, deployment: &str) -> Option<LimitCheck> {
+        let limits = self.per_deployment.get(deployment)?;
+        (!limits.is_empty()).then(|| LimitCheck {
+            key: format!("consumer:{consumer}:deployment:{deployment}"),
+            limits: limits.clone(),
+        })
     }
 }
 
@@ -221,27 +232,100 @@ impl Default for RateLimitConfig {
     }
 }
 
-impl RateLimitConfig {
-    /// Sets a consumer's limits.
-    pub fn consumer(mut self, name: &str, limits: ConsumerLimits) -> Self {
-        self.consumers.insert(Arc::from(name), limits);
+// === impl RateLimitLayer ===
+
+impl<St: LimitStore> RateLimitLayer<St> {
+    /// Accounts limits in `store`, for no consumer yet: add them with [`consumer`](Self::consumer).
+    /// Defaults: 16 completion tokens reserved when a request names no `max_tokens`, fail-open, and
+    /// API Management's header names.
+    pub fn new(store: Arc<St>) -> Self {
+        Self {
+            shared: Arc::new(Shared::new(store, RateLimitConfig::default())),
+        }
+    }
+
+    /// Sets a consumer's limits. A consumer without limits is not limited (its tokens are still
+    /// estimated, roughly, for routing).
+    pub fn consumer(self, name: &str, limits: ConsumerLimits) -> Self {
+        self.with(|c| {
+            c.consumers.insert(Arc::from(name), limits);
+        })
+    }
+
+    /// The model behind a logical deployment, to choose its tokenizer (the deployment's own name
+    /// otherwise).
+    pub fn model(self, deployment: &str, model: &str) -> Self {
+        self.with(|c| {
+            c.models.insert(deployment.to_owned(), model.to_owned());
+        })
+    }
+
+    /// Completion tokens reserved when a request names no `max_tokens` (16 by default).
+    pub fn default_completion_tokens(self, tokens: u64) -> Self {
+        self.with(|c| c.default_completion_tokens = tokens)
+    }
+
+    /// What to do when the store cannot be reached (fail-open by default).
+    pub fn on_store_error(self, behaviour: OnStoreError) -> Self {
+        self.with(|c| c.on_store_error = behaviour)
+    }
+
+    /// The response header names.
+    pub fn headers(self, headers: LimitHeaders) -> Self {
+        self.with(|c| c.headers = headers)
+    }
+
+    /// The limits of `consumer`, as configured.
+    pub fn limits(&self, consumer: &str) -> Option<&ConsumerLimits> {
+        self.shared.config.consumers.get(consumer)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<St> {
+        &self.shared.store
+    }
+
+    /// Resolves once every reconciliation started at the end of a stream has reached the store.
+    /// A stream's accounting happens after its last byte went to the client; this is how to wait
+    /// for it (in tests, or before reading the store).
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.shared.reconciled.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.reconciling.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut RateLimitConfig)) -> Self {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => f(&mut shared.config),
+            // Already handed to services: configure a copy, with counters of its own.
+            None => {
+                let mut config = self.shared.config.clone();
+                f(&mut config);
+                self.shared = Arc::new(Shared::new(self.shared.store.clone(), config));
+            }
+        }
         self
     }
 }
 
-// === impl RateLimitLayer ===
+// === impl Shared ===
 
-impl<St: LimitStore> RateLimitLayer<St> {
-    /// Accounts limits in `store`.
-    pub fn new(store: Arc<St>, config: RateLimitConfig) -> Self {
+impl<St> Shared<St> {
+    fn new(store: Arc<St>, config: RateLimitConfig) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                store,
-                config,
-                store_down: AtomicBool::new(false),
-                store_rest_until: AtomicU64::new(0),
-                started: Instant::now(),
-            }),
+            store,
+            config,
+            store_down: AtomicBool::new(false),
+            store_rest_until: AtomicU64::new(0),
+            started: Instant::now(),
+            reconciling: AtomicUsize::new(0),
+            reconciled: Notify::new(),
         }
     }
 }

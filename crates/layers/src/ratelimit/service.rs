@@ -261,7 +261,7 @@ where
     if is_event_stream(&parts.headers) {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
         let reserved = reservation.as_ref().map_or(0, |r| r.tokens);
-        let reconcile = reservation.map(|r| reconciler(shared.store.clone(), r));
+        let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
         let body = UsageBody::sse(
             body,
             strip_usage,
@@ -365,7 +365,7 @@ async fn settle<St: LimitStore>(
     }
 }
 
-fn reconciler<St: LimitStore>(store: Arc<St>, reservation: Reservation) -> Reconcile {
+fn reconciler<St: LimitStore>(shared: Arc<Shared<St>>, reservation: Reservation) -> Reconcile {
     Reconcile::new(move |consumed| {
         if consumed == reservation.tokens {
             return;
@@ -373,10 +373,13 @@ fn reconciler<St: LimitStore>(store: Arc<St>, reservation: Reservation) -> Recon
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        shared.reconciling.fetch_add(1, Ordering::AcqRel);
         rt.spawn(async move {
-            if let Err(err) = store.reconcile(&reservation, consumed).await {
+            if let Err(err) = shared.store.reconcile(&reservation, consumed).await {
                 tracing::warn!(error = %err, "could not reconcile a reservation");
             }
+            shared.reconciling.fetch_sub(1, Ordering::AcqRel);
+            shared.reconciled.notify_waiters();
         });
     })
 }
@@ -388,20 +391,8 @@ fn checks(
     limits: &super::ConsumerLimits,
 ) -> Vec<LimitCheck> {
     let mut checks = Vec::with_capacity(2);
-    if !limits.all.is_empty() {
-        checks.push(LimitCheck {
-            key: super::consumer_key(consumer),
-            limits: limits.all.clone(),
-        });
-    }
-    if let Some((d, l)) = deployment.and_then(|d| limits.per_deployment.get(d).map(|l| (d, l))) {
-        if !l.is_empty() {
-            checks.push(LimitCheck {
-                key: super::consumer_deployment_key(consumer, d),
-                limits: l.clone(),
-            });
-        }
-    }
+    checks.extend(limits.own_check(consumer));
+    checks.extend(deployment.and_then(|d| limits.deployment_check(consumer, d)));
     checks
 }
 
