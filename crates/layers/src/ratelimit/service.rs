@@ -56,9 +56,21 @@ impl<S, St> RateLimit<S, St> {
         &self.inner
     }
 
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Unwraps the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl<S, St: LimitStore> RateLimit<S, St> {
+    /// A [`RateLimitLayer`](super::RateLimitLayer) accounting limits in `store`.
+    pub fn layer(store: Arc<St>, config: super::RateLimitConfig) -> super::RateLimitLayer<St> {
+        super::RateLimitLayer::new(store, config)
     }
 }
 
