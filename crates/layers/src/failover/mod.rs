@@ -88,6 +88,8 @@
 //! assert_eq!(res.headers()["x-gateway-attempts"], "1");
 //! # }
 //! ```
+//!
+//! [`BackendPool`]: gateway_core::pool::BackendPool
 
 mod body;
 mod layer;
