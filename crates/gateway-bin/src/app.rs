@@ -15,7 +15,6 @@ use gateway_core::pool::{Backend, BackendPool, BackendState, PoolSettings};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;
-use gateway_layers::failover::FailoverConfig;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
 use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
 use gateway_layers::{
@@ -101,14 +100,16 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         },
     );
 
-    let failover = FailoverConfig {
-        max_attempts: policy.failover.max_attempts,
-        deadline: Duration::from_millis(policy.failover.deadline_ms),
-        response_header_timeout: Duration::from_millis(policy.failover.response_header_timeout_ms),
-        failover_on: policy.failover.on_status.clone(),
-        stream_idle_timeout: Duration::from_millis(policy.failover.stream_idle_timeout_ms),
-        max_body_bytes: policy.gateway.max_body_bytes,
-    };
+    let mut failover_layer = FailoverLayer::new(pool.clone())
+        .max_attempts(policy.failover.max_attempts)
+        .deadline(Duration::from_millis(policy.failover.deadline_ms))
+        .response_header_timeout(Duration::from_millis(
+            policy.failover.response_header_timeout_ms,
+        ))
+        .on_status(policy.failover.on_status.iter().copied())
+        .stream_idle_timeout(Duration::from_millis(
+            policy.failover.stream_idle_timeout_ms,
+        ));
 
     warm_up_tokenizers(policy);
     let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());
@@ -121,7 +122,6 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
     };
     // Shared with the status page, which reports consumers' usage from it.
     let store = Arc::new(store);
-    let mut failover_layer = FailoverLayer::new(pool.clone(), failover);
     if let (StoreKind::Redis, Some(url)) = (policy.rate_limit.store, redis_url) {
         // Every instance learns of a throttled region from the first 429 any instance sees.
         let cooldowns = RedisCooldowns::connect_lazy(url, &policy.rate_limit.key_prefix)

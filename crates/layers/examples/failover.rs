@@ -9,7 +9,6 @@ use axum::Router;
 use gateway_core::pool::{Backend, BackendPool, PoolSettings};
 use gateway_core::secret::{Credential, Secret};
 use gateway_layers::client::ReqwestClient;
-use gateway_layers::failover::FailoverConfig;
 use gateway_layers::{FailoverLayer, RequestContextLayer};
 use simulator::{DeploymentConfig, Fault, RegionConfig};
 use tower::ServiceBuilder;
@@ -62,8 +61,9 @@ pub(crate) async fn run() -> Result<String, Error> {
         PoolSettings::default(),
     ));
     let proxy = ServiceBuilder::new()
+        // Captures the body once; the failover layer replays it on every attempt.
         .layer(RequestContextLayer::new(1 << 20))
-        .layer(FailoverLayer::new(pool, FailoverConfig::default()))
+        .layer(FailoverLayer::new(pool).max_attempts(3))
         .service(ReqwestClient::new());
     let app = Router::new().route_service("/openai/{*path}", proxy);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

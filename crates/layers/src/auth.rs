@@ -181,9 +181,19 @@ impl<S> Layer<S> for ConsumerAuthLayer {
 // === impl ConsumerAuth ===
 
 impl<S> ConsumerAuth<S> {
+    /// A [`ConsumerAuthLayer`] authenticating against `keys`.
+    pub fn layer(keys: Arc<ConsumerKeys>) -> ConsumerAuthLayer {
+        ConsumerAuthLayer::new(keys)
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// Unwraps the inner service.

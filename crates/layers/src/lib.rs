@@ -20,13 +20,14 @@
 //! ```
 //! use std::sync::Arc;
 //! use gateway_core::pool::{Backend, BackendPool, PoolSettings};
-//! use gateway_layers::{FailoverLayer, RequestContextLayer, client::ReqwestClient, failover::FailoverConfig};
+//! use gateway_layers::{FailoverLayer, RequestContextLayer, client::ReqwestClient};
 //! use tower::ServiceBuilder;
 //!
 //! let pool = Arc::new(BackendPool::new(vec![], PoolSettings::default()));
 //! let proxy = ServiceBuilder::new()
+//!     // Outside the failover layer: it owns the body the failover layer replays.
 //!     .layer(RequestContextLayer::new(4 << 20))
-//!     .layer(FailoverLayer::new(pool, FailoverConfig::default()))
+//!     .layer(FailoverLayer::new(pool).max_attempts(3))
 //!     .service(ReqwestClient::new());
 //! let app: axum::Router = axum::Router::new().route_service("/openai/{*path}", proxy);
 //! # let _ = app;

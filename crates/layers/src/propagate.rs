@@ -338,9 +338,19 @@ impl<S> Layer<S> for PropagateHeadersLayer {
 // === impl PropagateHeaders ===
 
 impl<S> PropagateHeaders<S> {
+    /// A [`PropagateHeadersLayer`] applying `rules`.
+    pub fn layer(rules: HeaderRules) -> PropagateHeadersLayer {
+        PropagateHeadersLayer::new(rules)
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// Unwraps the inner service.

@@ -2,7 +2,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::pool::{BackendId, BackendPool, InFlight, Outcome};
@@ -147,7 +147,8 @@ fn broken(watch: Option<StreamWatch>, err: BoxError) -> Option<Result<Frame<Byte
         watch.id,
         &watch.deployment,
         Outcome::StreamBroken,
-        Instant::now(),
+        // tokio's clock, as for every other outcome the layer records.
+        tokio::time::Instant::now().into_std(),
     );
     let backend = &watch.pool.get(watch.id).name;
     tracing::warn!(%backend, error = %err, "upstream stream broke mid-way");

@@ -10,26 +10,35 @@
 //! - An attempt fails over at once, with no sleep, on 429, 401/403, the configured statuses (408, 500,
 //!   502, 503, 504 by default), a connection error, or no response headers within the header timeout.
 //!   A 404 `DeploymentNotFound` takes the backend out for that deployment and tries the next. 400 (such
-//!   as `content_filter`) and other answers pass through untouched.
+//!   as `content_filter`) and other answers pass through untouched. That decision is a
+//!   [`FailoverPolicy`]: [`AzurePolicy`] by default, replaceable with [`FailoverLayer::policy`].
 //! - The decision is made on status and headers, before any byte reaches the client; the body then
 //!   streams through without buffering. A body that breaks mid-way is charged to the backend and a
 //!   Server-Sent Events stream ends with an `event: error` frame and no `[DONE]`.
 //! - When no backend is left and some were throttled, the answer is a 429 with `retry-after` and
 //!   `retry-after-ms` set to the shortest remaining cooldown and `x-gateway-throttled: true`; otherwise
-//!   502, 503 or 504 with the cause, in Azure's error shape. Never a bare 500, never a hang: an attempt
-//!   budget and an overall deadline bound the work.
+//!   502, 503 or 504 with the cause, in Azure's error shape. Never a hang: an attempt budget and an
+//!   overall deadline bound the work.
+//!
+//! The layer replays the body captured by [`RequestContextLayer`](crate::RequestContextLayer), which
+//! must wrap it (one owner of the body): without a [`RequestContext`](crate::context::RequestContext)
+//! in the request extensions it answers 500 `InternalServerError`, and logs why once.
 //!
 //! Every response carries `x-served-by` (`name (region)` of the backend that answered, or `gateway`)
 //! and `x-gateway-attempts`. The [`FailoverReport`] of the request goes to its
 //! [`Record`](crate::record::Record) when there is one, else to the response extensions.
 //!
+//! Deadlines, timeouts and cooldowns are read from tokio's clock, so they follow
+//! `tokio::time::pause` and `advance` in tests.
+//!
 //! # Example
 //!
 //! ```
 //! use std::sync::Arc;
+//! use std::time::Duration;
 //! use axum::{Router, body::Body};
 //! use gateway_core::pool::{Backend, BackendPool, PoolSettings};
-//! use gateway_layers::{FailoverLayer, client::ReqwestClient, failover::FailoverConfig};
+//! use gateway_layers::{FailoverLayer, RequestContextLayer, client::ReqwestClient};
 //! use simulator::{DeploymentConfig, RegionConfig};
 //! use tower::ServiceBuilder;
 //!
@@ -53,7 +62,15 @@
 //! };
 //! let pool = Arc::new(BackendPool::new(vec![backend], PoolSettings::default()));
 //! let proxy = ServiceBuilder::new()
-//!     .layer(FailoverLayer::new(pool, FailoverConfig::default()))
+//!     // Captures the replayable body the failover layer sends on every attempt.
+//!     .layer(RequestContextLayer::new(4 << 20))
+//!     .layer(
+//!         FailoverLayer::new(pool)
+//!             .max_attempts(3)
+//!             .deadline(Duration::from_secs(60))
+//!             .response_header_timeout(Duration::from_secs(10))
+//!             .on_status([408, 429, 500, 502, 503, 504]),
+//!     )
 //!     .service(ReqwestClient::new());
 //! let app = Router::new().route_service("/openai/{*path}", proxy);
 //!
@@ -72,37 +89,27 @@
 //! assert_eq!(res.headers()["x-gateway-attempts"], "1");
 //! # }
 //! ```
+//!
+//! [`BackendPool`]: gateway_core::pool::BackendPool
 
 mod body;
+mod layer;
+mod policy;
 mod service;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_core::pool::{BackendId, BackendPool};
+use gateway_core::pool::BackendId;
 use gateway_core::secret::Credential;
 use http::{HeaderName, HeaderValue};
-use tower::Layer;
+
+use self::layer::Shared;
 
 pub use body::FailoverBody;
+pub use layer::{CooldownHook, FailoverLayer};
+pub use policy::{AzurePolicy, DEFAULT_ON_STATUS, Decision, FailoverPolicy};
 pub use service::{Failover, FailoverFuture};
-
-/// How the failover layer bounds and triggers attempts.
-#[derive(Clone, Debug)]
-pub struct FailoverConfig {
-    /// Most attempts for one client request.
-    pub max_attempts: u32,
-    /// Overall deadline until response headers, across attempts.
-    pub deadline: Duration,
-    /// How long one attempt may wait for response headers (the time-to-first-byte limit).
-    pub response_header_timeout: Duration,
-    /// Upstream statuses that fail over (429, 401 and 403 always do).
-    pub failover_on: Vec<u16>,
-    /// Longest silence allowed inside a response body; then the body is treated as broken.
-    pub stream_idle_timeout: Duration,
-    /// Body cap when no [`RequestContext`](crate::context::RequestContext) was captured by an outer layer.
-    pub max_body_bytes: usize,
-}
 
 /// What happened to one upstream attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +120,8 @@ pub enum AttemptOutcome {
     Throttled,
     /// 401 or 403 from the backend.
     AuthFailure,
-    /// A status listed in [`FailoverConfig::failover_on`] (5xx, 408).
+    /// A status the policy fails over on that is neither a throttle nor an auth failure: by default
+    /// 408 and the 5xx of [`AzurePolicy::on_status`].
     ServerError,
     /// 404 `DeploymentNotFound`.
     DeploymentNotFound,
@@ -147,34 +155,6 @@ pub struct FailoverReport {
     pub attempts: Vec<Attempt>,
 }
 
-/// Layer that fails over between backends. See the [module docs](self).
-#[derive(Clone, Debug)]
-pub struct FailoverLayer {
-    shared: Arc<Shared>,
-}
-
-#[derive(Clone)]
-struct Shared {
-    pool: Arc<BackendPool>,
-    config: FailoverConfig,
-    upstreams: Vec<Upstream>,
-    on_cooldown: Option<CooldownHook>,
-}
-
-/// Called with a backend's name and the cooldown its answer put it into (see
-/// [`FailoverLayer::on_cooldown`]).
-pub type CooldownHook = Arc<dyn Fn(&str, Duration) + Send + Sync>;
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("pool", &self.pool)
-            .field("config", &self.config)
-            .field("on_cooldown", &self.on_cooldown.is_some())
-            .finish()
-    }
-}
-
 /// What an attempt needs of a backend, computed once rather than per request.
 #[derive(Clone, Debug)]
 struct Upstream {
@@ -182,21 +162,6 @@ struct Upstream {
     credential: Option<(HeaderName, HeaderValue)>,
     served_by: HeaderValue,
     name: Arc<str>,
-}
-
-// === impl FailoverConfig ===
-
-impl Default for FailoverConfig {
-    fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            deadline: Duration::from_secs(120),
-            response_header_timeout: Duration::from_secs(30),
-            failover_on: vec![408, 429, 500, 502, 503, 504],
-            stream_idle_timeout: Duration::from_secs(120),
-            max_body_bytes: 4 << 20,
-        }
-    }
 }
 
 // === impl AttemptOutcome ===
@@ -213,46 +178,6 @@ impl AttemptOutcome {
             AttemptOutcome::Timeout => "timeout",
             AttemptOutcome::ConnectError => "connect_error",
         }
-    }
-}
-
-// === impl FailoverLayer ===
-
-impl FailoverLayer {
-    /// Fails over between the backends of `pool`.
-    pub fn new(pool: Arc<BackendPool>, config: FailoverConfig) -> Self {
-        let upstreams = pool.backends().iter().map(Upstream::new).collect();
-        Self {
-            shared: Arc::new(Shared {
-                pool,
-                config,
-                upstreams,
-                on_cooldown: None,
-            }),
-        }
-    }
-
-    /// Calls `hook(backend, cooldown)` whenever a 429 puts a backend into cooldown: the way to tell
-    /// other gateway instances, e.g. through Redis. (Auth failures and 5xx are this instance's own.)
-    pub fn on_cooldown(self, hook: impl Fn(&str, Duration) + Send + Sync + 'static) -> Self {
-        let mut shared = Arc::unwrap_or_clone(self.shared);
-        shared.on_cooldown = Some(Arc::new(hook));
-        Self {
-            shared: Arc::new(shared),
-        }
-    }
-
-    /// The pool this layer routes over.
-    pub fn pool(&self) -> &Arc<BackendPool> {
-        &self.shared.pool
-    }
-}
-
-impl<S> Layer<S> for FailoverLayer {
-    type Service = Failover<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Failover::new(inner, self.shared.clone())
     }
 }
 

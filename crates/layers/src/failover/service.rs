@@ -2,22 +2,29 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::pool::{Backend, BackendId, Exhausted, Outcome, Selection};
-use gateway_core::retry_after::{cooldown_hint, parse_remaining};
+use gateway_core::pool::{Backend, BackendId, BackendPool, Exhausted, Outcome, Selection};
+use gateway_core::retry_after::parse_remaining;
 use gateway_core::tokens::Estimate;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
+// tokio's clock, so that paused and advanced time drives deadlines, header timeouts, cooldowns and
+// circuits alike; the pool takes its `std` form.
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::body::StreamWatch;
-use super::{Attempt, AttemptOutcome, FailoverBody, FailoverReport, Shared};
+use super::{
+    Attempt, AttemptOutcome, AzurePolicy, Decision, FailoverBody, FailoverLayer, FailoverPolicy,
+    FailoverReport, Shared,
+};
 use crate::BoxError;
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::{azure_error, too_many_requests};
@@ -27,15 +34,18 @@ use crate::headers::{
 };
 use crate::record::Record;
 
-/// Service produced by [`FailoverLayer`](super::FailoverLayer).
+/// Service produced by [`FailoverLayer`]: sends each request to one backend after another until one
+/// serves it, as the policy `P` decides.
 #[derive(Clone, Debug)]
-pub struct Failover<S> {
+pub struct Failover<S, P = AzurePolicy> {
     inner: S,
     shared: Arc<Shared>,
+    policy: P,
 }
 
-/// Response future of [`Failover`]: boxed, because an attempt loop with awaits reads best as one
-/// `async` block and the one allocation is small beside an upstream round trip.
+/// Response future of [`Failover`]: boxed, because the service awaits inside it (each attempt's
+/// response headers, a 404's body, the timeouts between them), and that loop reads best as one `async`
+/// block; the one allocation is small beside an upstream round trip.
 pub type FailoverFuture<B> =
     Pin<Box<dyn Future<Output = Result<Response<FailoverBody<B>>, Infallible>> + Send>>;
 
@@ -53,21 +63,25 @@ enum LastFailure<B> {
     Connect(String),
 }
 
-enum Verdict {
-    Serve,
-    FailOver(Outcome, AttemptOutcome),
-    /// A 404 that is `DeploymentNotFound` only if its body says so.
-    CheckNotFound,
-}
-
 /// Largest error body read to tell a `DeploymentNotFound` 404 from another.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 // === impl Failover ===
 
 impl<S> Failover<S> {
-    pub(super) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+    /// A [`FailoverLayer`] over `pool`, with Azure's failover semantics.
+    pub fn layer(pool: Arc<BackendPool>) -> FailoverLayer {
+        FailoverLayer::new(pool)
+    }
+}
+
+impl<S, P> Failover<S, P> {
+    pub(super) fn new(inner: S, shared: Arc<Shared>, policy: P) -> Self {
+        Self {
+            inner,
+            shared,
+            policy,
+        }
     }
 
     /// The inner (HTTP client) service.
@@ -86,13 +100,13 @@ impl<S> Failover<S> {
     }
 }
 
-impl<S, ReqB, ResB> Service<Request<ReqB>> for Failover<S>
+impl<S, P, ReqB, ResB> Service<Request<ReqB>> for Failover<S, P>
 where
     S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone + Send + 'static,
+    P: FailoverPolicy,
     S::Error: Into<BoxError>,
     S::Future: Send,
-    ReqB: Body<Data = Bytes> + Send + 'static,
-    ReqB::Error: Into<BoxError>,
+    ReqB: Send + 'static,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
@@ -109,9 +123,10 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let inner = self.inner.clone();
         let shared = self.shared.clone();
+        let policy = self.policy.clone();
         let record = req.extensions().get::<Arc<Record>>().cloned();
         Box::pin(async move {
-            let mut res = run(shared, inner, req).await;
+            let mut res = run(shared, policy, inner, req).await;
             // With a request record, the report is the record's: observers read it there.
             if let Some(record) = record {
                 if let Some(report) = res.extensions_mut().remove::<FailoverReport>() {
@@ -123,8 +138,9 @@ where
     }
 }
 
-async fn run<S, ReqB, ResB>(
+async fn run<S, P, ReqB, ResB>(
     shared: Arc<Shared>,
+    policy: P,
     mut inner: S,
     req: Request<ReqB>,
 ) -> Response<FailoverBody<ResB>>
@@ -132,19 +148,14 @@ where
     S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Send,
     S::Error: Into<BoxError>,
     S::Future: Send,
-    ReqB: Body<Data = Bytes> + Send,
-    ReqB::Error: Into<BoxError>,
+    P: FailoverPolicy,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let (mut parts, body) = req.into_parts();
-    let ctx = match parts.extensions.remove::<RequestContext>() {
-        Some(ctx) => ctx,
-        // Used without the context layer: capture here so the body can be replayed.
-        None => match RequestContext::capture(&parts, body, shared.config.max_body_bytes).await {
-            Ok(ctx) => ctx,
-            Err(err) => return gateway_answer(err.into_response(), FailoverReport::default()),
-        },
+    // The context layer owns the body: what arrives here is a copy of `ctx.body`, not needed.
+    let (mut parts, _) = req.into_parts();
+    let Some(ctx) = parts.extensions.remove::<RequestContext>() else {
+        return missing_context(&shared);
     };
     let Some(deployment) = ctx.deployment.as_deref() else {
         let res = match ctx.deployment_source {
@@ -179,7 +190,7 @@ where
             last = Some(LastFailure::Timeout);
             break;
         }
-        let id = match pool.select_with(deployment, &tried, need_tokens, now) {
+        let id = match pool.select_with(deployment, &tried, need_tokens, now.into_std()) {
             Selection::Backend(id) => id,
             Selection::Exhausted(e) => {
                 exhausted = Some(e);
@@ -218,14 +229,19 @@ where
         let res = match result {
             Err(_) => {
                 tracing::warn!(backend = %up.name, ?timeout, "no response headers in time; failing over");
-                pool.record(id, deployment, Outcome::Timeout, Instant::now());
+                pool.record(id, deployment, Outcome::Timeout, Instant::now().into_std());
                 record(None, AttemptOutcome::Timeout);
                 last = Some(LastFailure::Timeout);
                 continue;
             }
             Ok(Err(err)) => {
                 tracing::warn!(backend = %up.name, error = %err, "upstream connection failed; failing over");
-                pool.record(id, deployment, Outcome::ConnectError, Instant::now());
+                pool.record(
+                    id,
+                    deployment,
+                    Outcome::ConnectError,
+                    Instant::now().into_std(),
+                );
                 record(None, AttemptOutcome::ConnectError);
                 last = Some(LastFailure::Connect(err.to_string()));
                 continue;
@@ -246,12 +262,12 @@ where
             deployment,
             remaining(&X_RATELIMIT_REMAINING_TOKENS),
             remaining(&X_RATELIMIT_REMAINING_REQUESTS),
-            Instant::now(),
+            Instant::now().into_std(),
         );
 
-        match verdict(status, headers, &config.failover_on) {
-            Verdict::Serve => {
-                pool.record(id, deployment, Outcome::Success, Instant::now());
+        match policy.classify(status, headers) {
+            Decision::Serve => {
+                pool.record(id, deployment, Outcome::Success, Instant::now().into_std());
                 record(Some(status.as_u16()), AttemptOutcome::Served);
                 report.served_by = Some(id);
                 let sse = is_event_stream(res.headers());
@@ -266,9 +282,12 @@ where
                 let res = res.map(|b| FailoverBody::upstream(b, Some(watch)));
                 return served(res, up.served_by.clone(), report);
             }
-            Verdict::FailOver(outcome, kind) => {
+            Decision::FailOver {
+                outcome,
+                reason: kind,
+            } => {
                 tracing::info!(backend = %up.name, status = status.as_u16(), "failing over");
-                let cooldown = pool.record(id, deployment, outcome, Instant::now());
+                let cooldown = pool.record(id, deployment, outcome, Instant::now().into_std());
                 // Only throttles are shared: another instance has its own credentials and errors.
                 let throttled = matches!(outcome, Outcome::Throttled { .. });
                 if let (true, Some(cooldown), Some(hook)) =
@@ -283,7 +302,7 @@ where
                     _ => LastFailure::Response(id, res),
                 });
             }
-            Verdict::CheckNotFound => {
+            Decision::CheckDeploymentNotFound => {
                 let (mut head, body) = res.into_parts();
                 // Bounded in size and time: a stalled error body must not hang the request.
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -301,7 +320,7 @@ where
                             id,
                             deployment,
                             Outcome::ServerError { hint: None },
-                            Instant::now(),
+                            Instant::now().into_std(),
                         );
                         record(Some(404), AttemptOutcome::ServerError);
                         last = Some(LastFailure::Connect(format!(
@@ -313,11 +332,16 @@ where
                 };
                 if is_deployment_not_found(&bytes) {
                     tracing::warn!(backend = %up.name, deployment, "backend lacks the deployment; check its mapping");
-                    pool.record(id, deployment, Outcome::DeploymentNotFound, Instant::now());
+                    pool.record(
+                        id,
+                        deployment,
+                        Outcome::DeploymentNotFound,
+                        Instant::now().into_std(),
+                    );
                     record(Some(404), AttemptOutcome::DeploymentNotFound);
                     last = Some(LastFailure::NotFound(up.name.clone()));
                 } else {
-                    pool.record(id, deployment, Outcome::Success, Instant::now());
+                    pool.record(id, deployment, Outcome::Success, Instant::now().into_std());
                     record(Some(404), AttemptOutcome::Served);
                     report.served_by = Some(id);
                     // The body is whole now: its length is known again from the bytes.
@@ -329,7 +353,24 @@ where
         }
     }
 
-    give_up(&shared, deployment, exhausted, last, report)
+    let now = Instant::now().into_std();
+    give_up(&shared, deployment, exhausted, last, report, now)
+}
+
+/// The answer when no [`RequestContext`] came with the request: the stack is assembled wrong, which
+/// no client can fix, so it is said once in the log and every request gets a 500.
+fn missing_context<B>(shared: &Shared) -> Response<FailoverBody<B>> {
+    if !shared.missing_context_logged.swap(true, Ordering::Relaxed) {
+        tracing::error!(
+            "the failover layer found no RequestContext in a request: wrap it in RequestContextLayer; answering 500 to every such request"
+        );
+    }
+    let res = azure_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalServerError",
+        "The gateway is misconfigured: the failover layer must be wrapped by the RequestContextLayer.",
+    );
+    gateway_answer(res, FailoverReport::default())
 }
 
 async fn attempt<S, ResB>(
@@ -403,34 +444,6 @@ fn record_outcome(span: &tracing::Span, status: Option<u16>, outcome: AttemptOut
         None => span.record("error.type", outcome.as_str()),
     };
     span.record("otel.status_code", "error");
-}
-
-fn verdict(status: StatusCode, headers: &HeaderMap, failover_on: &[u16]) -> Verdict {
-    let hint = || {
-        cooldown_hint(
-            |name| headers.get(name).and_then(|v| v.to_str().ok()),
-            SystemTime::now(),
-        )
-    };
-    match status.as_u16() {
-        429 => Verdict::FailOver(
-            Outcome::Throttled { hint: hint() },
-            AttemptOutcome::Throttled,
-        ),
-        401 | 403 => Verdict::FailOver(
-            Outcome::AuthFailure { hint: hint() },
-            AttemptOutcome::AuthFailure,
-        ),
-        404 => Verdict::CheckNotFound,
-        408 if failover_on.contains(&408) => {
-            Verdict::FailOver(Outcome::Timeout, AttemptOutcome::ServerError)
-        }
-        s if s >= 500 && failover_on.contains(&s) => Verdict::FailOver(
-            Outcome::ServerError { hint: hint() },
-            AttemptOutcome::ServerError,
-        ),
-        _ => Verdict::Serve,
-    }
 }
 
 fn is_deployment_not_found(body: &[u8]) -> bool {
@@ -531,6 +544,7 @@ fn give_up<B>(
     exhausted: Option<Exhausted>,
     last: Option<LastFailure<B>>,
     mut report: FailoverReport,
+    now: std::time::Instant,
 ) -> Response<FailoverBody<B>> {
     // Every candidate cools down after throttling: tell the client when to come back.
     if let Some(wait) = exhausted.as_ref().and_then(|e| e.shortest_cooldown) {
@@ -558,7 +572,7 @@ fn give_up<B>(
         Some(LastFailure::Throttled) => {
             let wait = shared
                 .pool
-                .shortest_throttle(deployment, Instant::now())
+                .shortest_throttle(deployment, now)
                 .unwrap_or(Duration::from_secs(1));
             return throttled(deployment, wait, report);
         }
@@ -624,41 +638,6 @@ fn throttled<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn verdicts_follow_the_failover_list() {
-        let on = [408, 429, 500, 502, 503, 504];
-        let h = HeaderMap::new();
-        assert!(matches!(verdict(StatusCode::OK, &h, &on), Verdict::Serve));
-        assert!(matches!(
-            verdict(StatusCode::BAD_REQUEST, &h, &on),
-            Verdict::Serve
-        ));
-        assert!(matches!(
-            verdict(StatusCode::TOO_MANY_REQUESTS, &h, &on),
-            Verdict::FailOver(Outcome::Throttled { .. }, _)
-        ));
-        assert!(matches!(
-            verdict(StatusCode::UNAUTHORIZED, &h, &on),
-            Verdict::FailOver(Outcome::AuthFailure { .. }, _)
-        ));
-        assert!(matches!(
-            verdict(StatusCode::NOT_FOUND, &h, &on),
-            Verdict::CheckNotFound
-        ));
-        assert!(matches!(
-            verdict(StatusCode::SERVICE_UNAVAILABLE, &h, &on),
-            Verdict::FailOver(Outcome::ServerError { .. }, _)
-        ));
-        assert!(matches!(
-            verdict(StatusCode::NOT_IMPLEMENTED, &h, &on),
-            Verdict::Serve
-        ));
-        assert!(matches!(
-            verdict(StatusCode::BAD_GATEWAY, &h, &[429]),
-            Verdict::Serve
-        ));
-    }
 
     #[test]
     fn deployment_not_found_is_read_from_the_body() {

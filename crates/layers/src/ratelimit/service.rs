@@ -56,9 +56,22 @@ impl<S, St> RateLimit<S, St> {
         &self.inner
     }
 
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Unwraps the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl<S, St: LimitStore> RateLimit<S, St> {
+    /// A [`RateLimitLayer`](super::RateLimitLayer) accounting limits in `store`; configure it with
+    /// its builder methods.
+    pub fn layer(store: Arc<St>) -> super::RateLimitLayer<St> {
+        super::RateLimitLayer::new(store)
     }
 }
 
