@@ -306,10 +306,8 @@ fn inspect(event: &[u8]) -> (Option<Usage>, bool) {
             continue;
         };
         let data = data.trim_start();
-        // Cheap checks first: most chunks are neither.
-        if data.contains("\"usage\":{") {
-            usage = tokens::usage_from_sse_data(data).or(usage);
-        }
+        // Parsed as JSON, whatever its spacing; frames without the word `usage` are skipped unparsed.
+        usage = tokens::usage_from_sse_data(data).or(usage);
         if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
             content = true;
         }

@@ -21,7 +21,11 @@
 //! Counting happens in a [`LimitStore`]: in memory for one instance, in Redis for many.
 //!
 //! Place it inside [`RequestContextLayer`](crate::RequestContextLayer) (it reads the captured body) and
-//! [`ConsumerAuthLayer`](crate::ConsumerAuthLayer) (limits are per consumer).
+//! [`ConsumerAuthLayer`](crate::ConsumerAuthLayer) (limits are per consumer). It never rewrites the
+//! body: asking for the usage chunk is recorded in the [`RequestContext`](crate::context::RequestContext),
+//! and whatever sends the request upstream builds its body with
+//! [`RequestContext::body_for`](crate::context::RequestContext::body_for), as
+//! [`FailoverLayer`](crate::FailoverLayer) does for every attempt.
 //!
 //! # Example
 //!

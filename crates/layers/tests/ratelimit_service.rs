@@ -1,0 +1,286 @@
+//! Service-level tests of the rate-limit layer: a `service_fn` upstream, a real `MemoryStore`, paused
+//! time. What a reservation becomes is read back from the store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::limits::{
+    Admission, LimitCheck, LimitStore, Limits, MemoryStore, Reservation, StoreError, Usage,
+};
+use gateway_core::operation::Operation;
+use gateway_core::tokens;
+use gateway_layers::BoxError;
+use gateway_layers::auth::ConsumerKeys;
+use gateway_layers::context::RequestContext;
+use gateway_layers::ratelimit::{ConsumerLimits, OnStoreError, RateLimitLayer};
+use gateway_layers::record::{Limit, Record};
+use gateway_layers::{ConsumerAuthLayer, RequestContextLayer};
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+
+type UpstreamBody = BoxBody<Bytes, BoxError>;
+
+const CHAT: &str = r#"{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":10}"#;
+const STREAM: &str =
+    r#"{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":10,"stream":true}"#;
+const CONTENT: &str =
+    "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"index\":0}],\"usage\":null}\n\n";
+/// A usage chunk as Python's json writes it: spaces after colons.
+const USAGE: &str = "data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 9, \"completion_tokens\": 2, \"total_tokens\": 11}}\n\n";
+const DONE: &str = "data: [DONE]\n\n";
+
+/// What the upstream does with each call.
+#[derive(Clone)]
+enum Reply {
+    Json(u16, &'static str),
+    Fail,
+    Stream(Arc<Mutex<Option<mpsc::Receiver<Bytes>>>>),
+}
+
+/// An SSE body fed by a channel.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// The upstream's calls: the bodies it would send.
+type Seen = Arc<Mutex<Vec<Bytes>>>;
+
+fn limits(tpm: u64, rpm: u64) -> ConsumerLimits {
+    ConsumerLimits::all(Limits {
+        tokens_per_minute: Some(tpm),
+        requests_per_minute: Some(rpm),
+        quota: None,
+    })
+}
+
+/// Context, auth (key `k` is consumer `app`), the rate-limit layer, and an upstream answering
+/// `reply`.
+fn gateway<St: LimitStore>(
+    layer: RateLimitLayer<St>,
+    reply: Reply,
+    seen: Seen,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError>>,
+    Error = BoxError,
+> + Clone {
+    let keys = Arc::new(ConsumerKeys::new().consumer("app", ["k"], None));
+    ServiceBuilder::new()
+        .layer(RequestContextLayer::new(1 << 20))
+        .layer(ConsumerAuthLayer::new(keys))
+        .layer(layer)
+        .service(service_fn(move |req: Request<Full<Bytes>>| {
+            let reply = reply.clone();
+            let seen = seen.clone();
+            async move {
+                // What a proxy below sends: the context's body with the recorded edits.
+                let ctx = req.extensions().get::<RequestContext>().unwrap();
+                seen.lock().unwrap().push(ctx.body_for(None));
+                let res: Response<UpstreamBody> = match reply {
+                    Reply::Json(status, body) => Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .header("content-length", body.len())
+                        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())?,
+                    Reply::Fail => return Err::<_, BoxError>("connection reset".into()),
+                    Reply::Stream(rx) => {
+                        let rx = rx.lock().unwrap().take().ok_or("stream taken")?;
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(ChannelBody(rx).boxed())?
+                    }
+                };
+                Ok(res)
+            }
+        }))
+}
+
+fn chat(body: &'static str) -> Request<Full<Bytes>> {
+    Request::post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+        .header("api-key", "k")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// The estimate the layer reserves for `body`.
+fn reserved(body: &str) -> u64 {
+    tokens::estimate(Operation::ChatCompletions, "gpt-4o", body.as_bytes(), 16).total()
+}
+
+async fn used(layer: &RateLimitLayer<MemoryStore>) -> Usage {
+    let check = layer.limits("app").unwrap().own_check("app").unwrap();
+    layer.store().usage(&check).await.unwrap()
+}
+
+fn stream_reply() -> (Reply, mpsc::Sender<Bytes>) {
+    let (tx, rx) = mpsc::channel(16);
+    (Reply::Stream(Arc::new(Mutex::new(Some(rx)))), tx)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_json_answer_is_reconciled_to_its_usage_before_it_is_sent() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
+    let answer = r#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+    let gw = gateway(layer.clone(), Reply::Json(200, answer), Seen::default());
+
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.headers()["x-gateway-tokens-consumed"], "6");
+    let u = used(&layer).await;
+    assert_eq!((u.tokens_this_minute, u.requests_this_minute), (6, 1));
+    let record = res.extensions().get::<Arc<Record>>().unwrap();
+    assert_eq!(record.usage().map(|u| u.total), Some(6));
+    assert_eq!(record.estimate().map(|e| e.total()), Some(reserved(CHAT)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_answer_releases_its_reservation() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
+    let gw = gateway(layer.clone(), Reply::Json(500, "{}"), Seen::default());
+
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 500);
+    let u = used(&layer).await;
+    assert_eq!((u.tokens_this_minute, u.requests_this_minute), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_error_releases_its_reservation() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
+    let gw = gateway(layer.clone(), Reply::Fail, Seen::default());
+
+    assert!(gw.oneshot(chat(CHAT)).await.is_err());
+    let u = used(&layer).await;
+    assert_eq!((u.tokens_this_minute, u.requests_this_minute), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_is_charged_its_usage_and_the_unrequested_usage_chunk_is_hidden() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
+    let (reply, tx) = stream_reply();
+    let seen = Seen::default();
+    let gw = gateway(layer.clone(), reply, seen.clone());
+
+    let res = gw.oneshot(chat(STREAM)).await.unwrap();
+    // The layer asked the backend for the usage chunk; the client did not.
+    let sent: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[0]).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(sent["messages"][0]["content"], "Hello there");
+    // While the stream runs, the reservation stands.
+    assert_eq!(used(&layer).await.tokens_this_minute, reserved(STREAM));
+
+    for chunk in [CONTENT, USAGE, DONE] {
+        tx.send(Bytes::from(chunk)).await.unwrap();
+    }
+    drop(tx);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        std::str::from_utf8(&body).unwrap(),
+        format!("{CONTENT}{DONE}")
+    );
+    layer.settled().await;
+    assert_eq!(used(&layer).await.tokens_this_minute, 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_the_client_drops_is_charged_at_least_its_reservation() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
+    let (reply, tx) = stream_reply();
+    let gw = gateway(layer.clone(), reply, Seen::default());
+
+    let res = gw.oneshot(chat(STREAM)).await.unwrap();
+    tx.send(Bytes::from(CONTENT)).await.unwrap();
+    let mut body = res.into_body();
+    assert!(body.frame().await.is_some());
+    drop(body);
+    layer.settled().await;
+    // A usage chunk never came: the prompt plus one chunk is below the reservation, which stands.
+    assert_eq!(used(&layer).await.tokens_this_minute, reserved(STREAM));
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_request_limit_the_answer_is_429_and_the_record_says_why() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 1));
+    let gw = gateway(layer.clone(), Reply::Json(200, "{}"), Seen::default());
+
+    assert_eq!(gw.clone().oneshot(chat(CHAT)).await.unwrap().status(), 200);
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-gateway-limit"], "requests");
+    assert!(res.headers().contains_key("retry-after-ms"));
+    let record = res.extensions().get::<Arc<Record>>().unwrap();
+    assert_eq!(record.limit(), Some(Limit::Requests));
+    assert_eq!(record.consumer().map(|c| &**c), Some("app"));
+}
+
+/// A store that always fails, counting how often it is asked.
+#[derive(Default)]
+struct DownStore {
+    asked: AtomicUsize,
+}
+
+impl LimitStore for DownStore {
+    async fn reserve(&self, _: &[LimitCheck], _: u64) -> Result<Admission, StoreError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        Err(StoreError("connection refused".into()))
+    }
+
+    async fn reconcile(&self, _: &Reservation, _: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn usage(&self, _: &LimitCheck) -> Result<Usage, StoreError> {
+        Err(StoreError("connection refused".into()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_is_left_alone_for_a_second_then_asked_again() {
+    let store = Arc::new(DownStore::default());
+    let layer = RateLimitLayer::new(store.clone()).consumer("app", limits(1000, 10));
+    let gw = gateway(layer, Reply::Json(200, "{}"), Seen::default());
+
+    // Fail-open: admitted unchecked, and the store rests.
+    assert_eq!(gw.clone().oneshot(chat(CHAT)).await.unwrap().status(), 200);
+    assert_eq!(gw.clone().oneshot(chat(CHAT)).await.unwrap().status(), 200);
+    assert_eq!(store.asked.load(Ordering::SeqCst), 1);
+
+    tokio::time::advance(Duration::from_millis(999)).await;
+    gw.clone().oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(store.asked.load(Ordering::SeqCst), 1);
+
+    tokio::time::advance(Duration::from_millis(1)).await;
+    gw.clone().oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(store.asked.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_refuses_with_503_under_fail_closed() {
+    let layer = RateLimitLayer::new(Arc::new(DownStore::default()))
+        .consumer("app", limits(1000, 10))
+        .on_store_error(OnStoreError::FailClosed);
+    let gw = gateway(layer, Reply::Json(200, "{}"), Seen::default());
+
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 503);
+}
