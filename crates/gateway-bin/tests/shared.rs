@@ -20,6 +20,18 @@ async fn gateway(policy: &PolicyFile) -> (Proc, String) {
     common::gateway_process(policy, &[("CLIENT_KEY", CLIENT_KEY)]).await
 }
 
+/// Starts `n` gateway processes on `policy`; returns them and their base URLs.
+async fn gateways(policy: &PolicyFile, n: usize) -> (Vec<Proc>, Vec<String>) {
+    let mut procs = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..n {
+        let (p, b) = gateway(policy).await;
+        procs.push(p);
+        bases.push(b);
+    }
+    (procs, bases)
+}
+
 async fn chat(base: &str, max_tokens: u64) -> reqwest::Response {
     reqwest::Client::new()
         .post(common::chat_url(base))
@@ -83,13 +95,7 @@ async fn gateways_sharing_redis_hold_one_limit(n: usize) {
             free_port()
         )),
     );
-    let mut procs = Vec::new();
-    let mut bases = Vec::new();
-    for _ in 0..n {
-        let (p, b) = gateway(&shared).await;
-        procs.push(p);
-        bases.push(b);
-    }
+    let (procs, bases) = gateways(&shared, n).await;
     let admitted = drain_quota(&bases).await;
     // Each call reserves about 50 tokens and uses at most that: admission stops within one call of
     // the quota, across all the processes.
@@ -104,13 +110,7 @@ async fn gateways_sharing_redis_hold_one_limit(n: usize) {
     drop(procs);
 
     let local = policy_file(&[&sim], &limited_consumer(""));
-    let mut procs = Vec::new();
-    let mut bases = Vec::new();
-    for _ in 0..n {
-        let (p, b) = gateway(&local).await;
-        procs.push(p);
-        bases.push(b);
-    }
+    let (_procs, bases) = gateways(&local, n).await;
     let admitted_locally = drain_quota(&bases).await;
     let n = n as u64;
     assert!(

@@ -966,6 +966,12 @@ fn redis_store_outside_a_runtime_is_an_error() {
 
 type Seen = Arc<Mutex<Vec<(String, u64)>>>;
 
+async fn cooldowns(server: &RedisServer, prefix: &str) -> RedisCooldowns {
+    RedisCooldowns::connect(&server.url(), prefix)
+        .await
+        .expect("connect to redis")
+}
+
 fn recorder() -> (Seen, impl Fn(String, u64) + Send + Sync + 'static) {
     let seen: Seen = Arc::default();
     let sink = seen.clone();
@@ -988,12 +994,8 @@ async fn wait_for(seen: &Seen, entry: (&str, u64)) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cooldowns_are_shared_between_instances() {
     let mut server = RedisServer::start();
-    let one = RedisCooldowns::connect(&server.url(), "gw")
-        .await
-        .expect("connect one");
-    let two = RedisCooldowns::connect(&server.url(), "gw")
-        .await
-        .expect("connect two");
+    let one = cooldowns(&server, "gw").await;
+    let two = cooldowns(&server, "gw").await;
 
     // Published before a listener starts: the listener's catch-up reports it.
     let early = unix_ms() + 60_000;
@@ -1079,12 +1081,8 @@ async fn cooldowns_are_shared_between_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cooldowns_keep_prefixes_apart() {
     let server = RedisServer::start();
-    let a = RedisCooldowns::connect(&server.url(), "a*")
-        .await
-        .expect("connect");
-    let b = RedisCooldowns::connect(&server.url(), "ab")
-        .await
-        .expect("connect");
+    let a = cooldowns(&server, "a*").await;
+    let b = cooldowns(&server, "ab").await;
     let until = unix_ms() + 60_000;
     a.publish("x", until).await.expect("publish");
     b.publish("y", until).await.expect("publish");
