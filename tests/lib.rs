@@ -1,52 +1,47 @@
-//! Helpers for the end-to-end tests: real simulated regions and a real gateway on 127.0.0.1.
+//! Helpers for the end-to-end tests: real simulated regions and a real gateway on 127.0.0.1, and
+//! the fixtures and bounded waits the `gateway` binary's own tests share with them.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+mod poll;
+mod regions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_bin::{app, serve};
 use gateway_core::policy::Policy;
 use gateway_core::pool::BackendPool;
 use gateway_core::secret::{MapSecrets, NoSecrets};
 use serde_json::{Value, json};
-use simulator::{DeploymentConfig, RegionConfig, RunningRegion};
+use simulator::{RegionConfig, RunningRegion};
 use tokio::sync::oneshot;
+
+pub use poll::{PATIENCE, POLL_EVERY, Poller, eventually, eventually_blocking, eventually_within};
+pub use regions::{
+    backend_env, backend_key, backend_toml, env_name, ranked_backends, region, region_with,
+};
 
 /// The key clients present to the gateway in these tests.
 pub const CLIENT_KEY: &str = "client-key-1";
-
-/// Starts a simulated region whose backend key is `key-<lowercased region>`.
-pub async fn region(name: &str, deployments: &[(&str, u64)]) -> RunningRegion {
-    region_with(name, deployments, |c| c).await
-}
-
-/// Like [`region`], with a chance to adjust the config (token delay, faults).
-pub async fn region_with(
-    name: &str,
-    deployments: &[(&str, u64)],
-    adjust: impl FnOnce(RegionConfig) -> RegionConfig,
-) -> RunningRegion {
-    let mut config = RegionConfig::new(name, backend_key(name));
-    for (d, tpm) in deployments {
-        config = config.deployment(if d.contains("embedding") {
-            DeploymentConfig::embeddings(*d, *tpm)
-        } else {
-            DeploymentConfig::chat(*d, *tpm)
-        });
-    }
-    simulator::spawn(adjust(config), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-}
 
 /// One simulated "Sweden Central" region serving `gpt-4o` (as `gpt4o-swc`, `chat_tpm` tokens per
 /// minute) and `text-embedding-3-small` (as `embedding-swc`), behind a gateway whose consumer gets
 /// `consumer_toml` appended (e.g. its `[consumers.limits]`).
 pub async fn sweden(chat_tpm: u64, consumer_toml: &str) -> (RunningRegion, Gateway) {
-    let sim = region(
+    sweden_with(chat_tpm, consumer_toml, |c| c).await
+}
+
+/// Like [`sweden`], with a chance to adjust the region's config (token delay, faults).
+pub async fn sweden_with(
+    chat_tpm: u64,
+    consumer_toml: &str,
+    adjust: impl FnOnce(RegionConfig) -> RegionConfig,
+) -> (RunningRegion, Gateway) {
+    let sim = region_with(
         "Sweden Central",
         &[("gpt4o-swc", chat_tpm), ("embedding-swc", 1_000_000)],
+        adjust,
     )
     .await;
     let b = backend_toml(
@@ -71,11 +66,6 @@ pub async fn sweden(chat_tpm: u64, consumer_toml: &str) -> (RunningRegion, Gatew
     )
     .await;
     (sim, gw)
-}
-
-/// The backend key a simulated region accepts.
-pub fn backend_key(region: &str) -> String {
-    format!("key-{}", region.to_lowercase().replace(' ', "-"))
 }
 
 /// A running gateway.
@@ -116,31 +106,6 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
         shutdown: Some(tx),
         task,
     }
-}
-
-/// The env var name a policy uses for a region's backend key.
-pub fn env_name(region: &str) -> String {
-    format!("KEY_{}", region.to_uppercase().replace(' ', "_"))
-}
-
-/// A `[[backends]]` table for a simulated region.
-pub fn backend_toml(
-    name: &str,
-    sim: &RunningRegion,
-    region: &str,
-    priority: u32,
-    weight: u32,
-    map: &[(&str, &str)],
-) -> String {
-    let mut s = format!(
-        "[[backends]]\nname = \"{name}\"\nregion = \"{region}\"\nendpoint = \"{}\"\npriority = {priority}\nweight = {weight}\napi_key = \"env:{}\"\n[backends.deployments]\n",
-        sim.url(),
-        env_name(region)
-    );
-    for (logical, own) in map {
-        s.push_str(&format!("\"{logical}\" = \"{own}\"\n"));
-    }
-    s
 }
 
 /// A policy with the given deployments, backends and extra tables, and one consumer using [`CLIENT_KEY`].
@@ -193,6 +158,17 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The gateway's `/admin/status` JSON (open: these policies set no admin key).
+    pub async fn status(&self) -> Value {
+        let res = client()
+            .get(self.url("/admin/status"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
     /// Stops accepting and waits for the server to finish.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -200,6 +176,28 @@ impl Gateway {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
     }
+}
+
+/// How long to wait until at least `room` is left in the current minute of this machine's clock.
+/// Per-minute limits count in calendar minutes (the gateway's memory store and Redis alike): a
+/// scenario that crossed into the next minute would see its counters start over. The scenarios
+/// take milliseconds; `room` is what a loaded machine might stretch them to.
+pub fn minute_wait(room: Duration) -> Duration {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let into_minute =
+        Duration::from_millis(u64::try_from(since_epoch.as_millis() % 60_000).unwrap());
+    let left = Duration::from_secs(60) - into_minute;
+    if left >= room {
+        Duration::ZERO
+    } else {
+        // Into the next minute, past its first millisecond.
+        left + Duration::from_millis(50)
+    }
+}
+
+/// Waits until at least `room` is left in the current minute ([`minute_wait`]).
+pub async fn minute_room(room: Duration) {
+    tokio::time::sleep(minute_wait(room)).await;
 }
 
 /// A client without connection reuse surprises: short timeouts so no test can hang.

@@ -1,7 +1,7 @@
 //! Failover between simulated regions, proved by counting the calls each region received.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use gateway_e2e::*;
@@ -32,6 +32,25 @@ async fn two_regions(extra: &str) -> (RunningRegion, RunningRegion, Gateway) {
     (a, b, gw)
 }
 
+/// Three regions serving `gpt-4o` as `m`: A at priority 1, B at 2, C at 3, listed out of order on
+/// purpose (priority decides, not position), and extra policy tables.
+async fn three_regions(extra: &str) -> (RunningRegion, RunningRegion, RunningRegion, Gateway) {
+    let a = region("Region A", &[("m", 1_000_000)]).await;
+    let b = region("Region B", &[("m", 1_000_000)]).await;
+    let c = region("Region C", &[("m", 1_000_000)]).await;
+    let backends = [
+        backend_toml("c", &c, "Region C", 3, 1, &[("gpt-4o", "m")]),
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
+        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, extra),
+        &["Region A", "Region B", "Region C"],
+    )
+    .await;
+    (a, b, c, gw)
+}
+
 fn served_by(res: &reqwest::Response) -> String {
     res.headers()["x-served-by"].to_str().unwrap().to_owned()
 }
@@ -47,36 +66,36 @@ fn attempts(res: &reqwest::Response) -> u32 {
 #[tokio::test]
 async fn throttled_region_rests_until_its_retry_after_ms_then_serves_again() {
     let (a, b, gw) = two_regions("").await;
+    let rest = Duration::from_millis(1500);
     a.handle().set_faults(vec![fault(
         json!({"kind": "status", "status": 429, "retry_after_ms": 1500, "count": 1}),
     )]);
 
+    // A's rest begins when its 429 arrives, after this instant.
+    let throttled = Instant::now();
     let res = gw.chat("gpt-4o", &chat("hi")).await;
     assert_eq!(res.status(), 200);
     assert_eq!(served_by(&res), "b (Region B)");
     assert_eq!(attempts(&res), 2);
     assert_eq!((count(&a), count(&b)), (1, 1));
 
-    // While A cools down it receives nothing, though it is the preferred region.
-    for _ in 0..5 {
-        let res = gw.chat("gpt-4o", &chat("hi")).await;
-        assert_eq!(served_by(&res), "b (Region B)");
-        assert_eq!(attempts(&res), 1);
-    }
-    assert_eq!((count(&a), count(&b)), (1, 6));
-
-    // After the cooldown, A serves again. Bounded wait: at most 40 x 100 ms past the 1.5 s.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut back = false;
-    for _ in 0..40 {
+    // While A cools down it receives nothing, though it is the preferred region: every call goes
+    // to B in one attempt until A serves again, and that is not before its retry-after-ms.
+    let mut poll = Poller::new("region A serving again after its cooldown");
+    let mut served_by_b = 1;
+    loop {
         let res = gw.chat("gpt-4o", &chat("hi")).await;
         if served_by(&res) == "a (Region A)" {
-            back = true;
+            let rested = throttled.elapsed();
+            assert!(rested >= rest, "A served again {rested:?} after its 429");
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(served_by(&res), "b (Region B)");
+        assert_eq!(attempts(&res), 1);
+        served_by_b += 1;
+        assert_eq!((count(&a), count(&b)), (1, served_by_b));
+        poll.wait().await;
     }
-    assert!(back, "region A never came back after its cooldown");
     assert_eq!(count(&a), 2);
     gw.stop().await;
 }
@@ -112,7 +131,8 @@ async fn fails_over_on_a_dropped_connection() {
 
 #[tokio::test]
 async fn fails_over_when_headers_do_not_arrive_in_time() {
-    let (a, b, gw) = two_regions("[failover]\nresponse_header_timeout_ms = 300\n").await;
+    // The timeout applies to B's attempt too: long enough for B to answer on a loaded machine.
+    let (a, b, gw) = two_regions("[failover]\nresponse_header_timeout_ms = 1000\n").await;
     a.handle().set_faults(vec![fault(json!({"kind": "hang"}))]);
     let res = gw.chat("gpt-4o", &chat("hi")).await;
     assert_eq!(res.status(), 200);
@@ -166,20 +186,7 @@ async fn a_backend_rejecting_the_gateway_credential_is_failed_over() {
 
 #[tokio::test]
 async fn priority_groups_are_tried_in_order() {
-    let a = region("Region A", &[("m", 1_000_000)]).await;
-    let b = region("Region B", &[("m", 1_000_000)]).await;
-    let c = region("Region C", &[("m", 1_000_000)]).await;
-    // Listed out of order on purpose: priority decides, not position.
-    let backends = [
-        backend_toml("c", &c, "Region C", 3, 1, &[("gpt-4o", "m")]),
-        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
-        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")]),
-    ];
-    let gw = gateway(
-        &policy(&["gpt-4o"], &backends, ""),
-        &["Region A", "Region B", "Region C"],
-    )
-    .await;
+    let (a, b, c, gw) = three_regions("").await;
     for _ in 0..10 {
         assert_eq!(gw.chat("gpt-4o", &chat("hi")).await.status(), 200);
     }
@@ -233,25 +240,23 @@ async fn circuit_opens_probes_and_closes() {
             .await;
     a.handle()
         .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
+    let mut opened = Instant::now();
     for _ in 0..3 {
+        // The third failure opens the circuit, after this instant.
+        opened = Instant::now();
         let res = gw.chat("gpt-4o", &chat("hi")).await;
         assert_eq!(served_by(&res), "b (Region B)");
         assert_eq!(attempts(&res), 2);
     }
     assert_eq!(count(&a), 3);
-    // Open: A is skipped entirely.
-    for _ in 0..5 {
-        let res = gw.chat("gpt-4o", &chat("hi")).await;
-        assert_eq!(served_by(&res), "b (Region B)");
-        assert_eq!(attempts(&res), 1);
-    }
-    assert_eq!(count(&a), 3);
 
-    // A recovers; after the trip duration one probe goes to A, succeeds, and closes the circuit.
+    // A recovers at once, but while the circuit is open A is skipped entirely; after the trip
+    // duration one probe goes to A, succeeds, and closes the circuit.
     a.handle().clear_faults();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let res = gw.chat("gpt-4o", &chat("hi")).await;
-    assert_eq!(served_by(&res), "a (Region A)");
+    probe_after_trip(&gw, &a, opened, |res| {
+        assert_eq!(served_by(res), "a (Region A)", "the probe succeeds");
+    })
+    .await;
     assert_eq!(count(&a), 4);
     for _ in 0..3 {
         let res = gw.chat("gpt-4o", &chat("hi")).await;
@@ -268,18 +273,78 @@ async fn a_failed_probe_reopens_the_circuit() {
             .await;
     a.handle()
         .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
+    let mut opened = Instant::now();
     for _ in 0..2 {
+        opened = Instant::now();
         gw.chat("gpt-4o", &chat("hi")).await;
     }
     assert_eq!(count(&a), 2);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // The probe fails: A is tried once, then skipped again.
-    for _ in 0..4 {
-        let res = gw.chat("gpt-4o", &chat("hi")).await;
-        assert_eq!(served_by(&res), "b (Region B)");
-    }
+    // The probe fails: A is tried once (B serves that call), then skipped again for a whole trip,
+    // until the next probe.
+    let failed_over = |res: &reqwest::Response| {
+        assert_eq!(served_by(res), "b (Region B)");
+        assert_eq!(attempts(res), 2);
+    };
+    let reopened = probe_after_trip(&gw, &a, opened, failed_over).await;
     assert_eq!(count(&a), 3);
+    probe_after_trip(&gw, &a, reopened, failed_over).await;
+    assert_eq!(count(&a), 4);
     gw.stop().await;
+}
+
+/// Calls until one call reaches region A (the probe of its open circuit), checking that every call
+/// before it went to B alone and that the probe came no earlier than the 1 s trip after `opened`
+/// (an instant before the circuit opened). `check` looks at the probe call's answer. Returns when
+/// the probe call was sent: its failure reopens the circuit after that instant.
+async fn probe_after_trip(
+    gw: &Gateway,
+    a: &RunningRegion,
+    opened: Instant,
+    check: impl Fn(&reqwest::Response),
+) -> Instant {
+    let trip = Duration::from_secs(1);
+    let before = count(a);
+    let mut poll = Poller::new("a probe to region A after its circuit's trip");
+    loop {
+        let sent = Instant::now();
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        if count(a) > before {
+            let waited = opened.elapsed();
+            assert!(
+                waited >= trip,
+                "region A probed {waited:?} after its circuit opened"
+            );
+            assert_eq!(count(a), before + 1, "one probe");
+            check(&res);
+            return sent;
+        }
+        assert_eq!(served_by(&res), "b (Region B)");
+        assert_eq!(
+            attempts(&res),
+            1,
+            "region A is skipped while its circuit is open"
+        );
+        poll.wait().await;
+    }
+}
+
+fn retry_after_ms(res: &reqwest::Response) -> u64 {
+    res.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Asserts that `ms` is what is left of a `rest_ms` cooldown that began after `sent` and was
+/// measured before now: between `rest_ms` less the time since `sent`, and `rest_ms`. Exact however
+/// slow the machine, where a fixed lower bound would assume the call took less than some time.
+fn assert_rest_left(what: &str, ms: u64, rest_ms: u64, sent: Instant) {
+    let since = u64::try_from(sent.elapsed().as_millis()).unwrap();
+    assert!(
+        ms <= rest_ms && ms + since + 1 >= rest_ms,
+        "{what}: {ms} ms left of {rest_ms} ms, {since} ms after the call was sent"
+    );
 }
 
 fn stream_body() -> Value {
@@ -338,24 +403,18 @@ async fn a_stream_broken_midway_ends_with_an_error_event_and_is_never_replayed()
 async fn all_regions_throttled_gives_429_with_the_shortest_wait() {
     let (a, b, gw) = two_regions("").await;
     a.handle().set_faults(vec![fault(
-        json!({"kind": "status", "status": 429, "retry_after_ms": 9000}),
+        json!({"kind": "status", "status": 429, "retry_after_ms": 90_000}),
     )]);
     b.handle().set_faults(vec![fault(
-        json!({"kind": "status", "status": 429, "retry_after_ms": 4000}),
+        json!({"kind": "status", "status": 429, "retry_after_ms": 40_000}),
     )]);
+    let sent = Instant::now();
     let res = gw.chat("gpt-4o", &chat("hi")).await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["x-gateway-throttled"], "true");
-    let ms: u64 = res.headers()["retry-after-ms"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        (3000..=4000).contains(&ms),
-        "shortest wait is region B's: {ms}"
-    );
-    assert_eq!(res.headers()["retry-after"], "4");
+    let ms = retry_after_ms(&res);
+    assert_rest_left("shortest wait is region B's", ms, 40_000, sent);
+    assert_eq!(res.headers()["retry-after"], ms.div_ceil(1000).to_string());
     let (code, msg) = azure_error(res).await;
     assert_eq!(code, "429");
     assert!(msg.contains("gateway"), "{msg}");
@@ -472,37 +531,19 @@ async fn backends_refusing_the_gateway_credential_give_502_not_429() {
 
 #[tokio::test]
 async fn an_attempt_budget_spent_on_throttles_gives_the_gateway_429() {
-    let a = region("Region A", &[("m", 1_000_000)]).await;
-    let b = region("Region B", &[("m", 1_000_000)]).await;
-    let c = region("Region C", &[("m", 1_000_000)]).await;
-    let backends = [
-        backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")]),
-        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
-        backend_toml("c", &c, "Region C", 3, 1, &[("gpt-4o", "m")]),
-    ];
-    let gw = gateway(
-        &policy(&["gpt-4o"], &backends, "[failover]\nmax_attempts = 2\n"),
-        &["Region A", "Region B", "Region C"],
-    )
-    .await;
-    for (sim, ms) in [(&a, 30_000), (&b, 7_000)] {
+    let (a, b, c, gw) = three_regions("[failover]\nmax_attempts = 2\n").await;
+    for (sim, ms) in [(&a, 60_000), (&b, 20_000)] {
         sim.handle().set_faults(vec![fault(
             json!({"kind": "status", "status": 429, "retry_after_ms": ms}),
         )]);
     }
+    let sent = Instant::now();
     let res = gw.chat("gpt-4o", &chat("hi")).await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["x-gateway-throttled"], "true");
     assert_eq!(res.headers()["x-served-by"], "gateway");
-    let ms: u64 = res.headers()["retry-after-ms"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        (6_000..=7_000).contains(&ms),
-        "the shorter of the two throttles: {ms}"
-    );
+    let ms = retry_after_ms(&res);
+    assert_rest_left("the shorter of the two throttles", ms, 20_000, sent);
     assert_eq!((count(&a), count(&b), count(&c)), (1, 1, 0));
     // The next call skips both throttled regions and reaches C.
     let res = gw.chat("gpt-4o", &chat("hi")).await;

@@ -12,6 +12,11 @@ async fn one_region() -> (simulator::RunningRegion, Gateway) {
     sweden(100_000, "").await
 }
 
+/// [`one_region`] streaming a token every 100 ms: 40 tokens take about 4 s.
+async fn slow_sweden() -> (simulator::RunningRegion, Gateway) {
+    sweden_with(100_000, "", |c| c.token_delay(Duration::from_millis(100))).await
+}
+
 #[tokio::test]
 async fn chat_is_forwarded_with_mapped_name_and_swapped_credential() {
     let (sim, gw) = one_region().await;
@@ -141,20 +146,7 @@ async fn classic_embeddings_are_forwarded() {
 #[tokio::test]
 async fn stream_reaches_the_client_before_the_upstream_finishes() {
     // 40 tokens at 100 ms each: the upstream needs about 4 s to finish.
-    let sim = region_with("Sweden Central", &[("gpt4o-swc", 100_000)], |mut c| {
-        c.token_delay = Duration::from_millis(100);
-        c
-    })
-    .await;
-    let b = backend_toml(
-        "swc",
-        &sim,
-        "Sweden Central",
-        1,
-        1,
-        &[("gpt-4o", "gpt4o-swc")],
-    );
-    let gw = gateway(&policy(&["gpt-4o"], &[b], ""), &["Sweden Central"]).await;
+    let (_sim, gw) = slow_sweden().await;
 
     let res = client()
         .post(gw.chat_url("gpt-4o"))
@@ -192,20 +184,7 @@ async fn stream_reaches_the_client_before_the_upstream_finishes() {
 
     // And the other way round: kill the region after the first chunk. A gateway that buffered the
     // answer would still deliver it whole; a streaming one cannot.
-    let sim = region_with("Sweden Central", &[("gpt4o-swc", 100_000)], |mut c| {
-        c.token_delay = Duration::from_millis(100);
-        c
-    })
-    .await;
-    let b = backend_toml(
-        "swc",
-        &sim,
-        "Sweden Central",
-        1,
-        1,
-        &[("gpt-4o", "gpt4o-swc")],
-    );
-    let gw = gateway(&policy(&["gpt-4o"], &[b], ""), &["Sweden Central"]).await;
+    let (sim, gw) = slow_sweden().await;
     let res = gw
         .chat("gpt-4o", &json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 40, "stream": true}))
         .await;

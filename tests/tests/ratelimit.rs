@@ -2,13 +2,58 @@
 //! JSON and streamed answers, release on failure, and proactive failover on backend quota headers.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 use gateway_e2e::*;
 use serde_json::{Value, json};
-use simulator::{Fault, RunningRegion};
+use simulator::{Fault, RegionConfig, RunningRegion};
+
+/// Per-minute counts start over with each minute of the clock: a scenario starts with room for
+/// itself in the current one.
+const SCENARIO: Duration = Duration::from_secs(10);
 
 async fn limited(consumer_toml: &str) -> (RunningRegion, Gateway) {
-    sweden(1_000_000, consumer_toml).await
+    limited_with(consumer_toml, |c| c).await
+}
+
+async fn limited_with(
+    consumer_toml: &str,
+    adjust: impl FnOnce(RegionConfig) -> RegionConfig,
+) -> (RunningRegion, Gateway) {
+    let started = sweden_with(1_000_000, consumer_toml, adjust).await;
+    minute_room(SCENARIO).await;
+    started
+}
+
+/// The consumer's usage this minute as the gateway's status shows it: what its limit store holds.
+async fn tokens_this_minute(gw: &Gateway) -> u64 {
+    let status = gw.status().await;
+    let tester = status["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tester")
+        .cloned()
+        .unwrap();
+    tester["usage"]["tokens_this_minute"].as_u64().unwrap()
+}
+
+/// Waits until the stream the client went away from is no longer in flight anywhere: the gateway
+/// has dropped its body, and with it settled the reservation (the settling call to the store runs
+/// in a task of its own, which nothing can await yet).
+async fn stream_let_go(gw: &Gateway) {
+    eventually("the gateway letting go of the dropped stream", || async {
+        let status = gw.status().await;
+        let in_flight: u64 = status["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["in_flight"].as_u64().unwrap())
+            .sum();
+        (in_flight == 0).then_some(())
+    })
+    .await;
 }
 
 fn header(res: &reqwest::Response, name: &str) -> u64 {
@@ -186,10 +231,15 @@ async fn streams_are_reconciled_from_a_usage_chunk_the_client_does_not_see() {
         .count() as u64;
     assert!(generated > 0 && generated < 400);
 
-    // The stream's reservation (prompt + 400) is reconciled when its body ends, in a task: give it
-    // a moment, then make the same call without streaming, which reserves the same amount again.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The stream's reservation (prompt + 400) is reconciled when its body ends, in a task: wait
+    // until the store no longer holds the reservation, then make the same call without streaming,
+    // which reserves the same amount again.
     let reserved = 100_000 - remaining_during;
+    eventually(
+        "the stream's reservation reconciled in the store",
+        || async { (tokens_this_minute(&gw).await != reserved).then_some(()) },
+    )
+    .await;
     let next = gw
         .chat(
             "gpt-4o",
@@ -303,28 +353,9 @@ async fn a_request_that_can_never_fit_is_a_400_not_an_endless_429() {
 
 #[tokio::test]
 async fn a_client_hanging_up_mid_stream_pays_at_least_its_reservation() {
-    let sim = region_with("Sweden Central", &[("gpt4o-swc", 1_000_000)], |mut c| {
-        c.token_delay = std::time::Duration::from_millis(50);
-        c
+    let (_sim, gw) = limited_with("[consumers.limits]\ntokens_per_minute = 100000\n", |c| {
+        c.token_delay(Duration::from_millis(50))
     })
-    .await;
-    let b = backend_toml(
-        "swc",
-        &sim,
-        "Sweden Central",
-        1,
-        1,
-        &[("gpt-4o", "gpt4o-swc")],
-    );
-    let gw = gateway(
-        &policy_with_limits(
-            &["gpt-4o"],
-            &[b],
-            "",
-            "[consumers.limits]\ntokens_per_minute = 100000\n",
-        ),
-        &["Sweden Central"],
-    )
     .await;
     let body = json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300, "stream": true});
     let res = gw.chat("gpt-4o", &body).await;
@@ -335,7 +366,7 @@ async fn a_client_hanging_up_mid_stream_pays_at_least_its_reservation() {
         .contains("chat.completion.chunk")
     {}
     drop(stream);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stream_let_go(&gw).await;
 
     let next = gw
         .chat(
@@ -367,7 +398,9 @@ async fn an_old_api_version_gets_no_stream_options_and_keeps_its_reservation() {
     assert!(text.trim_end().ends_with("data: [DONE]"));
     let sent: Value = serde_json::from_slice(&sim.handle().recent_requests()[0].body).unwrap();
     assert!(sent.get("stream_options").is_none(), "{sent}");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The client read the stream to its end, so the gateway has settled it already (its settling
+    // call to the store, if any, runs in a task of its own, which nothing can await yet).
+    stream_let_go(&gw).await;
     let next = gw
         .chat(
             "gpt-4o",

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Proc, free_port};
+use gateway_e2e::eventually_within;
 use serde_json::{Value, json};
 
 /// The page's DOM after its script has fetched `/admin/status` (a virtual-time budget lets its
@@ -130,15 +131,12 @@ async fn the_status_page_shows_the_demo_regions_turn_from_available_to_cooling_d
     );
 
     // Its retry-after is at most the 10 s window: bounded wait for it to come back.
-    let mut back = false;
-    for _ in 0..150 {
-        if sweden_state(&base).await == "available" {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(back, "ptu-sweden never came back");
+    eventually_within(
+        "ptu-sweden available again",
+        Duration::from_secs(20),
+        || async { (sweden_state(&base).await == "available").then_some(()) },
+    )
+    .await;
     let dom = dump_dom(&page);
     assert_eq!(
         shown_state(&dom, "ptu-sweden").as_deref(),

@@ -107,18 +107,25 @@ fn bad_command_lines_print_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_stream_finish() {
-    let mut config = simulator::RegionConfig::new("Sweden Central", "backend-key")
-        .deployment(simulator::DeploymentConfig::chat("gpt4o", 100_000));
-    config.token_delay = Duration::from_millis(40);
-    let sim = common::spawn_region(config).await;
+    let sim = gateway_e2e::region_with("Sweden Central", &[("gpt4o", 100_000)], |c| {
+        c.token_delay(Duration::from_millis(40))
+    })
+    .await;
     let dir = common::temp_dir();
     let port = common::free_port();
     let policy = dir.join("serve.toml");
     std::fs::write(
         &policy,
         format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_seconds = 20\n\n[[deployments]]\nname = \"gpt-4o\"\n\n[[backends]]\nname = \"swc\"\nregion = \"Sweden Central\"\nendpoint = \"{}\"\napi_key = \"env:TEST_BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"gpt4o\" }}\n\n[[consumers]]\nname = \"t\"\nkeys = [\"file:client.key\"]\n",
-            sim.url()
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_seconds = 20\n\n[[deployments]]\nname = \"gpt-4o\"\n\n{}\n[[consumers]]\nname = \"t\"\nkeys = [\"file:client.key\"]\n",
+            gateway_e2e::backend_toml(
+                "swc",
+                &sim,
+                "Sweden Central",
+                1,
+                1,
+                &[("gpt-4o", "gpt4o")]
+            ),
         ),
     )
     .unwrap();
@@ -129,7 +136,7 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
         Command::new(GATEWAY)
             .args(["serve", "--policy"])
             .arg(&policy)
-            .env("TEST_BACKEND_KEY", "backend-key")
+            .envs(gateway_e2e::backend_env(&[&sim]))
             .stderr(Stdio::piped()),
         port,
     )
@@ -245,6 +252,9 @@ fn demo_prints_curl_lines_that_work() {
         "{served:?}"
     );
 
+    // The demo's limited consumer may make 3 calls a minute, counted in calendar minutes: its loop
+    // starts with room for itself in the current one.
+    std::thread::sleep(gateway_e2e::minute_wait(Duration::from_secs(10)));
     let limited = run(&commands[4]).to_ascii_lowercase();
     assert_eq!(limited.matches("http/1.1 200").count(), 3, "{limited}");
     assert!(limited.contains("http/1.1 429"), "{limited}");

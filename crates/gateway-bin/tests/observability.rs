@@ -7,41 +7,37 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{Proc, free_port};
+use common::{PolicyFile, Proc, free_port};
 use futures_util::StreamExt;
+use gateway_e2e::eventually;
 use serde_json::{Value, json};
 use simulator::{Fault, RunningRegion};
 
 const CLIENT_KEY: &str = "obs-client-key";
 const LIMITED_KEY: &str = "obs-limited-key";
-const BACKEND_KEY: &str = "obs-backend-key";
 const ADMIN_KEY: &str = "obs-admin-key";
 /// Sent as prompt content: must never reach the access log.
 const PROMPT: &str = "a confidential prompt";
 
 async fn region(name: &str, token_delay: Duration) -> RunningRegion {
-    common::spawn_region(
-        common::chat_region(name, BACKEND_KEY, 10_000_000).token_delay(token_delay),
-    )
-    .await
+    gateway_e2e::region_with(name, &[("m", 10_000_000)], |c| c.token_delay(token_delay)).await
 }
 
 /// A policy with regions r0, r1.. (priority in order), the consumers `app` and `limited` (one
 /// request per minute), and `extra` TOML.
-fn policy_file(regions: &[&RunningRegion], extra: &str) -> PathBuf {
-    let mut text = common::regions_policy(regions);
-    text.push_str(
-        "[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n\n\
-         [[consumers]]\nname = \"limited\"\nkeys = [\"env:LIMITED_KEY\"]\n\
-         [consumers.limits]\nrequests_per_minute = 1\ntoken_quota = 1000000\ntoken_quota_period = \"monthly\"\n\n",
-    );
-    text.push_str(extra);
-    common::write_policy(&text)
+fn policy_file(regions: &[&RunningRegion], extra: &str) -> PolicyFile {
+    common::policy_file(
+        regions,
+        &format!(
+            "[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n\n\
+             [[consumers]]\nname = \"limited\"\nkeys = [\"env:LIMITED_KEY\"]\n\
+             [consumers.limits]\nrequests_per_minute = 1\ntoken_quota = 1000000\ntoken_quota_period = \"monthly\"\n\n{extra}"
+        ),
+    )
 }
 
 /// A `gateway serve` process, killed on drop, whose stdout lines (the access log) are collected.
@@ -52,14 +48,13 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(policy: &Path, admin_port: Option<u16>) -> Self {
+    async fn start(policy: &PolicyFile, admin_port: Option<u16>) -> Self {
         let port = free_port();
         let mut proc = Proc::spawn(
             common::serve_command(
                 policy,
                 port,
-                &[
-                    ("BACKEND_KEY", BACKEND_KEY),
+                [
                     ("CLIENT_KEY", CLIENT_KEY),
                     ("LIMITED_KEY", LIMITED_KEY),
                     ("ADMIN_KEY", ADMIN_KEY),
@@ -85,10 +80,7 @@ impl Gateway {
         };
         let ready = [Some(port), admin_port];
         for port in ready.into_iter().flatten() {
-            assert!(
-                common::answers(&format!("http://127.0.0.1:{port}/metrics")).await,
-                "gateway did not start listening on {port}"
-            );
+            common::wait_until_answers(&format!("http://127.0.0.1:{port}/metrics")).await;
         }
         gw
     }
@@ -104,31 +96,30 @@ impl Gateway {
             .unwrap()
     }
 
-    /// The access log line of request `id`, waiting for it a bounded time.
+    /// The access log line of request `id`, waiting for it a bounded time (the line is written
+    /// when the response ends, which the client may see first).
     async fn log_line(&self, id: &str) -> Value {
-        for _ in 0..200 {
-            let found = self
-                .lines
+        let what = format!("the access log line of {id}");
+        let line = eventually(&what, || async {
+            self.lines
                 .lock()
                 .unwrap()
                 .iter()
                 .find(|l| l.contains(&format!("\"request_id\":\"{id}\"")))
-                .cloned();
-            if let Some(line) = found {
-                for secret in [CLIENT_KEY, LIMITED_KEY, BACKEND_KEY, PROMPT] {
-                    assert!(
-                        !line.contains(secret),
-                        "the access log leaks {secret}: {line}"
-                    );
-                }
-                return serde_json::from_str(&line).unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+                .cloned()
+        })
+        .await;
+        let backend_keys = ["Region 0", "Region 1"].map(gateway_e2e::backend_key);
+        for secret in [CLIENT_KEY, LIMITED_KEY, PROMPT]
+            .into_iter()
+            .chain(backend_keys.iter().map(String::as_str))
+        {
+            assert!(
+                !line.contains(secret),
+                "the access log leaks {secret}: {line}"
+            );
         }
-        panic!(
-            "no access log line for {id}; stdout: {:?}",
-            self.lines.lock().unwrap()
-        );
+        serde_json::from_str(&line).unwrap()
     }
 
     async fn metrics(&self) -> Metrics {
@@ -288,6 +279,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
         r.handle()
             .set_faults(vec![Fault::status_with_retry_after(429, 60_000).count(1)]);
     }
+    // Both rests begin when the 429s arrive, after this instant.
+    let throttled = Instant::now();
     let res = gw.chat(CLIENT_KEY, "obs-throttled", message(20)).await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["x-gateway-throttled"], "true");
@@ -409,8 +402,14 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
         assert_eq!(state("available"), 0.0, "{backend}");
         assert_eq!(state("circuit_open"), 0.0, "{backend}");
         assert_eq!(state("half_open"), 0.0, "{backend}");
+        // What is left of the 60 s rest at the scrape: at most 60 s, and at least 60 s less the
+        // time since the throttled call was sent (1 ms for rounding).
         let cooldown = m.value("gateway_backend_cooldown_seconds", &[("backend", backend)]);
-        assert!(cooldown > 1.0 && cooldown <= 60.0, "{backend}: {cooldown}");
+        let since = throttled.elapsed().as_secs_f64();
+        assert!(
+            cooldown <= 60.0 && cooldown + 0.001 >= 60.0 - since,
+            "{backend}: {cooldown} s left, {since} s after the throttled call"
+        );
         assert_eq!(
             m.value("gateway_backend_in_flight", &[("backend", backend)]),
             0.0
@@ -453,11 +452,13 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
         ),
         (&json!("r1"), &json!(200), &json!("served"))
     );
-    assert!(
-        attempts
-            .iter()
-            .all(|a| a["elapsed_ms"].as_f64().unwrap() >= 0.0)
-    );
+    // Each attempt took time, and the gateway's overhead is what the attempts leave of the time
+    // to headers (all three to the microsecond, hence the rounding allowance).
+    let elapsed: Vec<f64> = attempts
+        .iter()
+        .map(|a| a["elapsed_ms"].as_f64().unwrap())
+        .collect();
+    assert!(elapsed.iter().all(|ms| *ms > 0.0), "{line}");
     assert_eq!(
         line["tokens"],
         json!({"prompt": failover_usage.0, "completion": failover_usage.1,
@@ -469,7 +470,12 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
         d["total_ms"].as_f64().unwrap(),
         d["overhead_ms"].as_f64().unwrap(),
     );
-    assert!(0.0 <= overhead && overhead <= ttfb && ttfb <= total, "{d}");
+    assert!(0.0 < overhead && overhead <= ttfb && ttfb <= total, "{d}");
+    let upstream: f64 = elapsed.iter().sum();
+    assert!(
+        (upstream + overhead - ttfb).abs() < 0.01,
+        "attempts {elapsed:?} + overhead {overhead} = ttfb {ttfb}"
+    );
     let ts = line["timestamp"].as_str().unwrap();
     assert!(
         ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
@@ -556,16 +562,11 @@ async fn a_stream_the_client_drops_is_logged_and_counted_without_consumer_labels
         1.0
     );
     // The dropped stream's upstream body is closed too: nothing stays in flight.
-    let mut idle = false;
-    for _ in 0..100 {
+    eventually("the dropped stream no longer in flight", || async {
         let m = gw.metrics().await;
-        if m.value("gateway_backend_in_flight", &[("backend", "r0")]) == 0.0 {
-            idle = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(idle, "the dropped stream is still counted in flight");
+        (m.value("gateway_backend_in_flight", &[("backend", "r0")]) == 0.0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -696,24 +697,29 @@ async fn status_json_on_the_admin_listener_shows_a_cooldown_and_its_end_behind_t
     // Region 0 throttles with a 3 s retry-after: it shows as cooling down, then available again.
     r0.handle()
         .set_faults(vec![Fault::status_with_retry_after(429, 3_000).count(1)]);
+    // The rest begins when the 429 arrives, after this instant.
+    let throttled = Instant::now();
     let res = gw.chat(CLIENT_KEY, "obs-status-429", message(10)).await;
     assert_eq!(served_by(&res), "r1 (Region 1)");
     let s = status().await;
     let b0 = backend(&s, "r0");
     assert_eq!(b0["state"], "cooling_down", "{b0}");
+    // What is left of the 3 s: at most 3 s, at least 3 s less the time since the call was sent.
     let left = b0["cooldown_remaining_ms"].as_u64().unwrap();
-    assert!(left > 0 && left <= 3_000, "{b0}");
+    let since = u64::try_from(throttled.elapsed().as_millis()).unwrap();
+    assert!(
+        left <= 3_000 && left + since + 1 >= 3_000,
+        "{b0} {since} ms later"
+    );
     assert_eq!(backend(&s, "r1")["state"], "available");
 
-    let mut back = false;
-    for _ in 0..200 {
-        if backend(&status().await, "r0")["state"] == "available" {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(back, "region 0 never came back in the status");
+    // Region 0 comes back in the status once its rest is over, not before.
+    eventually("region 0 available again in the status", || async {
+        (backend(&status().await, "r0")["state"] == "available").then_some(())
+    })
+    .await;
+    let rested = throttled.elapsed();
+    assert!(rested >= Duration::from_secs(3), "back after {rested:?}");
     assert_eq!(
         backend(&status().await, "r0")["cooldown_remaining_ms"],
         Value::Null

@@ -4,31 +4,32 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use common::{Proc, Redis, free_port};
+use common::{PolicyFile, Proc, Redis, free_port, policy_file};
+use gateway_e2e::{Poller, eventually};
 use serde_json::{Value, json};
 use simulator::{Fault, RunningRegion};
 
 const CLIENT_KEY: &str = "shared-client-key";
 
 async fn region(name: &str, tpm: u64) -> RunningRegion {
-    common::spawn_region(common::chat_region(name, "backend-key", tpm)).await
-}
-
-/// A policy with the given regions (priority in order) and extra TOML.
-fn policy_file(regions: &[&RunningRegion], extra: &str) -> PathBuf {
-    common::write_policy(&(common::regions_policy(regions) + extra))
+    gateway_e2e::region(name, &[("m", tpm)]).await
 }
 
 /// Starts a gateway process on a free port and waits until it is ready.
-async fn gateway(policy: &Path) -> (Proc, String) {
-    common::gateway_process(
-        policy,
-        &[("BACKEND_KEY", "backend-key"), ("CLIENT_KEY", CLIENT_KEY)],
-    )
-    .await
+async fn gateway(policy: &PolicyFile) -> (Proc, String) {
+    common::gateway_process(policy, &[("CLIENT_KEY", CLIENT_KEY)]).await
+}
+
+/// Starts `n` gateway processes on `policy`; returns them and their base URLs.
+async fn gateways(policy: &PolicyFile, n: usize) -> (Vec<Proc>, Vec<String>) {
+    let mut procs = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..n {
+        let (p, b) = gateway(policy).await;
+        procs.push(p);
+        bases.push(b);
+    }
+    (procs, bases)
 }
 
 async fn chat(base: &str, max_tokens: u64) -> reqwest::Response {
@@ -94,13 +95,7 @@ async fn gateways_sharing_redis_hold_one_limit(n: usize) {
             free_port()
         )),
     );
-    let mut procs = Vec::new();
-    let mut bases = Vec::new();
-    for _ in 0..n {
-        let (p, b) = gateway(&shared).await;
-        procs.push(p);
-        bases.push(b);
-    }
+    let (procs, bases) = gateways(&shared, n).await;
     let admitted = drain_quota(&bases).await;
     // Each call reserves about 50 tokens and uses at most that: admission stops within one call of
     // the quota, across all the processes.
@@ -115,13 +110,7 @@ async fn gateways_sharing_redis_hold_one_limit(n: usize) {
     drop(procs);
 
     let local = policy_file(&[&sim], &limited_consumer(""));
-    let mut procs = Vec::new();
-    let mut bases = Vec::new();
-    for _ in 0..n {
-        let (p, b) = gateway(&local).await;
-        procs.push(p);
-        bases.push(b);
-    }
+    let (_procs, bases) = gateways(&local, n).await;
     let admitted_locally = drain_quota(&bases).await;
     let n = n as u64;
     assert!(
@@ -145,18 +134,24 @@ async fn a_throttle_seen_by_one_gateway_is_known_to_all() {
     let redis = Redis::start();
     let a = region("Region 0", 100_000_000).await;
     let b = region("Region 1", 100_000_000).await;
+    let prefix = format!("t{}", free_port());
     let policy = policy_file(
         &[&a, &b],
         &format!(
-            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"t{}\"\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n",
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n",
             redis.url(),
-            free_port()
         ),
     );
     let (_p1, one) = gateway(&policy).await;
     let (_p2, two) = gateway(&policy).await;
-    // Let both listeners subscribe.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both cooldown listeners subscribe, so that the throttle below travels live (a listener that
+    // subscribed later would read it in its catch-up instead).
+    let channel = format!("{prefix}:v1:cooldowns");
+    eventually(
+        "both gateways subscribed to the cooldown channel",
+        || async { (redis.subscribers(&channel) == 2).then_some(()) },
+    )
+    .await;
     let throttle: Fault = serde_json::from_value(
         json!({"kind": "status", "status": 429, "retry_after_ms": 20000, "count": 1}),
     )
@@ -166,7 +161,17 @@ async fn a_throttle_seen_by_one_gateway_is_known_to_all() {
     let res = chat(&one, 5).await;
     assert_eq!(res.headers()["x-served-by"], "r1 (Region 1)");
     assert_eq!(a.handle().request_count(), 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Gateway one publishes the cooldown in a task of its own; gateway two applies it on hearing it.
+    eventually("gateway two showing region 0 cooling down", || async {
+        let status: Value = reqwest::get(format!("{two}/admin/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (status["backends"][0]["state"] == "cooling_down").then_some(())
+    })
+    .await;
 
     // Gateway two never saw the 429, yet it goes straight to region 1.
     for _ in 0..3 {
@@ -185,34 +190,33 @@ async fn statuses(base: &str, n: usize) -> Vec<u16> {
     out
 }
 
-async fn until_status(base: &str, want: u16) -> bool {
-    for _ in 0..100 {
-        if chat(base, 5).await.status().as_u16() == want {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
+/// Calls until one is answered with `want` (bounded).
+async fn until_status(base: &str, want: u16) {
+    eventually(&format!("a call answered {want}"), || async {
+        (chat(base, 5).await.status().as_u16() == want).then_some(())
+    })
+    .await;
 }
 
-fn rpm_consumer(store: &str) -> String {
-    format!(
-        "{store}\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n[consumers.limits]\nrequests_per_minute = 100000\n"
-    )
+/// A Redis, a region and a gateway counting a generous RPM limit in that Redis, doing
+/// `on_store_error` when it goes away.
+async fn gateway_on_redis(on_store_error: &str) -> (Redis, RunningRegion, Proc, String) {
+    let redis = Redis::start();
+    let sim = region("Region 0", 100_000_000).await;
+    let policy = policy_file(
+        &[&sim],
+        &format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\non_store_error = \"{on_store_error}\"\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n[consumers.limits]\nrequests_per_minute = 100000\n",
+            redis.url()
+        ),
+    );
+    let (proc, base) = gateway(&policy).await;
+    (redis, sim, proc, base)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_open_when_configured_and_recovers() {
-    let mut redis = Redis::start();
-    let sim = region("Region 0", 100_000_000).await;
-    let policy = policy_file(
-        &[&sim],
-        &rpm_consumer(&format!(
-            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\non_store_error = \"fail-open\"\n",
-            redis.url()
-        )),
-    );
-    let (_p, base) = gateway(&policy).await;
+    let (mut redis, _sim, _p, base) = gateway_on_redis("fail-open").await;
     let res = chat(&base, 5).await;
     assert_eq!(res.status(), 200);
     assert!(res.headers().contains_key("x-ratelimit-remaining-requests"));
@@ -226,31 +230,20 @@ async fn redis_outage_fails_open_when_configured_and_recovers() {
 
     redis.restart();
     // Counting resumes: the consumer's headers come back once Redis answers again.
-    let mut counted = false;
-    for _ in 0..100 {
+    let mut poll = Poller::new("limits coming back after Redis did");
+    loop {
         let res = chat(&base, 5).await;
         assert_eq!(res.status(), 200);
         if res.headers().contains_key("x-ratelimit-remaining-requests") {
-            counted = true;
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        poll.wait().await;
     }
-    assert!(counted, "limits never came back after Redis did");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_closed_when_configured_and_recovers() {
-    let mut redis = Redis::start();
-    let sim = region("Region 0", 100_000_000).await;
-    let policy = policy_file(
-        &[&sim],
-        &rpm_consumer(&format!(
-            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\non_store_error = \"fail-closed\"\n",
-            redis.url()
-        )),
-    );
-    let (_p, base) = gateway(&policy).await;
+    let (mut redis, sim, _p, base) = gateway_on_redis("fail-closed").await;
     assert_eq!(chat(&base, 5).await.status(), 200);
     redis.kill();
     let res = chat(&base, 5).await;
@@ -265,8 +258,6 @@ async fn redis_outage_fails_closed_when_configured_and_recovers() {
         "nothing reaches Azure unchecked"
     );
     redis.restart();
-    assert!(
-        until_status(&base, 200).await,
-        "never recovered after Redis came back"
-    );
+    // Recovered after Redis came back.
+    until_status(&base, 200).await;
 }

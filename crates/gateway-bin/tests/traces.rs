@@ -6,15 +6,16 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
-use common::Proc;
+use common::{PolicyFile, Proc};
 use futures_util::StreamExt;
+use gateway_e2e::{eventually, eventually_within};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -81,9 +82,11 @@ impl Collector {
         Collector { url, spans }
     }
 
-    /// The spans of one trace, once `done` says they are all there (bounded wait).
+    /// The spans of one trace, once `done` says they are all there (bounded wait: batches leave
+    /// the gateway every 50 ms here, so 15 s is far more than they take).
     async fn trace(&self, trace_id: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
-        for _ in 0..300 {
+        let what = format!("the spans of trace {trace_id}");
+        eventually_within(&what, Duration::from_secs(15), || async {
             let spans: Vec<Received> = self
                 .spans
                 .lock()
@@ -92,15 +95,9 @@ impl Collector {
                 .filter(|r| hex(&r.span.trace_id) == trace_id)
                 .cloned()
                 .collect();
-            if done(&spans) {
-                return spans;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "spans of trace {trace_id} never arrived; received: {:#?}",
-            self.spans.lock().unwrap()
-        );
+            done(&spans).then_some(spans)
+        })
+        .await
     }
 }
 
@@ -135,28 +132,27 @@ fn kind(span: &Span, kind: SpanKind) -> bool {
 }
 
 async fn region(name: &str) -> RunningRegion {
-    common::spawn_region(common::chat_region(name, "backend-key", 100_000_000)).await
+    gateway_e2e::region(name, &[("m", 100_000_000)]).await
 }
 
 /// A policy with the given regions (priority in order) and one consumer, `app`.
-fn policy_file(regions: &[&RunningRegion]) -> PathBuf {
-    common::write_policy(
-        &(common::regions_policy(regions)
-            + "[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n"),
+fn policy_file(regions: &[&RunningRegion]) -> PolicyFile {
+    common::policy_file(
+        regions,
+        "[[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n",
     )
 }
 
 /// Starts `gateway serve` exporting to `otlp` and waits until it answers. Its stderr goes to the
 /// returned file.
-async fn gateway(policy: &Path, otlp: &str) -> (Proc, String, PathBuf) {
+async fn gateway(policy: &PolicyFile, otlp: &str) -> (Proc, String, PathBuf) {
     let port = common::free_port();
-    let log = policy.with_file_name("stderr.log");
+    let log = policy.path.with_file_name("stderr.log");
     // Logs are not traces: spans are exported whatever RUST_LOG (`warn` here) says.
     let mut command = common::serve_command(
         policy,
         port,
-        &[
-            ("BACKEND_KEY", "backend-key"),
+        [
             ("CLIENT_KEY", CLIENT_KEY),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
             ("OTEL_SERVICE_NAME", "gateway-under-test"),
@@ -349,10 +345,7 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_spans_are_counted_a
     let (mut gw, base, log) = gateway(&policy, &down).await;
 
     // Ten at a time, fifty in all: every one answered within the client's usual timeout.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let client = gateway_e2e::client();
     for round in 0..5 {
         let calls = (0..10).map(|i| {
             let trace = format!("{:032x}", round * 10 + i + 1);
@@ -366,23 +359,12 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_spans_are_counted_a
         }
     }
 
-    // The exporter has tried (and failed) by now: wait, bounded, for its one warning.
-    let mut warned = false;
-    for _ in 0..200 {
-        if std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("cannot export spans")
-        {
-            warned = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        warned,
-        "no export warning: {}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    // The exporter tries (and fails) in the background: wait, bounded, for its one warning.
+    eventually("the exporter's warning on stderr", || async {
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        stderr.contains("cannot export spans").then_some(())
+    })
+    .await;
 
     common::sigterm(&gw);
     let status = common::wait_exit(&mut gw, Duration::from_secs(30));
@@ -418,10 +400,7 @@ async fn a_collector_that_accepts_and_never_answers_costs_requests_nothing() {
     let (mut gw, base, log) = gateway(&policy, &url).await;
 
     // 1,200 requests make 2,400 spans: more than the 2,048 the exporter may hold.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let client = gateway_e2e::client();
     let calls = futures_util::stream::iter(0..1200u32).map(|i| {
         let req = chat_request(&base, &format!("{:032x}", i + 1), false)
             .build()

@@ -346,11 +346,7 @@ async fn requests_are_recorded() {
     let (status, _, _) = s.chat(&user("[[content_filter]]")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // Admin routes are not counted.
-    s.client
-        .get(format!("{}/sim/stats", s.url))
-        .send()
-        .await
-        .unwrap();
+    s.get_json("/sim/stats").await;
 
     assert_eq!(s.sim.request_count(), 2);
     let recent = s.sim.recent_requests();

@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use reqwest::{Client, StatusCode};
-use serde_json::{Value, json};
+use reqwest::StatusCode;
+use serde_json::json;
 use simulator::{Fault, FaultKind};
 
 #[tokio::test]
@@ -130,15 +130,25 @@ async fn drop_closes_the_connection_without_an_answer() {
 async fn hang_never_answers() {
     let s = start(config()).await;
     s.sim.set_faults(vec![Fault::hang().count(1)]);
-    let impatient = Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let error = s
-        .try_post(&impatient, &chat_path("gpt-4o"), &user("hi"))
-        .await
-        .expect_err("a hung request cannot answer");
-    assert!(error.is_timeout(), "{error:?}");
+    let (path, body) = (chat_path("gpt-4o"), user("hi"));
+    let mut hung = Box::pin(s.try_post(&s.client, &path, &body));
+    // Until the region holds the request, a call still pending proves nothing: wait for that
+    // (bounded) while the call runs, and it must not answer meanwhile.
+    let arrived = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.sim.request_count() == 0 {
+            assert!(Instant::now() < deadline, "the request never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        answer = &mut hung => panic!("a hung request cannot answer: {answer:?}"),
+        () = arrived => {}
+    }
+    // From then on, no answer comes, however long one waits; 300 ms stand for that.
+    let more = tokio::time::timeout(Duration::from_millis(300), &mut hung).await;
+    assert!(more.is_err(), "a hung request cannot answer: {more:?}");
+    drop(hung);
     assert_eq!(s.sim.request_count(), 1);
     let (status, _, _) = s.chat(&user("hi")).await;
     assert_eq!(status, StatusCode::OK);
@@ -230,17 +240,7 @@ async fn admin_api() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let listed: Value = serde_json::from_slice(
-        &s.client
-            .get(admin("faults"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let listed = s.get_json("/sim/faults").await;
     assert_eq!(listed["faults"].as_array().unwrap().len(), 4);
     assert_eq!(
         listed["faults"][1],
@@ -272,17 +272,7 @@ async fn admin_api() {
 
     // Stats.
     s.chat(&user("hi")).await;
-    let stats: Value = serde_json::from_slice(
-        &s.client
-            .get(admin("stats"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let stats = s.get_json("/sim/stats").await;
     assert_eq!(stats["region"], "Sweden Central");
     assert_eq!(stats["request_count"], 2);
     assert_eq!(stats["request_count"], s.sim.request_count());

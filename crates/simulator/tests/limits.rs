@@ -178,17 +178,7 @@ async fn default_estimate_is_sixteen_per_choice() {
         expected
     );
 
-    let stats: serde_json::Value = serde_json::from_slice(
-        &s.client
-            .get(format!("{}/sim/stats", s.url))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let stats = s.get_json("/sim/stats").await;
     assert_eq!(
         stats["deployments"]["gpt-4o"]["window"]["tokens_used"],
         100_000 - expected

@@ -1,14 +1,18 @@
 //! Helpers shared by the integration tests that run the `gateway` binary: free ports, processes
-//! killed on drop, a real `redis-server`, simulated regions, policy files and `gateway serve`.
+//! killed on drop, a real `redis-server`, policy files and `gateway serve`. Simulated regions, the
+//! policy tables for them and bounded waits come from `gateway-e2e`, which the in-process
+//! end-to-end tests use as well.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use simulator::{DeploymentConfig, RegionConfig, RunningRegion};
+use gateway_e2e::{backend_env, eventually, eventually_blocking, ranked_backends};
+use simulator::RunningRegion;
 
 /// The `gateway` binary under test.
 pub(crate) const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
@@ -47,19 +51,9 @@ pub(crate) fn sigterm(proc: &Proc) {
     assert!(status.success());
 }
 
-/// Waits (bounded) for the process to exit.
+/// Waits (bounded by `limit`) for the process to exit; a process that does not is killed on drop.
 pub(crate) fn wait_exit(proc: &mut Proc, limit: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = proc.0.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = proc.0.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_blocking("the process exiting", limit, || proc.0.try_wait().unwrap())
 }
 
 /// A `redis-server` on a free loopback port, killed on drop.
@@ -86,13 +80,9 @@ impl Redis {
             .spawn()
             .expect("redis-server is installed: run ./scripts/test, which installs it");
         self.proc = Some(Proc(child));
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start");
+        eventually_blocking("redis-server accepting", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", self.port)).ok()
+        });
     }
 
     pub(crate) fn kill(&mut self) {
@@ -102,32 +92,47 @@ impl Redis {
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
-}
 
-/// A region `name` serving the chat deployment `m` with `tpm` tokens a minute, behind `api_key`.
-pub(crate) fn chat_region(name: &str, api_key: &str, tpm: u64) -> RegionConfig {
-    RegionConfig::new(name, api_key).deployment(DeploymentConfig::chat("m", tpm))
-}
-
-/// Runs a simulated region on a loopback port.
-pub(crate) async fn spawn_region(config: RegionConfig) -> RunningRegion {
-    simulator::spawn(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-}
-
-/// Policy TOML with the deployment `gpt-4o` on the given regions, named r0, r1.. with priority in
-/// order, each mapping it to `m` with the key in `BACKEND_KEY`.
-pub(crate) fn regions_policy(regions: &[&RunningRegion]) -> String {
-    let mut text = String::from("[[deployments]]\nname = \"gpt-4o\"\n\n");
-    for (i, r) in regions.iter().enumerate() {
-        text.push_str(&format!(
-            "[[backends]]\nname = \"r{i}\"\nregion = \"Region {i}\"\nendpoint = \"{}\"\npriority = {}\napi_key = \"env:BACKEND_KEY\"\ndeployments = {{ gpt-4o = \"m\" }}\n\n",
-            r.url(),
-            i + 1
-        ));
+    /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`).
+    pub(crate) fn subscribers(&self, channel: &str) -> u64 {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            conn,
+            "*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n${}\r\n{channel}\r\n",
+            channel.len()
+        )
+        .unwrap();
+        // The reply is `[channel, count]`: `*2`, the channel as a bulk string, then `:count`.
+        let mut reply = String::new();
+        let mut buf = [0; 256];
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "redis closed the connection: {reply:?}");
+            reply.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(count) = reply
+                .rsplit_once("\r\n:")
+                .and_then(|(_, rest)| rest.strip_suffix("\r\n"))
+            {
+                return count.parse().unwrap();
+            }
+        }
     }
-    text
+}
+
+/// A policy file and the environment its backend keys resolve from.
+pub(crate) struct PolicyFile {
+    pub(crate) path: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+}
+
+/// A policy file with the deployment `gpt-4o` on `regions`, named r0, r1.. with priority in order
+/// (`gateway_e2e::ranked_backends`), followed by `extra` TOML.
+pub(crate) fn policy_file(regions: &[&RunningRegion], extra: &str) -> PolicyFile {
+    PolicyFile {
+        path: write_policy(&(ranked_backends(regions) + extra)),
+        env: backend_env(regions),
+    }
 }
 
 /// A new empty directory under the system's temporary directory.
@@ -144,9 +149,14 @@ pub(crate) fn write_policy(text: &str) -> PathBuf {
     file
 }
 
-/// `gateway serve --listen 127.0.0.1:{port} --policy {policy}` with `RUST_LOG=warn`, `envs`, and
-/// its output discarded (callers may redirect it).
-pub(crate) fn serve_command(policy: &Path, port: u16, envs: &[(&str, &str)]) -> Command {
+/// `gateway serve --listen 127.0.0.1:{port} --policy {policy}` with `RUST_LOG=warn`, the policy's
+/// environment and `envs`, and its output discarded (callers may redirect it).
+pub(crate) fn serve_command<I, K, V>(policy: &PolicyFile, port: u16, envs: I) -> Command
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
     let mut command = Command::new(GATEWAY);
     command
         .args([
@@ -155,40 +165,35 @@ pub(crate) fn serve_command(policy: &Path, port: u16, envs: &[(&str, &str)]) -> 
             &format!("127.0.0.1:{port}"),
             "--policy",
         ])
-        .arg(policy)
+        .arg(&policy.path)
         .env("RUST_LOG", "warn")
-        .envs(envs.iter().copied())
+        .envs(policy.env.iter().map(|(k, v)| (k, v)))
+        .envs(envs)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     command
 }
 
-/// Whether `url` accepts a request within about five seconds.
-pub(crate) async fn answers(url: &str) -> bool {
-    for _ in 0..200 {
-        if reqwest::get(url).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
+/// Waits (bounded) until `url` accepts a request.
+pub(crate) async fn wait_until_answers(url: &str) {
+    eventually(&format!("{url} answering"), || async {
+        reqwest::get(url).await.ok().map(drop)
+    })
+    .await;
 }
 
 /// Spawns a gateway that listens on `port` and waits until it answers; returns it and its base URL.
 pub(crate) async fn spawn_gateway(command: &mut Command, port: u16) -> (Proc, String) {
     let proc = Proc::spawn(command);
     let base = format!("http://127.0.0.1:{port}");
-    assert!(
-        answers(&format!("{base}/healthz")).await,
-        "gateway did not start"
-    );
+    wait_until_answers(&format!("{base}/healthz")).await;
     (proc, base)
 }
 
 /// Starts `gateway serve` with `policy` and `envs` on a free port and waits until it is ready.
-pub(crate) async fn gateway_process(policy: &Path, envs: &[(&str, &str)]) -> (Proc, String) {
+pub(crate) async fn gateway_process(policy: &PolicyFile, envs: &[(&str, &str)]) -> (Proc, String) {
     let port = free_port();
-    spawn_gateway(&mut serve_command(policy, port, envs), port).await
+    spawn_gateway(&mut serve_command(policy, port, envs.iter().copied()), port).await
 }
 
 /// The chat completions URL of the deployment `gpt-4o` behind the gateway at `base`.

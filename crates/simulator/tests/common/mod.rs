@@ -83,6 +83,17 @@ impl Sim {
     pub async fn chat(&self, body: &Value) -> (StatusCode, HeaderMap, Value) {
         self.call(&chat_path("gpt-4o"), body).await
     }
+
+    /// GETs `path` (an admin route such as `/sim/stats`) and reads the JSON answer.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        json(response).await.2
+    }
 }
 
 pub async fn json(response: Response) -> (StatusCode, HeaderMap, Value) {
