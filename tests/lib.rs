@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_bin::{app, serve};
-use gateway_core::policy::Policy;
 use gateway_core::pool::BackendPool;
-use gateway_core::secret::{MapSecrets, NoSecrets};
+use gateway_policy::Policy;
+use gateway_policy::secret::{MapSecrets, NoSecrets};
 use serde_json::{Value, json};
 use simulator::{DeploymentConfig, RegionConfig, RunningRegion};
 use tokio::sync::oneshot;

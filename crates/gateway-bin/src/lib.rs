@@ -1,7 +1,8 @@
 //! The `gateway` service: turns a policy into a running Azure OpenAI gateway.
 //!
-//! - [`app`] composes the layers of `gateway-layers` into an axum `Router`, in one function that reads
-//!   top to bottom.
+//! - [`app`] is the one place where the policy (`gateway-policy`) becomes engine values
+//!   (`gateway-core`) and layer arguments (`gateway-layers`), and composes the layers into an axum
+//!   `Router` in one function that reads top to bottom.
 //! - [`serve`] serves it with graceful shutdown.
 //! - [`demo`] runs the gateway in front of three simulated regions, for a first contact.
 //! - [`store`] picks the limit store (memory or Redis) and shares backend cooldowns.

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use gateway_bin::cli::{self, Command};
 use gateway_bin::{app, demo, serve, telemetry};
-use gateway_core::policy::{Policy, TelemetrySettings};
-use gateway_core::secret::SystemSecrets;
+use gateway_policy::secret::SystemSecrets;
+use gateway_policy::{Policy, TelemetrySettings};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -98,13 +98,13 @@ async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> 
     let secrets = policy
         .resolve_secrets(&SystemSecrets, None)
         .map_err(|e| format!("cannot resolve secrets\n{e}"))?;
-    let addr = listen.unwrap_or(policy.gateway.listen);
     let gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
+    let addr = listen.unwrap_or(gateway.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, backends = policy.backends.len(), "gateway listening");
-    let grace = std::time::Duration::from_secs(policy.gateway.shutdown_grace_seconds);
+    tracing::info!(%addr, backends = gateway.pool.backends().len(), "gateway listening");
+    let grace = gateway.shutdown_grace;
     serve::serve(listener, gateway, serve::shutdown_signal(), grace)
         .await
         .map_err(|e| format!("server error: {e}"))

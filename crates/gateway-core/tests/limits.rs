@@ -12,10 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_core::limits::{
-    Admission, LimitCheck, LimitKind, LimitStore, Limits, MemoryStore, Quota, RedisCooldowns,
-    RedisStore, Remaining, Reservation, minute_bounds, period_bounds,
+    Admission, LimitCheck, LimitKind, LimitStore, Limits, MemoryStore, Quota, QuotaPeriod,
+    RedisCooldowns, RedisStore, Remaining, Reservation, minute_bounds, period_bounds,
 };
-use gateway_core::policy::QuotaPeriod;
 
 // === harness ===
 

@@ -401,8 +401,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
-    use crate::limits::{Limits, Quota};
-    use crate::policy::QuotaPeriod;
+    use crate::limits::{Limits, Quota, QuotaPeriod};
 
     fn keys_held(store: &MemoryStore) -> usize {
         (0..SHARDS).map(|s| store.lock(s).keys.len()).sum()

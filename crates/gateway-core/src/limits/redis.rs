@@ -47,11 +47,11 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
+use super::QuotaPeriod;
 use super::memory::QUOTA_RETENTION_SECS;
 use super::{
     Admission, LimitCheck, LimitKind, LimitStore, Remaining, Reservation, StoreError, Usage,
 };
-use crate::policy::QuotaPeriod;
 
 /// How long a connection attempt may take (the per-call timeout bounds what callers wait).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
