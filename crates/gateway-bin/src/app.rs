@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use gateway_core::limits::{Limits, MemoryStore, Quota, RedisCooldowns, RedisStore};
-use gateway_core::pool::{Backend, BackendPool, BackendState, CircuitSettings, PoolSettings};
+use gateway_core::limits::{Limits, MemoryStore, Quota, RedisStore};
+use gateway_core::pool::{
+    Backend, BackendPool, BackendState, CircuitSettings, PoolSettings, RedisCooldowns,
+};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;

@@ -1,6 +1,7 @@
 //! The framework-free engine of the Azure OpenAI gateway.
 //!
-//! - [`pool`]: the backend pool, per-backend state (cooldowns, circuit breakers) and routing decisions.
+//! - [`pool`]: the backend pool, per-backend state (cooldowns, circuit breakers), routing decisions,
+//!   and cooldowns shared between instances through Redis.
 //! - [`limits`]: accounting stores for consumer limits (memory and Redis).
 //! - [`operation`]: the kinds of Azure OpenAI calls.
 //! - [`retry_after`]: reading Azure's throttling headers into a cooldown.
@@ -37,10 +38,18 @@
 //! };
 //! assert!(!limits.is_empty());
 //! ```
+//!
+//! # Cargo features
+//!
+//! - `redis` (on by default): `limits::RedisStore`, limits shared by every gateway instance, and
+//!   `pool::RedisCooldowns`, backend cooldowns shared the same way. Without it the engine has the
+//!   in-memory store only and compiles no Redis client (nor Tokio).
 
 pub mod limits;
 pub mod operation;
 pub mod pool;
+#[cfg(feature = "redis")]
+mod redis_conn;
 pub mod retry_after;
 pub mod secret;
 pub mod tokens;

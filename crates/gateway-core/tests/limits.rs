@@ -13,8 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_core::limits::{
     Admission, LimitCheck, LimitKind, LimitStore, Limits, MemoryStore, Quota, QuotaPeriod,
-    RedisCooldowns, RedisStore, Remaining, Reservation, minute_bounds, period_bounds,
+    RedisStore, Remaining, Reservation, minute_bounds, period_bounds,
 };
+use gateway_core::pool::RedisCooldowns;
 
 // === harness ===
 

@@ -10,6 +10,9 @@
 //! A policy is TOML. Unknown fields are rejected; every error names the file, line, column and field
 //! path, and all semantic errors are reported at once.
 //!
+//! No Cargo features. It uses `gateway-core` without its default features, for three plain types
+//! (`QuotaPeriod`, `Secret`, `Credential`), so a policy reader compiles no Redis client.
+//!
 //! ```
 //! use gateway_policy::Policy;
 //! use gateway_policy::secret::{MapSecrets, NoSecrets};

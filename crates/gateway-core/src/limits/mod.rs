@@ -6,9 +6,9 @@
 //! period. A reservation remembers its windows, so a reconciliation that lands after the minute
 //! rolled over corrects the window it was counted in.
 //!
-//! Two stores implement [`LimitStore`]: [`MemoryStore`] (one process) and [`RedisStore`] (every
+//! Two stores implement [`LimitStore`]: [`MemoryStore`] (one process) and `RedisStore` (every
 //! gateway instance sharing one Redis; atomic Lua scripts on Redis server time, so replicas never
-//! multiply the limit).
+//! multiply the limit; needs the `redis` feature).
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,11 +16,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
 mod window;
 
 pub use memory::MemoryStore;
-pub use redis::{RedisCooldowns, RedisStore};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 pub use window::{minute_bounds, period_bounds};
 
 /// The limits that apply under one counter key.

@@ -12,6 +12,9 @@
 //! - When nothing is left, [`Exhausted`] says why, and when the soonest cooling backend comes back, so
 //!   the client can be answered 429 with a `Retry-After`.
 //!
+//! With the `redis` feature, `RedisCooldowns` shares what one gateway instance learns from a 429
+//! with every other instance (see its module, `shared`).
+//!
 //! ```
 //! use std::collections::BTreeMap;
 //! use std::time::{Duration, Instant};
@@ -58,8 +61,13 @@ use crate::secret::Credential;
 use self::health::{Availability, CircuitChange, Health};
 
 mod health;
+#[cfg(feature = "redis")]
+mod shared;
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "redis")]
+pub use shared::RedisCooldowns;
 
 /// How long a backend's reported remaining tokens are trusted for quota-aware routing. Azure counts
 /// tokens per minute without saying when its minute started: a short trust keeps a backend whose
