@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use gateway_bin::cli::{self, Command};
-use gateway_bin::{app, demo, serve, telemetry};
+use gateway_bin::{app, serve, telemetry};
+use gateway_policy::Policy;
 use gateway_policy::secret::SystemSecrets;
-use gateway_policy::{Policy, TelemetrySettings};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -31,14 +31,28 @@ fn main() -> ExitCode {
         Command::Serve { policy, listen } => {
             run(async move { serve_policy(&policy, listen).await })
         }
-        // The demo exports traces too when the standard OTEL_EXPORTER_OTLP_* variables say where.
-        Command::Demo { listen } => run(async move {
-            let telemetry = telemetry::init(&TelemetrySettings::default())?;
-            let result = demo::run(listen).await;
-            telemetry.shutdown().await;
-            result
-        }),
+        Command::Demo { listen } => demo(listen),
     }
+}
+
+#[cfg(feature = "demo")]
+fn demo(listen: std::net::SocketAddr) -> ExitCode {
+    // The demo exports traces too when the standard OTEL_EXPORTER_OTLP_* variables say where.
+    run(async move {
+        let telemetry = telemetry::init(&gateway_policy::TelemetrySettings::default())?;
+        let result = gateway_bin::demo::run(listen).await;
+        telemetry.shutdown().await;
+        result
+    })
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_listen: std::net::SocketAddr) -> ExitCode {
+    eprintln!(
+        "error: this gateway was built without the demo (Cargo feature `demo`); \
+         `cargo run -p gateway-bin -- demo` from a checkout has it"
+    );
+    ExitCode::from(2)
 }
 
 fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
