@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_bin::{app, serve};
-use gateway_core::policy::Policy;
 use gateway_core::pool::BackendPool;
-use gateway_core::secret::{MapSecrets, NoSecrets};
+use gateway_policy::Policy;
+use gateway_policy::secret::{MapSecrets, NoSecrets};
 use serde_json::{Value, json};
 use simulator::{RegionConfig, RunningRegion};
 use tokio::sync::oneshot;

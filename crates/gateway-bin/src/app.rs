@@ -1,5 +1,10 @@
 //! Composition: policy in, axum `Router` out.
+//!
+//! This is the one place where the policy file becomes engine values and layer arguments, as
+//! linkerd's `app` crate does: [`build`] composes the stack top to bottom, and the functions below it
+//! translate each policy section. `gateway-core` and `gateway-layers` never see a policy type.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -7,11 +12,10 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use gateway_core::limits::{Limits, MemoryStore, RedisCooldowns, RedisStore};
-use gateway_core::policy::{
-    HeaderAction, HeaderSettings, Policy, ResolvedSecrets, StoreFailure, StoreKind,
+use gateway_core::limits::{Limits, MemoryStore, Quota, RedisStore};
+use gateway_core::pool::{
+    Backend, BackendPool, BackendState, CircuitSettings, PoolSettings, RedisCooldowns,
 };
-use gateway_core::pool::{Backend, BackendPool, BackendState, PoolSettings};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;
@@ -19,6 +23,10 @@ use gateway_layers::propagate::{ExistsAction, HeaderRules};
 use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
 use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
+};
+use gateway_policy::{
+    CircuitBreakerSettings, FailoverSettings, HeaderAction, HeaderSettings, LimitsSpec, Policy,
+    ResolvedSecrets, StoreFailure, StoreKind,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -43,13 +51,17 @@ pub struct Gateway {
     pub admin: Option<AdminEndpoints>,
     /// The Prometheus recorder behind `/metrics`; `serve` runs its upkeep.
     pub metrics: PrometheusHandle,
+    /// The policy's listen address (`gateway.listen`), unless the command line overrides it.
+    pub listen: SocketAddr,
+    /// How long in-flight requests may run after shutdown begins (`gateway.shutdown_grace_seconds`).
+    pub shutdown_grace: Duration,
 }
 
 /// The operator endpoints, to be served on their own listener.
 #[derive(Clone)]
 pub struct AdminEndpoints {
     /// Where to listen (`admin.listen`).
-    pub listen: std::net::SocketAddr,
+    pub listen: SocketAddr,
     /// Serve this there.
     pub router: Router,
 }
@@ -68,25 +80,9 @@ impl std::error::Error for BuildError {}
 
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
-    // A credential that cannot be a header value would silently go unsent: refuse it at start-up.
-    for (spec, credential) in policy.backends.iter().zip(&secrets.backends) {
-        let value = credential.secret().expose();
-        if value.is_empty() || value.bytes().any(|b| b.is_ascii_control()) {
-            return Err(BuildError(format!(
-                "backends `{}`: its credential holds characters that cannot be sent in a header",
-                spec.name
-            )));
-        }
-    }
-    let backends = policy
-        .backends
-        .iter()
-        .zip(&secrets.backends)
-        .map(|(spec, cred)| Backend::from_spec(spec, Some(cred.clone())))
-        .collect();
     let pool = Arc::new(BackendPool::new(
-        backends,
-        PoolSettings::from_policy(&policy.failover, &policy.circuit_breaker),
+        backends(policy, secrets)?,
+        pool_settings(&policy.failover, &policy.circuit_breaker),
     ));
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
@@ -195,7 +191,64 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         draining,
         admin,
         metrics,
+        listen: policy.gateway.listen,
+        shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
     })
+}
+
+/// The policy's backends, each with its resolved credential (parallel to `policy.backends`).
+fn backends(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Vec<Backend>, BuildError> {
+    let mut backends = Vec::with_capacity(policy.backends.len());
+    for (spec, credential) in policy.backends.iter().zip(&secrets.backends) {
+        // A credential that cannot be a header value would silently go unsent: refuse it at start-up.
+        let value = credential.secret().expose();
+        if value.is_empty() || value.bytes().any(|b| b.is_ascii_control()) {
+            return Err(BuildError(format!(
+                "backends `{}`: its credential holds characters that cannot be sent in a header",
+                spec.name
+            )));
+        }
+        backends.push(Backend {
+            name: spec.name.clone(),
+            region: spec.region.clone(),
+            endpoint: spec.endpoint.clone(),
+            priority: spec.priority,
+            weight: spec.weight,
+            deployments: spec.deployments.clone(),
+            credential: Some(credential.clone()),
+        });
+    }
+    Ok(backends)
+}
+
+/// Cooldowns and circuit breakers from `[failover]` and `[circuit_breaker]`. A half-open probe is
+/// given the response header timeout to answer.
+fn pool_settings(failover: &FailoverSettings, circuit: &CircuitBreakerSettings) -> PoolSettings {
+    PoolSettings {
+        default_cooldown: Duration::from_millis(failover.default_cooldown_ms),
+        max_cooldown: Duration::from_millis(failover.max_cooldown_ms),
+        circuit: CircuitSettings {
+            failures: circuit.failures,
+            interval: Duration::from_secs(circuit.interval_seconds),
+            trip: Duration::from_secs(circuit.trip_seconds),
+        },
+        probe_timeout: Duration::from_millis(failover.response_header_timeout_ms),
+        // Not in the policy: the engine's default.
+        ..PoolSettings::default()
+    }
+}
+
+/// A `[consumers.limits]` (or `deployment_limits`) table as engine limits. A quota needs both its
+/// size and its period (validation sees to it).
+fn limits(spec: &LimitsSpec) -> Limits {
+    Limits {
+        tokens_per_minute: spec.tokens_per_minute,
+        requests_per_minute: spec.requests_per_minute,
+        quota: spec
+            .token_quota
+            .zip(spec.token_quota_period)
+            .map(|(tokens, period)| Quota { tokens, period }),
+    }
 }
 
 /// Loads the tokenizers the consumer limits will need, off the request path: the first exactly
@@ -228,19 +281,15 @@ fn consumer_limits(policy: &Policy) -> Vec<(String, ConsumerLimits)> {
         .consumers
         .iter()
         .map(|consumer| {
-            let limits = ConsumerLimits {
-                all: consumer
-                    .limits
-                    .as_ref()
-                    .map(Limits::from)
-                    .unwrap_or_default(),
+            let consumer_limits = ConsumerLimits {
+                all: consumer.limits.as_ref().map(limits).unwrap_or_default(),
                 per_deployment: consumer
                     .deployment_limits
                     .iter()
-                    .map(|(d, l)| (d.clone(), Limits::from(l)))
+                    .map(|(d, l)| (d.clone(), limits(l)))
                     .collect(),
             };
-            (consumer.name.clone(), limits)
+            (consumer.name.clone(), consumer_limits)
         })
         .collect()
 }
@@ -325,5 +374,122 @@ async fn readyz(pool: Arc<BackendPool>, draining: Arc<AtomicBool>) -> Response {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "no backend available").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gateway_core::limits::QuotaPeriod;
+    use gateway_core::secret::{Credential, Secret};
+
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn pool_settings_from_the_policy() {
+        let failover = FailoverSettings {
+            default_cooldown_ms: 1_500,
+            max_cooldown_ms: 120_000,
+            response_header_timeout_ms: 20_000,
+            ..FailoverSettings::default()
+        };
+        let circuit = CircuitBreakerSettings {
+            failures: 4,
+            interval_seconds: 15,
+            trip_seconds: 45,
+        };
+        assert_eq!(
+            pool_settings(&failover, &circuit),
+            PoolSettings {
+                default_cooldown: Duration::from_millis(1_500),
+                max_cooldown: secs(120),
+                circuit: CircuitSettings {
+                    failures: 4,
+                    interval: secs(15),
+                    trip: secs(45),
+                },
+                probe_timeout: secs(20),
+                not_found_cooldown: secs(60),
+            }
+        );
+    }
+
+    /// The engine's defaults are written out in `gateway-core`; they must be the policy's.
+    #[test]
+    fn the_engine_defaults_are_the_policy_defaults() {
+        assert_eq!(
+            pool_settings(
+                &FailoverSettings::default(),
+                &CircuitBreakerSettings::default()
+            ),
+            PoolSettings::default()
+        );
+    }
+
+    #[test]
+    fn backends_carry_their_credentials() {
+        let policy = Policy::from_toml_str(
+            r#"
+[[deployments]]
+name = "gpt-4o"
+
+[[backends]]
+name = "swc"
+region = "Sweden Central"
+endpoint = "https://swc.openai.azure.com"
+priority = 2
+weight = 5
+api_key = "env:KEY"
+deployments = { gpt-4o = "gpt-4o-swc" }
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let secrets = |value: &str| ResolvedSecrets {
+            backends: vec![Credential::ApiKey(Secret::new(value))],
+            consumers: vec![],
+            redis_url: None,
+            admin_key: None,
+        };
+        let built = backends(&policy, &secrets("k-1")).unwrap();
+        assert_eq!(built[0].name, "swc");
+        assert_eq!((built[0].priority, built[0].weight), (2, 5));
+        assert_eq!(built[0].deployment_name("gpt-4o"), Some("gpt-4o-swc"));
+        assert_eq!(
+            built[0].credential,
+            Some(Credential::ApiKey(Secret::new("k-1")))
+        );
+        let refused = backends(&policy, &secrets("k\n1")).unwrap_err();
+        assert!(refused.0.contains("backends `swc`"), "{refused}");
+    }
+
+    #[test]
+    fn limits_need_a_quota_and_its_period() {
+        let spec = LimitsSpec {
+            tokens_per_minute: Some(1_000),
+            requests_per_minute: None,
+            token_quota: Some(50_000),
+            token_quota_period: Some(QuotaPeriod::Daily),
+        };
+        assert_eq!(
+            limits(&spec),
+            Limits {
+                tokens_per_minute: Some(1_000),
+                requests_per_minute: None,
+                quota: Some(Quota {
+                    tokens: 50_000,
+                    period: QuotaPeriod::Daily
+                }),
+            }
+        );
+        let no_period = LimitsSpec {
+            token_quota_period: None,
+            ..spec
+        };
+        assert_eq!(limits(&no_period).quota, None);
+        assert!(limits(&LimitsSpec::default()).is_empty());
     }
 }

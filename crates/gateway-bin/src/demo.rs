@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use gateway_core::policy::Policy;
-use gateway_core::secret::{MapSecrets, NoSecrets};
+use gateway_policy::Policy;
+use gateway_policy::secret::{MapSecrets, NoSecrets};
 use simulator::{DeploymentConfig, RegionConfig, RunningRegion};
 
 use crate::{app, serve};
@@ -18,13 +18,11 @@ pub const DEMO_CLIENT_KEY: &str = "demo-key";
 /// The key of the demo's rate-limited consumer (3 requests per minute).
 pub const DEMO_LIMITED_KEY: &str = "demo-key-limited";
 
-/// A running demo: the simulated regions and the gateway's policy with their real endpoints.
+/// A running demo: the simulated regions and the gateway in front of them.
 pub struct Demo {
     /// The simulated regions, in the policy's backend order.
     pub regions: Vec<RunningRegion>,
-    /// The demo policy, endpoints pointing at `regions`.
-    pub policy: Policy,
-    /// The gateway, ready to serve.
+    /// The gateway, ready to serve; its backends' endpoints point at `regions`.
     pub gateway: app::Gateway,
 }
 
@@ -71,11 +69,7 @@ pub async fn start() -> Result<Demo, String> {
         regions.push(region);
     }
     let gateway = app::build(&policy, &resolved).map_err(|e| format!("demo policy: {e}"))?;
-    Ok(Demo {
-        regions,
-        policy,
-        gateway,
-    })
+    Ok(Demo { regions, gateway })
 }
 
 /// Runs the demo until Ctrl-C.
@@ -88,7 +82,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the listen address: {e}"))?;
     println!("{}", banner(&demo, addr));
-    let grace = Duration::from_secs(demo.policy.gateway.shutdown_grace_seconds);
+    let grace = demo.gateway.shutdown_grace;
     let result = serve::serve(listener, demo.gateway, serve::shutdown_signal(), grace)
         .await
         .map_err(|e| format!("server error: {e}"));
@@ -101,7 +95,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), String> {
 /// What the demo prints: the regions and copy-paste `curl` lines.
 pub fn banner(demo: &Demo, addr: SocketAddr) -> String {
     let mut out = String::from("\nAzure OpenAI gateway demo\n\nSimulated regions:\n");
-    for b in &demo.policy.backends {
+    for b in demo.gateway.pool.backends() {
         let names: Vec<_> = b
             .deployments
             .iter()

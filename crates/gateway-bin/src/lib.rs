@@ -1,19 +1,27 @@
 //! The `gateway` service: turns a policy into a running Azure OpenAI gateway.
 //!
-//! - [`app`] composes the layers of `gateway-layers` into an axum `Router`, in one function that reads
-//!   top to bottom.
+//! - [`app`] is the one place where the policy (`gateway-policy`) becomes engine values
+//!   (`gateway-core`) and layer arguments (`gateway-layers`), and composes the layers into an axum
+//!   `Router` in one function that reads top to bottom.
 //! - [`serve`] serves it with graceful shutdown.
-//! - [`demo`] runs the gateway in front of three simulated regions, for a first contact.
+//! - `demo` runs the gateway in front of three simulated regions, for a first contact (feature
+//!   `demo`).
 //! - [`store`] picks the limit store (memory or Redis) and shares backend cooldowns.
 //! - [`cli`] parses the command line.
 //! - [`observe`] records Prometheus metrics and writes the access log for every request.
 //! - [`admin`] serves `/metrics`, the `/admin/status` JSON and the `/admin` status page.
 //! - [`telemetry`] installs logs and OTLP trace export, and holds the server-span and trace-context
 //!   layers.
+//!
+//! # Cargo features
+//!
+//! - `demo` (on by default): `gateway demo` and its simulated regions. A production build can leave
+//!   it out (`--no-default-features`) and links no simulator; `gateway demo` then says so.
 
 pub mod admin;
 pub mod app;
 pub mod cli;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod observe;
 pub mod serve;

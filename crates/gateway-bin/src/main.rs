@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use gateway_bin::cli::{self, Command};
-use gateway_bin::{app, demo, serve, telemetry};
-use gateway_core::policy::{Policy, TelemetrySettings};
-use gateway_core::secret::SystemSecrets;
+use gateway_bin::{app, serve, telemetry};
+use gateway_policy::Policy;
+use gateway_policy::secret::SystemSecrets;
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -31,14 +31,28 @@ fn main() -> ExitCode {
         Command::Serve { policy, listen } => {
             run(async move { serve_policy(&policy, listen).await })
         }
-        // The demo exports traces too when the standard OTEL_EXPORTER_OTLP_* variables say where.
-        Command::Demo { listen } => run(async move {
-            let telemetry = telemetry::init(&TelemetrySettings::default())?;
-            let result = demo::run(listen).await;
-            telemetry.shutdown().await;
-            result
-        }),
+        Command::Demo { listen } => demo(listen),
     }
+}
+
+#[cfg(feature = "demo")]
+fn demo(listen: std::net::SocketAddr) -> ExitCode {
+    // The demo exports traces too when the standard OTEL_EXPORTER_OTLP_* variables say where.
+    run(async move {
+        let telemetry = telemetry::init(&gateway_policy::TelemetrySettings::default())?;
+        let result = gateway_bin::demo::run(listen).await;
+        telemetry.shutdown().await;
+        result
+    })
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_listen: std::net::SocketAddr) -> ExitCode {
+    eprintln!(
+        "error: this gateway was built without the demo (Cargo feature `demo`); \
+         `cargo run -p gateway-bin -- demo` from a checkout has it"
+    );
+    ExitCode::from(2)
 }
 
 fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
@@ -98,13 +112,13 @@ async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> 
     let secrets = policy
         .resolve_secrets(&SystemSecrets, None)
         .map_err(|e| format!("cannot resolve secrets\n{e}"))?;
-    let addr = listen.unwrap_or(policy.gateway.listen);
     let gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
+    let addr = listen.unwrap_or(gateway.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, backends = policy.backends.len(), "gateway listening");
-    let grace = std::time::Duration::from_secs(policy.gateway.shutdown_grace_seconds);
+    tracing::info!(%addr, backends = gateway.pool.backends().len(), "gateway listening");
+    let grace = gateway.shutdown_grace;
     serve::serve(listener, gateway, serve::shutdown_signal(), grace)
         .await
         .map_err(|e| format!("server error: {e}"))

@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_core::limits::{
-    Admission, LimitCheck, LimitStore, MemoryStore, RedisCooldowns, RedisStore, Reservation,
-    StoreError, Usage,
+    Admission, LimitCheck, LimitStore, MemoryStore, RedisStore, Reservation, StoreError, Usage,
 };
-use gateway_core::pool::BackendPool;
+use gateway_core::pool::{BackendPool, RedisCooldowns};
 
 /// The store chosen by `rate_limit.store`.
 #[derive(Debug)]

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::FutureExt;
 
 use gateway_core::limits::{
-    Admission, LimitCheck, LimitKind, LimitStore, Limits, MemoryStore, Quota, RedisCooldowns,
+    Admission, LimitCheck, LimitKind, LimitStore, Limits, MemoryStore, Quota, QuotaPeriod,
     RedisStore, Remaining, Reservation, minute_bounds, period_bounds,
 };
-use gateway_core::policy::QuotaPeriod;
+use gateway_core::pool::RedisCooldowns;
 
 // === harness ===
 

@@ -32,6 +32,18 @@
 //! let app: axum::Router = axum::Router::new().route_service("/openai/{*path}", proxy);
 //! # let _ = app;
 //! ```
+//!
+//! # Cargo features
+//!
+//! Take one layer without the rest: with `default-features = false` this crate compiles no Redis
+//! client.
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `redis` | on | `gateway_core::limits::RedisStore` for [`RateLimitLayer`] (one limit across every instance) and `gateway_core::pool::RedisCooldowns` behind [`FailoverLayer`]'s cooldown hook; [`RateLimitLayer`] works with the in-memory store without it |
+//!
+//! [`RequestContextLayer`], [`ConsumerAuthLayer`], [`PropagateHeadersLayer`] and [`FailoverLayer`]
+//! need no feature.
 
 pub mod auth;
 pub mod client;

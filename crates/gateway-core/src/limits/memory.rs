@@ -23,7 +23,7 @@ const SWEEP_MIN_LEN: usize = 1_024;
 type Clock = dyn Fn() -> SystemTime + Send + Sync;
 
 /// The in-process [`LimitStore`]: exact and fast, but each gateway instance counts alone (use
-/// [`RedisStore`](super::RedisStore) for a fleet).
+/// `RedisStore`, feature `redis`, for a fleet).
 ///
 /// Counters live in 16 shards, each a `std::sync::Mutex<HashMap>` chosen by the key's hash; locks are
 /// held only for a few map operations and never across an `.await`. A `reserve` locks every shard its
@@ -401,8 +401,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
-    use crate::limits::{Limits, Quota};
-    use crate::policy::QuotaPeriod;
+    use crate::limits::{Limits, Quota, QuotaPeriod};
 
     fn keys_held(store: &MemoryStore) -> usize {
         (0..SHARDS).map(|s| store.lock(s).keys.len()).sum()

@@ -6,21 +6,23 @@
 //! period. A reservation remembers its windows, so a reconciliation that lands after the minute
 //! rolled over corrects the window it was counted in.
 //!
-//! Two stores implement [`LimitStore`]: [`MemoryStore`] (one process) and [`RedisStore`] (every
+//! Two stores implement [`LimitStore`]: [`MemoryStore`] (one process) and `RedisStore` (every
 //! gateway instance sharing one Redis; atomic Lua scripts on Redis server time, so replicas never
-//! multiply the limit).
+//! multiply the limit; needs the `redis` feature).
 
 use std::future::Future;
 use std::time::Duration;
 
-use crate::policy::{LimitsSpec, QuotaPeriod};
+use serde::Deserialize;
 
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
 mod window;
 
 pub use memory::MemoryStore;
-pub use redis::{RedisCooldowns, RedisStore};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 pub use window::{minute_bounds, period_bounds};
 
 /// The limits that apply under one counter key.
@@ -41,6 +43,23 @@ pub struct Quota {
     pub tokens: u64,
     /// The period.
     pub period: QuotaPeriod,
+}
+
+/// A token quota's period, in UTC calendar units (weeks start on Monday).
+///
+/// It deserializes from its lowercase name (`"daily"`), the name a policy file uses, so the policy
+/// model reuses this one definition instead of keeping a copy to translate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    /// Each clock hour.
+    Hourly,
+    /// Each UTC day.
+    Daily,
+    /// Each ISO week (Monday 00:00 UTC).
+    Weekly,
+    /// Each calendar month.
+    Monthly,
 }
 
 /// One counter key and its limits, e.g. `consumer:billing` or `consumer:billing:gpt-4o`.
@@ -157,19 +176,6 @@ pub trait LimitStore: Send + Sync + 'static {
 }
 
 // === impl Limits ===
-
-impl From<&LimitsSpec> for Limits {
-    fn from(spec: &LimitsSpec) -> Self {
-        Self {
-            tokens_per_minute: spec.tokens_per_minute,
-            requests_per_minute: spec.requests_per_minute,
-            quota: spec
-                .token_quota
-                .zip(spec.token_quota_period)
-                .map(|(tokens, period)| Quota { tokens, period }),
-        }
-    }
-}
 
 impl Limits {
     /// Whether any limit is set.

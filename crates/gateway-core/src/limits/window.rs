@@ -19,8 +19,7 @@
 //! that both agree.
 //!
 //! ```
-//! use gateway_core::limits::{minute_bounds, period_bounds};
-//! use gateway_core::policy::QuotaPeriod;
+//! use gateway_core::limits::{QuotaPeriod, minute_bounds, period_bounds};
 //!
 //! // 2024-02-29T12:34:56Z, a Thursday in a leap year.
 //! let t = 1_709_210_096;
@@ -31,7 +30,7 @@
 //! assert_eq!(start, 1_708_905_600); // Monday 2024-02-26
 //! ```
 
-use crate::policy::QuotaPeriod;
+use super::QuotaPeriod;
 
 const MINUTE: u64 = 60;
 const HOUR: u64 = 3_600;

@@ -12,6 +12,9 @@
 //! - When nothing is left, [`Exhausted`] says why, and when the soonest cooling backend comes back, so
 //!   the client can be answered 429 with a `Retry-After`.
 //!
+//! With the `redis` feature, `RedisCooldowns` shares what one gateway instance learns from a 429
+//! with every other instance (see its module, `shared`).
+//!
 //! ```
 //! use std::collections::BTreeMap;
 //! use std::time::{Duration, Instant};
@@ -53,14 +56,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::policy::{BackendSpec, CircuitBreakerSettings, FailoverSettings};
 use crate::secret::Credential;
 
 use self::health::{Availability, CircuitChange, Health};
 
 mod health;
+#[cfg(feature = "redis")]
+mod shared;
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "redis")]
+pub use shared::RedisCooldowns;
 
 /// How long a backend's reported remaining tokens are trusted for quota-aware routing. Azure counts
 /// tokens per minute without saying when its minute started: a short trust keeps a backend whose
@@ -283,19 +290,6 @@ impl fmt::Display for BackendId {
 // === impl Backend ===
 
 impl Backend {
-    /// A backend from its policy entry and its resolved credential.
-    pub fn from_spec(spec: &BackendSpec, credential: Option<Credential>) -> Self {
-        Self {
-            name: spec.name.clone(),
-            region: spec.region.clone(),
-            endpoint: spec.endpoint.clone(),
-            priority: spec.priority,
-            weight: spec.weight,
-            deployments: spec.deployments.clone(),
-            credential,
-        }
-    }
-
     /// This backend's own name for the logical deployment, if it serves it.
     pub fn deployment_name(&self, logical: &str) -> Option<&str> {
         self.deployments.get(logical).map(String::as_str)
@@ -304,30 +298,31 @@ impl Backend {
 
 // === impl PoolSettings ===
 
-impl PoolSettings {
-    /// Settings from the policy file. A half-open probe is given the response header timeout to answer.
-    pub fn from_policy(failover: &FailoverSettings, circuit: &CircuitBreakerSettings) -> Self {
+impl Default for PoolSettings {
+    /// The policy file's defaults: a 10 s cooldown without a hint, hints capped at 5 minutes, a
+    /// circuit that opens after 5 failures within 10 s for 30 s, and a probe given 30 s (the default
+    /// response header timeout) to answer.
+    fn default() -> Self {
         Self {
-            default_cooldown: Duration::from_millis(failover.default_cooldown_ms),
-            max_cooldown: Duration::from_millis(failover.max_cooldown_ms),
-            circuit: CircuitSettings {
-                failures: circuit.failures,
-                interval: Duration::from_secs(circuit.interval_seconds),
-                trip: Duration::from_secs(circuit.trip_seconds),
-            },
-            probe_timeout: Duration::from_millis(failover.response_header_timeout_ms),
+            default_cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(300),
+            circuit: CircuitSettings::default(),
+            probe_timeout: Duration::from_secs(30),
             not_found_cooldown: DEFAULT_NOT_FOUND_COOLDOWN,
         }
     }
 }
 
-impl Default for PoolSettings {
-    /// The policy file's defaults.
+// === impl CircuitSettings ===
+
+impl Default for CircuitSettings {
+    /// The policy file's defaults: 5 failures within 10 s open the circuit for 30 s.
     fn default() -> Self {
-        Self::from_policy(
-            &FailoverSettings::default(),
-            &CircuitBreakerSettings::default(),
-        )
+        Self {
+            failures: 5,
+            interval: Duration::from_secs(10),
+            trip: Duration::from_secs(30),
+        }
     }
 }
 

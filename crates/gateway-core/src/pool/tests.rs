@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -771,56 +770,6 @@ fn unknown_ids_are_ignored_by_record_and_observe() {
 }
 
 // --- settings and threads ---
-
-#[test]
-fn settings_from_policy() {
-    let failover = FailoverSettings {
-        default_cooldown_ms: 1_500,
-        max_cooldown_ms: 120_000,
-        response_header_timeout_ms: 20_000,
-        ..FailoverSettings::default()
-    };
-    let circuit = CircuitBreakerSettings {
-        failures: 4,
-        interval_seconds: 15,
-        trip_seconds: 45,
-    };
-    let settings = PoolSettings::from_policy(&failover, &circuit);
-    assert_eq!(
-        settings,
-        PoolSettings {
-            default_cooldown: ms(1_500),
-            max_cooldown: secs(120),
-            circuit: CircuitSettings {
-                failures: 4,
-                interval: secs(15),
-                trip: secs(45),
-            },
-            probe_timeout: secs(20),
-            not_found_cooldown: secs(60),
-        }
-    );
-}
-
-#[test]
-fn backend_from_spec() {
-    let spec = BackendSpec {
-        name: "swc".to_owned(),
-        region: "Sweden Central".to_owned(),
-        endpoint: "https://swc.openai.azure.com".to_owned(),
-        priority: 2,
-        weight: 5,
-        api_key: Some("env:KEY".to_owned()),
-        bearer_token: None,
-        deployments: BTreeMap::from([(DEP.to_owned(), "gpt-4o-swc".to_owned())]),
-        tpm: None,
-        rpm: None,
-    };
-    let backend = Backend::from_spec(&spec, None);
-    assert_eq!(backend.name, "swc");
-    assert_eq!((backend.priority, backend.weight), (2, 5));
-    assert_eq!(backend.deployment_name(DEP), Some("gpt-4o-swc"));
-}
 
 #[test]
 fn pool_is_send_and_sync() {

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use gateway_core::policy::Policy;
-use gateway_core::secret::{Credential, MapSecrets, NoSecrets, SystemSecrets};
+use gateway_policy::Policy;
+use gateway_policy::secret::{Credential, MapSecrets, NoSecrets, SystemSecrets};
 
 const FULL: &str = include_str!("fixtures/full.toml");
 

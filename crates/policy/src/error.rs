@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub struct PolicyError {
     /// The policy file as given (its path, or the name passed to [`Policy::from_toml_str`]).
     ///
-    /// [`Policy::from_toml_str`]: crate::policy::Policy::from_toml_str
+    /// [`Policy::from_toml_str`]: crate::Policy::from_toml_str
     pub file: String,
     /// 1-based line of the offending key or value; 0 when there is no position.
     pub line: usize,
@@ -28,7 +28,7 @@ pub struct PolicyError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyErrors(pub Vec<PolicyError>);
 
-/// Where a [`Policy`](crate::policy::Policy) came from: the file name used in errors, the directory
+/// Where a [`Policy`](crate::Policy) came from: the file name used in errors, the directory
 /// that relative `file:` secrets are resolved against, and the text (kept to locate later errors).
 #[derive(Clone)]
 pub struct PolicySource {

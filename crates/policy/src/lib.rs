@@ -1,11 +1,21 @@
-//! The policy file: what the gateway serves, to whom, and how it fails over.
+//! The gateway's policy file: what it serves, to whom, and how it fails over.
+//!
+//! This crate is the configuration language and nothing else: the file model ([`Policy`]), its TOML
+//! parsing with located errors, semantic validation ([`Policy::validate`]), warnings, the summary
+//! `gateway check` prints, and secret references ([`secret`]) resolved at start-up into the
+//! engine's [`Credential`](secret::Credential)s and [`Secret`](secret::Secret)s. It turns nothing
+//! into layers: the `gateway` binary's `app` module translates a policy into `gateway-core` engine
+//! values and `gateway-layers` arguments, in one place. Engine and layers never see these types.
 //!
 //! A policy is TOML. Unknown fields are rejected; every error names the file, line, column and field
 //! path, and all semantic errors are reported at once.
 //!
+//! No Cargo features. It uses `gateway-core` without its default features, for three plain types
+//! (`QuotaPeriod`, `Secret`, `Credential`), so a policy reader compiles no Redis client.
+//!
 //! ```
-//! use gateway_core::policy::Policy;
-//! use gateway_core::secret::{MapSecrets, NoSecrets};
+//! use gateway_policy::Policy;
+//! use gateway_policy::secret::{MapSecrets, NoSecrets};
 //!
 //! let text = r#"
 //! [[deployments]]
@@ -45,7 +55,11 @@ mod resolve;
 mod summary;
 mod validate;
 
+pub mod secret;
+
 pub use error::{PolicyError, PolicyErrors, PolicySource};
+// One definition of the quota calendar: the engine counts in it, the policy names it.
+pub use gateway_core::limits::QuotaPeriod;
 pub use resolve::ResolvedSecrets;
 
 /// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
@@ -209,20 +223,6 @@ pub struct LimitsSpec {
     /// The calendar period (UTC) of `token_quota`.
     #[serde(default)]
     pub token_quota_period: Option<QuotaPeriod>,
-}
-
-/// A token quota's period, in UTC calendar units (weeks start on Monday).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QuotaPeriod {
-    /// Each clock hour.
-    Hourly,
-    /// Each UTC day.
-    Daily,
-    /// Each ISO week (Monday 00:00 UTC).
-    Weekly,
-    /// Each calendar month.
-    Monthly,
 }
 
 /// `[rate_limit]`: where limits are counted and how they are reported to clients.
