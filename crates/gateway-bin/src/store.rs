@@ -1,12 +1,12 @@
 //! The limit store a policy chooses, and backend cooldowns shared between instances.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use gateway_core::limits::{
     Admission, LimitCheck, LimitStore, MemoryStore, RedisStore, Reservation, StoreError, Usage,
 };
-use gateway_core::pool::{BackendPool, RedisCooldowns};
+use gateway_core::pool::{BackendPool, RedisCooldowns, unix_ms};
 
 /// The store chosen by `rate_limit.store`.
 #[derive(Debug)]
@@ -69,10 +69,4 @@ pub fn share_cooldowns(
             }
         });
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -16,7 +16,7 @@ use std::panic::AssertUnwindSafe;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 
@@ -24,7 +24,7 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitKind, LimitStore, Limits, MemoryStore, Quota, QuotaPeriod,
     RedisStore, Remaining, Reservation, minute_bounds, period_bounds,
 };
-use gateway_core::pool::RedisCooldowns;
+use gateway_core::pool::{RedisCooldowns, unix_ms};
 
 // === harness ===
 
@@ -171,13 +171,6 @@ async fn within<T>(what: &str, limit: Duration, call: impl Future<Output = T>) -
         out = call => out,
         () = tokio::time::sleep(limit) => panic!("{what}: still running after {limit:?} of Tokio time"),
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
 }
 
 /// Redis counts minutes on its own clock (this machine's): waits until at least `secs` are left in

@@ -383,21 +383,23 @@ where
 
 /// Stamps the response with who served it, and hands it the record, which its body ends.
 fn finish<B: Body>(mut res: Response<B>, record: Arc<Record>) -> Response<RecordBody<B>> {
-    stamp(res.headers_mut(), record.request_id().clone());
+    let h = res.headers_mut();
+    h.insert(X_REQUEST_ID.clone(), record.request_id().clone());
+    // The one place these are written: every answer, including those made before any upstream was
+    // tried, says who served it and after how many attempts.
+    let report = record.failover();
+    let served_by = report.and_then(|r| r.served_by_label.clone());
+    h.insert(
+        X_SERVED_BY.clone(),
+        served_by.unwrap_or_else(|| HeaderValue::from_static("gateway")),
+    );
+    h.insert(
+        X_GATEWAY_ATTEMPTS.clone(),
+        HeaderValue::from(report.map_or(0, |r| r.attempts.len())),
+    );
     let length = content_length(res.headers());
     res.extensions_mut().insert(record.clone());
     res.map(|body| RecordBody::new(body, record, length))
-}
-
-/// Every answer, including those made before any upstream was tried, says who served it.
-fn stamp(headers: &mut HeaderMap, id: HeaderValue) {
-    headers.insert(X_REQUEST_ID.clone(), id);
-    if !headers.contains_key(&X_GATEWAY_ATTEMPTS) {
-        headers.insert(X_GATEWAY_ATTEMPTS.clone(), HeaderValue::from_static("0"));
-    }
-    if !headers.contains_key(&X_SERVED_BY) {
-        headers.insert(X_SERVED_BY.clone(), HeaderValue::from_static("gateway"));
-    }
 }
 
 fn classify_path(path: &str) -> (Operation, Option<String>, DeploymentSource) {

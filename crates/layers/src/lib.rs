@@ -36,16 +36,18 @@
 //! # Cargo features
 //!
 //! Take one layer without the rest: with `default-features = false` this crate compiles no Redis
-//! client.
+//! client and no tokenizer tables.
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `redis` | on | `gateway_core::limits::RedisStore` for [`RateLimitLayer`] (one limit across every instance) and `gateway_core::pool::RedisCooldowns` behind [`FailoverLayer`]'s cooldown hook; [`RateLimitLayer`] works with the in-memory store without it |
+//! | `tokenizer` | on | exact prompt counting (tiktoken) for [`RateLimitLayer`]'s reservations; without it the layer reserves the body's length over four plus `max_tokens` |
 //!
 //! [`RequestContextLayer`], [`ConsumerAuthLayer`], [`PropagateHeadersLayer`] and [`FailoverLayer`]
 //! need no feature.
 
 pub mod auth;
+mod body;
 pub mod client;
 pub mod context;
 pub mod error;

@@ -5,11 +5,11 @@
 //! exactly when it is due and durations are asserted with `==`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,10 +25,11 @@ use gateway_layers::failover::{
 };
 use gateway_layers::record::{Record, RecordBody};
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body::Frame;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{Notify, mpsc};
+
+use common::ChannelBody;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
@@ -67,9 +68,6 @@ struct Upstream {
     /// Every attempt's URI, in order.
     seen: Arc<Mutex<Vec<String>>>,
 }
-
-/// An SSE body fed by a channel: silent for as long as the sender sends nothing.
-struct ChannelBody(mpsc::Receiver<Bytes>);
 
 impl Reply {
     fn status(status: u16) -> Self {
@@ -161,20 +159,6 @@ fn full(body: &'static str) -> UpstreamBody {
     Full::new(Bytes::from_static(body.as_bytes()))
         .map_err(|never| match never {})
         .boxed()
-}
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
-    }
 }
 
 // === the gateway ===

@@ -2,10 +2,10 @@
 //! time. What a reservation becomes is read back from the store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::pin::Pin;
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,10 +21,11 @@ use gateway_layers::ratelimit::{ConsumerLimits, OnStoreError, RateLimitLayer};
 use gateway_layers::record::{Limit, Record};
 use gateway_layers::{ConsumerAuthLayer, RequestContextLayer};
 use http::{Request, Response};
-use http_body::Frame;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::mpsc;
+
+use common::ChannelBody;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 
 type UpstreamBody = BoxBody<Bytes, BoxError>;
@@ -44,23 +45,6 @@ enum Reply {
     Json(u16, &'static str),
     Fail,
     Stream(Arc<Mutex<Option<mpsc::Receiver<Bytes>>>>),
-}
-
-/// An SSE body fed by a channel.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
-    }
 }
 
 /// The upstream's calls: the bodies it would send.

@@ -67,7 +67,7 @@ mod shared;
 mod tests;
 
 #[cfg(feature = "redis")]
-pub use shared::RedisCooldowns;
+pub use shared::{RedisCooldowns, unix_ms};
 
 /// How long a backend's reported remaining tokens are trusted for quota-aware routing. Azure counts
 /// tokens per minute without saying when its minute started: a short trust keeps a backend whose

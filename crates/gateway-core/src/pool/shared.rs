@@ -280,7 +280,9 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-fn unix_ms() -> u64 {
+/// Now, in milliseconds since the Unix epoch: the clock cooldowns are announced in between instances
+/// (which therefore need NTP).
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

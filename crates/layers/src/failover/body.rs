@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
+use crate::body::MaybeFull;
 
 pin_project! {
     /// Response body of the failover layer: the upstream body streamed through untouched, or an answer
@@ -20,10 +21,9 @@ pin_project! {
     /// A body silent for longer than the idle timeout counts as broken too.
     pub struct FailoverBody<B> {
         #[pin]
-        upstream: Option<B>,
+        inner: MaybeFull<B>,
         #[pin]
         idle: Option<tokio::time::Sleep>,
-        full: Option<Bytes>,
         watch: Option<StreamWatch>,
     }
 }
@@ -44,9 +44,8 @@ impl<B> FailoverBody<B> {
     pub(super) fn upstream(body: B, watch: Option<StreamWatch>) -> Self {
         let idle = watch.as_ref().map(|w| tokio::time::sleep(w.idle_timeout));
         Self {
-            upstream: Some(body),
+            inner: MaybeFull::stream(body),
             idle,
-            full: None,
             watch,
         }
     }
@@ -54,9 +53,8 @@ impl<B> FailoverBody<B> {
     /// A body the gateway wrote itself.
     pub fn full(data: Bytes) -> Self {
         Self {
-            upstream: None,
+            inner: MaybeFull::full(data),
             idle: None,
-            full: Some(data),
             watch: None,
         }
     }
@@ -81,10 +79,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let Some(upstream) = this.upstream.as_mut().as_pin_mut() else {
-            return Poll::Ready(this.full.take().map(|d| Ok(Frame::data(d))));
-        };
-        match upstream.poll_frame(cx) {
+        if !this.inner.is_stream() {
+            return this.inner.poll_frame(cx).map_err(Into::into);
+        }
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(idle), Some(watch)) =
                     (this.idle.as_mut().as_pin_mut(), this.watch.as_ref())
@@ -94,12 +92,12 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.upstream.set(None);
+                this.inner.end();
                 this.idle.set(None);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
-                this.upstream.set(None);
+                this.inner.end();
                 this.idle.set(None);
                 Poll::Ready(broken(this.watch.take(), err.into()))
             }
@@ -112,7 +110,7 @@ where
                 if !silent_too_long {
                     return Poll::Pending;
                 }
-                this.upstream.set(None);
+                this.inner.end();
                 this.idle.set(None);
                 let secs = this.watch.as_ref().map_or(0, |w| w.idle_timeout.as_secs());
                 let err: BoxError = format!("no data from upstream for {secs} s").into();
@@ -122,18 +120,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.upstream {
-            Some(b) => b.is_end_stream(),
-            None => self.full.is_none(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.upstream, &self.full) {
-            (Some(b), _) => b.size_hint(),
-            (None, Some(d)) => SizeHint::with_exact(d.len() as u64),
-            (None, None) => SizeHint::with_exact(0),
-        }
+        self.inner.size_hint()
     }
 }
 

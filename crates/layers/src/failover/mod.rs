@@ -24,9 +24,10 @@
 //! must wrap it (one owner of the body): without a [`RequestContext`](crate::context::RequestContext)
 //! in the request extensions it answers 500 `InternalServerError`, and logs why once.
 //!
-//! Every response carries `x-served-by` (`name (region)` of the backend that answered, or `gateway`)
-//! and `x-gateway-attempts`. The [`FailoverReport`] of the request goes to its
-//! [`Record`](crate::record::Record) when there is one, else to the response extensions.
+//! The [`FailoverReport`] of the request (who served, every attempt) goes to its
+//! [`Record`](crate::record::Record), from which the context layer writes `x-served-by` (`name
+//! (region)` of the backend that answered, or `gateway`) and `x-gateway-attempts` on every response:
+//! one writer for both.
 //!
 //! Deadlines, timeouts and cooldowns are read from tokio's clock, so they follow
 //! `tokio::time::pause` and `advance` in tests.
@@ -151,6 +152,8 @@ pub struct Attempt {
 pub struct FailoverReport {
     /// The backend whose response was returned, if any.
     pub served_by: Option<BackendId>,
+    /// Its `name (region)`, the value of `x-served-by`.
+    pub served_by_label: Option<HeaderValue>,
     /// Every attempt in order.
     pub attempts: Vec<Attempt>,
 }

@@ -370,7 +370,12 @@ fn missing_context<B>(shared: &Shared) -> Response<FailoverBody<B>> {
         "InternalServerError",
         "The gateway is misconfigured: the failover layer must be wrapped by the RequestContextLayer.",
     );
-    gateway_answer(res, FailoverReport::default())
+    // No context layer outside to say who answered: say it here.
+    let mut res = gateway_answer(res, FailoverReport::default());
+    let h = res.headers_mut();
+    h.insert(X_SERVED_BY.clone(), HeaderValue::from_static("gateway"));
+    h.insert(X_GATEWAY_ATTEMPTS.clone(), HeaderValue::from_static("0"));
+    res
 }
 
 async fn attempt<S, ResB>(
@@ -512,14 +517,9 @@ fn build_attempt(
 fn served<B>(
     mut res: Response<FailoverBody<B>>,
     served_by: HeaderValue,
-    report: FailoverReport,
+    mut report: FailoverReport,
 ) -> Response<FailoverBody<B>> {
-    let h = res.headers_mut();
-    h.insert(X_SERVED_BY.clone(), served_by);
-    h.insert(
-        X_GATEWAY_ATTEMPTS.clone(),
-        HeaderValue::from(report.attempts.len()),
-    );
+    report.served_by_label = Some(served_by);
     res.extensions_mut().insert(report);
     res
 }
@@ -528,12 +528,6 @@ fn gateway_answer<B>(
     mut res: Response<FailoverBody<B>>,
     report: FailoverReport,
 ) -> Response<FailoverBody<B>> {
-    let h = res.headers_mut();
-    h.insert(X_SERVED_BY.clone(), HeaderValue::from_static("gateway"));
-    h.insert(
-        X_GATEWAY_ATTEMPTS.clone(),
-        HeaderValue::from(report.attempts.len()),
-    );
     res.extensions_mut().insert(report);
     res
 }

@@ -8,6 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
+use crate::body::MaybeFull;
 use crate::record::Record;
 
 /// Reconciles a reservation with the tokens really consumed; runs at most once.
@@ -18,8 +19,7 @@ pin_project! {
     /// usage chunk as it goes by (removing it when the client did not ask for it), then reconciles.
     pub struct UsageBody<B> {
         #[pin]
-        inner: Option<B>,
-        full: Option<Bytes>,
+        inner: MaybeFull<B>,
         sse: Option<Box<SseWatch>>,
     }
 }
@@ -66,16 +66,14 @@ impl Reconcile {
 impl<B> UsageBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
-            inner: Some(inner),
-            full: None,
+            inner: MaybeFull::stream(inner),
             sse: None,
         }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
         Self {
-            inner: None,
-            full: Some(data),
+            inner: MaybeFull::full(data),
             sse: None,
         }
     }
@@ -89,8 +87,7 @@ impl<B> UsageBody<B> {
         reconcile: Option<Reconcile>,
     ) -> Self {
         Self {
-            inner: Some(inner),
-            full: None,
+            inner: MaybeFull::stream(inner),
             sse: Some(Box::new(SseWatch {
                 pending: Vec::new(),
                 strip_usage,
@@ -126,20 +123,20 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-                return Poll::Ready(this.full.take().map(|d| Ok(Frame::data(d))));
-            };
-            let frame = match std::task::ready!(inner.poll_frame(cx)) {
+            if !this.inner.is_stream() {
+                return this.inner.poll_frame(cx).map_err(Into::into);
+            }
+            let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(err)) => {
-                    this.inner.set(None);
+                    this.inner.as_mut().end();
                     if let Some(watch) = this.sse.as_mut() {
                         watch.finish();
                     }
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 None => {
-                    this.inner.set(None);
+                    this.inner.as_mut().end();
                     let Some(watch) = this.sse.as_mut() else {
                         return Poll::Ready(None);
                     };
@@ -173,19 +170,17 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Some(b) => b.is_end_stream() && self.sse.as_ref().is_none_or(|w| w.pending.is_empty()),
-            None => self.full.is_none(),
-        }
+        // An unterminated last event may still be owed to the client.
+        self.inner.is_end_stream() && self.sse.as_ref().is_none_or(|w| w.pending.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.inner, &self.full) {
-            // Removing the usage chunk changes the length: only an unfiltered body keeps its hint.
-            (Some(b), _) if self.sse.as_ref().is_none_or(|w| !w.strip_usage) => b.size_hint(),
-            (Some(_), _) => SizeHint::default(),
-            (None, Some(d)) => SizeHint::with_exact(d.len() as u64),
-            (None, None) => SizeHint::with_exact(0),
+        // Removing the usage chunk changes the length: only an unfiltered body keeps its hint.
+        let filtered = self.inner.is_stream() && self.sse.as_ref().is_some_and(|w| w.strip_usage);
+        if filtered {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
         }
     }
 }
