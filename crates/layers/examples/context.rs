@@ -18,7 +18,7 @@ async fn describe(Extension(ctx): Extension<RequestContext>) -> Json<Value> {
         "api_version": ctx.api_version,
         "stream": ctx.stream(),
         "max_tokens": ctx.max_tokens(),
-        "body_bytes": ctx.body.len(),
+        "body_bytes": ctx.body().len(),
     }))
 }
 

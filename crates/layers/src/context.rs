@@ -7,9 +7,12 @@
 //! owner of the body: inner layers never parse it again, and record the edits they need (such as
 //! asking a stream for its usage chunk) in the context, to be spliced in when each attempt is built
 //! ([`RequestContext::body_for`]). It answers 413 for a body over the cap and 400 for
-//! invalid JSON, both in Azure's error shape, and stamps `x-request-id` on every response (and
-//! `x-gateway-attempts: 0` and `x-served-by: gateway` when nothing upstream answered). The response
-//! extensions get a copy of the context without its body, for outer layers such as metrics.
+//! invalid JSON, both in Azure's error shape.
+//!
+//! It also starts the request's one [`Record`](crate::record::Record), shared with inner layers
+//! through the request extensions and with outer observers through the response extensions, and ends
+//! it with the response body. From the record it writes, on every response, `x-request-id`,
+//! `x-served-by` (`gateway` when no backend's answer is returned) and `x-gateway-attempts`.
 //!
 //! # Example
 //!
@@ -55,6 +58,7 @@ use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::error::azure_error;
+use crate::failover::ServedBy;
 use crate::headers::{
     X_GATEWAY_ATTEMPTS, X_MS_CLIENT_REQUEST_ID, X_REQUEST_ID, X_SERVED_BY, content_length,
 };
@@ -93,13 +97,14 @@ pub struct RequestContext {
     pub deployment_source: DeploymentSource,
     /// The `api-version` query parameter.
     pub api_version: Option<String>,
-    /// The body's one parse, for the operations whose body is JSON; `None` for the others.
-    pub json: Option<Arc<RequestJson>>,
+    /// The body's one parse, for the operations whose body is JSON; `None` for the others. Private
+    /// with the body: the parse's byte ranges point into that very body.
+    json: Option<Arc<RequestJson>>,
     /// Set by a layer that needs a stream's final usage chunk (the rate-limit layer): every attempt's
     /// body then asks for it (`stream_options.include_usage`).
     pub ask_for_usage: bool,
     /// The whole request body as received, replayable on every attempt.
-    pub body: Bytes,
+    body: Bytes,
 }
 
 /// Why a request could not be captured.
@@ -140,7 +145,7 @@ pub type CaptureFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>
 impl RequestContext {
     /// Reads `body` (at most `max_body_bytes`) and captures the context of a request.
     ///
-    /// Used by [`RequestContextLayer`], and by layers that need a context when used without it.
+    /// Used by [`RequestContextLayer`]; a service that does the layer's work itself calls it too.
     pub async fn capture<B>(
         parts: &Parts,
         body: B,
@@ -187,8 +192,7 @@ impl RequestContext {
             && parts.method == Method::POST
             && !is_multipart(&parts.headers);
         let json = if wants_json {
-            let json =
-                RequestJson::parse(operation, &body).map_err(|e| CaptureError::InvalidJson(e.0))?;
+            let json = RequestJson::parse(&body).map_err(|e| CaptureError::InvalidJson(e.0))?;
             Some(Arc::new(json))
         } else {
             None
@@ -220,6 +224,16 @@ impl RequestContext {
             ask_for_usage: false,
             body,
         })
+    }
+
+    /// The whole request body as received (see [`body_for`](Self::body_for) for what to send).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The body's one parse, for the operations whose body is JSON.
+    pub fn json(&self) -> Option<&RequestJson> {
+        self.json.as_deref()
     }
 
     /// Whether the client asked for a Server-Sent Events stream.
@@ -371,7 +385,7 @@ where
             parts
                 .headers
                 .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
-            let record = Arc::new(Record::new(ctx.request_id.clone(), Some(ctx.clone())));
+            let record = Arc::new(Record::new(ctx.request_id.clone(), Some(&ctx)));
             let body = ReqB::from(ctx.body.clone());
             parts.extensions.insert(ctx);
             parts.extensions.insert(record.clone());
@@ -383,20 +397,17 @@ where
 
 /// Stamps the response with who served it, and hands it the record, which its body ends.
 fn finish<B: Body>(mut res: Response<B>, record: Arc<Record>) -> Response<RecordBody<B>> {
+    // The one place these are written: every answer, including those made before any upstream was
+    // tried, carries the request id and says who served it and after how many attempts.
+    let served_by = res.extensions_mut().remove::<ServedBy>().map(|s| s.0);
     let h = res.headers_mut();
     h.insert(X_REQUEST_ID.clone(), record.request_id().clone());
-    // The one place these are written: every answer, including those made before any upstream was
-    // tried, says who served it and after how many attempts.
-    let report = record.failover();
-    let served_by = report.and_then(|r| r.served_by_label.clone());
     h.insert(
         X_SERVED_BY.clone(),
         served_by.unwrap_or_else(|| HeaderValue::from_static("gateway")),
     );
-    h.insert(
-        X_GATEWAY_ATTEMPTS.clone(),
-        HeaderValue::from(report.map_or(0, |r| r.attempts.len())),
-    );
+    let attempts = record.failover().map_or(0, |r| r.attempts.len());
+    h.insert(X_GATEWAY_ATTEMPTS.clone(), HeaderValue::from(attempts));
     let length = content_length(res.headers());
     res.extensions_mut().insert(record.clone());
     res.map(|body| RecordBody::new(body, record, length))

@@ -56,6 +56,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::headers::{X_GATEWAY_THROTTLED, is_gateway_owned, never_forwarded};
+
 /// What a rule does when the header already exists (API Management's `exists-action`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExistsAction {
@@ -139,20 +141,6 @@ pub const DEFAULT_RETURN: &[&str] = &[
     "x-ms-retry-after-ms",
     "x-ratelimit-*",
     "x-ms-deployment-name",
-];
-
-/// Never forwarded upstream: the client's credentials and hop-by-hop headers (RFC 9110 7.6.1).
-const NEVER_FORWARD: &[HeaderName] = &[
-    header::AUTHORIZATION,
-    header::CONNECTION,
-    header::HOST,
-    header::CONTENT_LENGTH,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
 ];
 
 /// Always returned: the body's framing, and the headers the gateway itself writes.
@@ -257,11 +245,7 @@ impl HeaderRules {
     /// Filters and rewrites request headers in place.
     pub fn apply_request(&self, headers: &mut HeaderMap) {
         retain(headers, |name| {
-            !NEVER_FORWARD.contains(name)
-                && name != "api-key"
-                && name != "keep-alive"
-                && !name.as_str().starts_with("proxy-")
-                && self.forward.iter().any(|p| p.matches(name))
+            !never_forwarded(name) && self.forward.iter().any(|p| p.matches(name))
         });
         apply_rules(headers, &self.request_rules);
     }
@@ -269,7 +253,7 @@ impl HeaderRules {
     /// Filters and rewrites response headers in place.
     pub fn apply_response(&self, headers: &mut HeaderMap) {
         // On the gateway's own 429 the wait is the whole message: keep it whatever the list says.
-        let gateway_throttled = headers.contains_key("x-gateway-throttled");
+        let gateway_throttled = headers.contains_key(&X_GATEWAY_THROTTLED);
         retain(headers, |name| {
             ALWAYS_RETURN.contains(name)
                 || is_gateway_owned(name)
@@ -392,11 +376,6 @@ where
         this.rules.apply_response(res.headers_mut());
         Poll::Ready(Ok(res))
     }
-}
-
-fn is_gateway_owned(name: &HeaderName) -> bool {
-    let s = name.as_str();
-    s == "x-served-by" || s == "x-request-id" || s.starts_with("x-gateway-")
 }
 
 fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {

@@ -49,7 +49,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
+use gateway_core::operation::Operation;
 use gateway_core::tokens::{Estimate, Usage};
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
@@ -61,13 +62,26 @@ use crate::failover::FailoverReport;
 /// What happened to one request. See the [module docs](self).
 pub struct Record {
     request_id: HeaderValue,
-    request: Option<RequestContext>,
+    request: Option<RequestSummary>,
     consumer: OnceLock<Arc<str>>,
     failover: OnceLock<FailoverReport>,
     limit: OnceLock<Limit>,
     estimate: OnceLock<Estimate>,
     usage: OnceLock<Usage>,
     end: Mutex<EndState>,
+}
+
+/// What observers need of the request: a few small values, not its body or its parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestSummary {
+    /// The kind of call.
+    pub operation: Operation,
+    /// The logical deployment the client called, if any.
+    pub deployment: Option<String>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The output limit the request named.
+    pub max_tokens: Option<u64>,
 }
 
 /// Which of the consumer's limits the gateway answered with, on its own 429 or 403.
@@ -122,13 +136,16 @@ struct Pending {
 // === impl Record ===
 
 impl Record {
-    /// A record of the request `request` (its body is not kept), answered with `request_id`.
-    pub fn new(request_id: HeaderValue, request: Option<RequestContext>) -> Self {
+    /// A record of the request `request` (summed up: neither its body nor its parse is kept),
+    /// answered with `request_id`.
+    pub fn new(request_id: HeaderValue, request: Option<&RequestContext>) -> Self {
         Self {
             request_id,
-            request: request.map(|ctx| RequestContext {
-                body: Bytes::new(),
-                ..ctx
+            request: request.map(|ctx| RequestSummary {
+                operation: ctx.operation,
+                deployment: ctx.deployment.clone(),
+                stream: ctx.stream(),
+                max_tokens: ctx.max_tokens(),
             }),
             consumer: OnceLock::new(),
             failover: OnceLock::new(),
@@ -144,8 +161,8 @@ impl Record {
         &self.request_id
     }
 
-    /// The captured request, without its body; `None` when it was refused before it could be read.
-    pub fn request(&self) -> Option<&RequestContext> {
+    /// The captured request, summed up; `None` when it was refused before it could be read.
+    pub fn request(&self) -> Option<&RequestSummary> {
         self.request.as_ref()
     }
 
@@ -164,7 +181,8 @@ impl Record {
         self.failover.get()
     }
 
-    /// Records the failover report (the first call wins).
+    /// Records the failover report. The first call wins: a stack that calls the failover service
+    /// more than once per request (a retry around it) is not supported.
     pub fn set_failover(&self, report: FailoverReport) {
         let _ = self.failover.set(report);
     }

@@ -77,7 +77,7 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
             .as_deref()
             .or_else(|| (&*obs.deployment != super::UNKNOWN).then_some(&*obs.deployment)),
         operation: request.map_or(super::UNKNOWN, |r| r.operation.as_str()),
-        stream: request.is_some_and(|r| r.stream()),
+        stream: request.is_some_and(|r| r.stream),
         status: obs.status,
         backend: served_by.map(|b| &*b.name),
         region: served_by.map(|b| &*b.region),

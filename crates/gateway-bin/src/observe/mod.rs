@@ -43,7 +43,6 @@
 //!     let record = Arc::new(Record::new(http::HeaderValue::from_static("req-1"), None));
 //!     record.set_failover(FailoverReport {
 //!         served_by: Some(BackendId(0)),
-//!         served_by_label: Some(http::HeaderValue::from_static("sweden (Sweden Central)")),
 //!         attempts: vec![Attempt {
 //!             backend: BackendId(0),
 //!             backend_name: Arc::from("sweden"),

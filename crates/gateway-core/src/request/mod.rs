@@ -4,16 +4,19 @@
 //!
 //! - the fields the gateway decides on: `model` (the deployment on v1 and Responses paths), `stream`,
 //!   `stream_options.include_usage`, `max_tokens` and its variants, `n`, `best_of`;
-//! - the prompt, as the pieces a tokenizer counts ([`Prompt`]): text pieces are byte ranges into the
-//!   body (strings with escapes are the only ones copied), plus the fixed costs the counting formula
-//!   adds (message framing, images, token ids). See [`crate::tokens`] for the formula;
+//! - where the prompt fields are (`messages`, `prompt`, `input`, `instructions`, `tools`,
+//!   `functions`): their bytes are skipped, not parsed, so a request that needs no exact count pays
+//!   nothing for its prompt. [`RequestJson::prompt`] parses the fields of one operation, when a limit
+//!   needs them, into the pieces a tokenizer counts ([`Prompt`]: text pieces are byte ranges into the
+//!   body, only strings with escapes are copied, plus the fixed costs of the counting formula). See
+//!   [`crate::tokens`] for the formula;
 //! - where `model` and `stream_options` sit in the body, so that the edits a gateway makes (rewrite
 //!   `model` per backend, ask for the stream's usage chunk) are spliced into the original bytes
 //!   ([`RequestJson::edit`]) instead of parsing and serialising the whole body again.
 //!
-//! A body whose routing fields are readable but whose prompt has an unexpected shape (a number where a
-//! message's `content` should be) still parses: its [`RequestJson::prompt`] is `None`, and estimates
-//! fall back to the body's length. Azure rejects such a request anyway.
+//! A body whose prompt has an unexpected shape (a number where a message's `content` should be) still
+//! parses: its [`RequestJson::prompt`] is `None`, and estimates fall back to the body's length. Azure
+//! rejects such a request anyway.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -21,9 +24,11 @@
 //! use gateway_core::request::{Edits, RequestJson};
 //!
 //! let body = Bytes::from_static(br#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": true}"#);
-//! let json = RequestJson::parse(Operation::ChatCompletions, &body).unwrap();
+//! let json = RequestJson::parse(&body).unwrap();
 //! assert_eq!(json.model.as_deref(), Some("gpt-4o"));
 //! assert!(json.stream && !json.include_usage);
+//! let prompt = json.prompt(Operation::ChatCompletions, &body).unwrap();
+//! assert_eq!(prompt.texts(&body).collect::<Vec<_>>(), ["user", "Hi"]);
 //!
 //! let edits = Edits { model: Some("gpt-4o-ptu"), include_usage: true };
 //! let sent = json.edit(&body, &edits);
@@ -59,10 +64,8 @@ pub struct RequestJson {
     pub max_output_tokens: Option<u64>,
     /// `n`: choices to generate.
     pub n: Option<u32>,
-    /// `best_of` (legacy completions).
-    pub best_of: Option<u64>,
-    /// The prompt, ready to be counted; `None` when a prompt field has an unexpected shape.
-    pub prompt: Option<Prompt>,
+    /// Where the prompt fields are.
+    prompt_fields: PromptFields,
     /// Where `model`'s value (with its quotes) sits in the body.
     model_at: Option<Span>,
     /// Where `stream_options`' value sits, and that value when it is an object.
@@ -95,6 +98,18 @@ pub struct Edits<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError(pub String);
 
+/// Where each prompt field's value sits in the body.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PromptFields {
+    messages: Option<Span>,
+    prompt: Option<Span>,
+    input: Option<Span>,
+    instructions: Option<Span>,
+    tools: Option<Span>,
+    functions: Option<Span>,
+    best_of: Option<Span>,
+}
+
 /// A byte range of the body. `u32` is plenty: bodies are capped far below 4 GiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Span {
@@ -120,12 +135,24 @@ struct Close {
 // === impl RequestJson ===
 
 impl RequestJson {
-    /// Parses the body of a request to `operation`, once.
+    /// Parses a request body, once.
     ///
-    /// Errors when the body is not a JSON object, or a routing field (`model`, `stream`,
-    /// `max_tokens`, ...) has the wrong type; the message says where.
-    pub fn parse(operation: Operation, body: &[u8]) -> Result<Self, ParseError> {
-        parse::parse(operation, body)
+    /// Errors when the body is not a JSON object, a field appears twice, or a routing field (`model`,
+    /// `stream`, `max_tokens`, ...) has the wrong type; the message says where.
+    pub fn parse(body: &[u8]) -> Result<Self, ParseError> {
+        parse::parse(body)
+    }
+
+    /// The prompt of this request to `operation`, parsed from `body` (the body this view was parsed
+    /// from) into the pieces a tokenizer counts; `None` when a field the operation counts has an
+    /// unexpected shape (the estimate then falls back to the body's length).
+    pub fn prompt(&self, operation: Operation, body: &[u8]) -> Option<Prompt> {
+        parse::prompt(operation, &self.prompt_fields, body)
+    }
+
+    /// `best_of` (legacy completions), when present and a count.
+    pub fn best_of(&self, body: &[u8]) -> Option<u64> {
+        parse::best_of(&self.prompt_fields, body).ok().flatten()
     }
 
     /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`: the output limit the

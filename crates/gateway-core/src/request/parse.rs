@@ -10,45 +10,35 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{Close, ParseError, Piece, Prompt, RequestJson, Span};
+use super::{Close, ParseError, Piece, Prompt, PromptFields, RequestJson, Span};
 use crate::operation::Operation;
 use crate::tokens::{
     REPLY_PRIMING_TOKENS, TOKENS_PER_IMAGE, TOKENS_PER_MESSAGE, TOKENS_PER_NAME,
     TOKENS_PER_TOOL_CALL,
 };
 
-pub(super) fn parse(operation: Operation, body: &[u8]) -> Result<RequestJson, ParseError> {
+pub(super) fn parse(body: &[u8]) -> Result<RequestJson, ParseError> {
     if body.is_empty() {
         return Err(ParseError(
             "a JSON object is required and the body is empty".into(),
         ));
     }
     let close = close_of(body)?;
-    // One pass reads everything. Only when a prompt field has an unexpected shape is the body read
-    // again, for the routing fields alone: such a request still routes, and Azure answers it.
-    let (head, prompt) = match serde_json::from_slice::<Full<'_>>(body) {
-        Ok(full) => {
-            let prompt = full.prompt(operation, body);
-            (full.head(), Some(prompt))
-        }
-        Err(_) => {
-            let head =
-                serde_json::from_slice::<Head<'_>>(body).map_err(|e| ParseError(e.to_string()))?;
-            (head, None)
-        }
-    };
+    // One pass: the routing fields are read, the prompt fields are only delimited (their bytes are
+    // skipped, not parsed); the estimator parses the one its operation uses, when a limit needs it.
+    let head = serde_json::from_slice::<Head<'_>>(body).map_err(|e| ParseError(e.to_string()))?;
     let model = match head.model {
-        Some(raw) => Some(
+        Some(raw) if raw.get() != "null" => Some(
             serde_json::from_str::<String>(raw.get())
                 .map_err(|e| ParseError(format!("'model': {e}")))?,
         ),
-        None => None,
+        _ => None,
     };
+    let span = |raw: Option<&RawValue>| raw.and_then(|raw| Span::of(body, raw.get().as_bytes()));
     let stream_options = match head.stream_options {
         Some(raw) => {
-            let at = Span::of(body, raw.get().as_bytes());
             let options = serde_json::from_str::<Map<String, Value>>(raw.get()).ok();
-            at.map(|at| (at, options))
+            span(Some(raw)).map(|at| (at, options))
         }
         None => None,
     };
@@ -64,14 +54,85 @@ pub(super) fn parse(operation: Operation, body: &[u8]) -> Result<RequestJson, Pa
         max_completion_tokens: head.max_completion_tokens,
         max_output_tokens: head.max_output_tokens,
         n: head.n,
-        best_of: head.best_of,
-        prompt,
-        model_at: head
-            .model
-            .and_then(|raw| Span::of(body, raw.get().as_bytes())),
+        model_at: span(head.model),
         stream_options,
+        prompt_fields: PromptFields {
+            messages: span(head.messages),
+            prompt: span(head.prompt),
+            input: span(head.input),
+            instructions: span(head.instructions),
+            tools: span(head.tools),
+            functions: span(head.functions),
+            best_of: span(head.best_of),
+        },
         close,
     })
+}
+
+/// The prompt of a request to `operation`, from the fields [`parse`] delimited in `body`. `None` when
+/// a field the operation counts has an unexpected shape.
+pub(super) fn prompt(operation: Operation, fields: &PromptFields, body: &[u8]) -> Option<Prompt> {
+    let field = |at: Option<Span>| at.and_then(|at| body.get(at.range()));
+    let mut b = Builder {
+        body,
+        prompt: Prompt::default(),
+    };
+    match operation {
+        Operation::ChatCompletions => {
+            let messages: Vec<Message<'_>> = match field(fields.messages) {
+                Some(raw) => serde_json::from_slice(raw).ok()?,
+                None => Vec::new(),
+            };
+            b.fixed(REPLY_PRIMING_TOKENS);
+            for message in &messages {
+                b.message(message);
+            }
+            b.definitions(field(fields.tools))?;
+            b.definitions(field(fields.functions))?;
+        }
+        Operation::Completions => {
+            best_of(fields, body).ok()?;
+            b.input_texts(field(fields.prompt))?;
+        }
+        Operation::Embeddings => b.input_texts(field(fields.input))?,
+        Operation::Responses => {
+            let input: Input<'_> = match field(fields.input) {
+                Some(raw) => serde_json::from_slice(raw).ok()?,
+                None => Input::None,
+            };
+            match &input {
+                Input::None => {}
+                Input::Text(text) => b.text(text),
+                Input::Array { texts, items, .. } => {
+                    // Items are objects; a bare string or token id is not a Responses item.
+                    if !texts.is_empty() {
+                        return None;
+                    }
+                    b.fixed(REPLY_PRIMING_TOKENS);
+                    for item in items {
+                        b.message(item);
+                    }
+                }
+            }
+            let instructions: Content<'_> = match field(fields.instructions) {
+                Some(raw) => serde_json::from_slice(raw).ok()?,
+                None => Content::None,
+            };
+            b.content(&instructions);
+            b.definitions(field(fields.tools))?;
+        }
+        Operation::Other => {}
+    }
+    Some(b.prompt)
+}
+
+/// `best_of`: `Ok(None)` when absent or `null`, `Err` when it is not a count.
+pub(super) fn best_of(fields: &PromptFields, body: &[u8]) -> Result<Option<u64>, ()> {
+    let Some(at) = fields.best_of else {
+        return Ok(None);
+    };
+    let raw = body.get(at.range()).ok_or(())?;
+    serde_json::from_slice::<Option<u64>>(raw).map_err(|_| ())
 }
 
 /// The closing brace of the top-level object, and whether the object is empty. The body must be an
@@ -99,73 +160,43 @@ fn close_of(body: &[u8]) -> Result<Close, ParseError> {
 
 // === the body model ===
 
-/// Declares a body struct with the routing fields every JSON request is read for, plus `$extra`.
-macro_rules! with_routing_fields {
-    ($(#[$meta:meta])* struct $name:ident<'a> { $($extra:tt)* }) => {
-        $(#[$meta])*
-        #[derive(Deserialize)]
-        struct $name<'a> {
-            #[serde(borrow, default)]
-            model: Option<&'a RawValue>,
-            #[serde(default)]
-            stream: Option<bool>,
-            #[serde(borrow, default)]
-            stream_options: Option<&'a RawValue>,
-            #[serde(default)]
-            max_tokens: Option<u64>,
-            #[serde(default)]
-            max_completion_tokens: Option<u64>,
-            #[serde(default)]
-            max_output_tokens: Option<u64>,
-            #[serde(default)]
-            n: Option<u32>,
-            #[serde(default)]
-            best_of: Option<u64>,
-            $($extra)*
-        }
-    };
+/// What one pass reads: the routing fields, and where each prompt field is. A raw field keeps its
+/// place even when it is `null`, so that an edit replaces it rather than adding a second key.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    stream_options: Option<&'a RawValue>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    best_of: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    instructions: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    functions: Option<&'a RawValue>,
 }
 
-with_routing_fields! {
-    /// The routing fields alone: read when the prompt has an unexpected shape.
-    struct Head<'a> {}
-}
-
-with_routing_fields! {
-    /// Every field the gateway reads: the routing fields and the prompt of any operation.
-    struct Full<'a> {
-        /// Chat.
-        #[serde(borrow, default)]
-        messages: Vec<Message<'a>>,
-        /// Legacy completions.
-        #[serde(borrow, default)]
-        prompt: Input<'a>,
-        /// Embeddings and Responses.
-        #[serde(borrow, default)]
-        input: Input<'a>,
-        /// Responses.
-        #[serde(borrow, default)]
-        instructions: Content<'a>,
-        #[serde(borrow, default)]
-        tools: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        functions: Option<&'a RawValue>,
-    }
-}
-
-impl<'a> Full<'a> {
-    fn head(&self) -> Head<'a> {
-        Head {
-            model: self.model,
-            stream: self.stream,
-            stream_options: self.stream_options,
-            max_tokens: self.max_tokens,
-            max_completion_tokens: self.max_completion_tokens,
-            max_output_tokens: self.max_output_tokens,
-            n: self.n,
-            best_of: self.best_of,
-        }
-    }
+/// A field's raw JSON, `null` included (serde would make a `null` `None` and lose its place).
+fn raw<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// A chat message, or a Responses input item (messages, function calls and their outputs).
@@ -254,46 +285,6 @@ struct Builder<'b> {
     prompt: Prompt,
 }
 
-impl<'a> Full<'a> {
-    fn prompt(&self, operation: Operation, body: &[u8]) -> Prompt {
-        let mut b = Builder {
-            body,
-            prompt: Prompt::default(),
-        };
-        match operation {
-            Operation::ChatCompletions => {
-                b.fixed(REPLY_PRIMING_TOKENS);
-                for message in &self.messages {
-                    b.message(message);
-                }
-                b.definitions(self.tools);
-                b.definitions(self.functions);
-            }
-            Operation::Completions => b.input_texts(&self.prompt),
-            Operation::Embeddings => b.input_texts(&self.input),
-            Operation::Responses => {
-                match &self.input {
-                    Input::None => {}
-                    Input::Text(text) => b.text(text),
-                    Input::Array { texts, items, .. } => {
-                        b.fixed(REPLY_PRIMING_TOKENS);
-                        for text in texts {
-                            b.text(text);
-                        }
-                        for item in items {
-                            b.message(item);
-                        }
-                    }
-                }
-                b.content(&self.instructions);
-                b.definitions(self.tools);
-            }
-            Operation::Other => {}
-        }
-        b.prompt
-    }
-}
-
 impl Builder<'_> {
     fn fixed(&mut self, tokens: u64) {
         self.prompt.fixed = self.prompt.fixed.saturating_add(tokens);
@@ -364,32 +355,40 @@ impl Builder<'_> {
         self.content(&message.output);
     }
 
-    /// A completions prompt or an embeddings input: its texts and token ids.
-    fn input_texts(&mut self, input: &Input<'_>) {
-        match input {
-            Input::None => {}
-            Input::Text(text) => self.text(text),
+    /// A completions prompt or an embeddings input: its texts and token ids. `null`, an object, or an
+    /// array holding an object is not one.
+    fn input_texts(&mut self, raw: Option<&[u8]>) -> Option<()> {
+        let Some(raw) = raw else { return Some(()) };
+        match serde_json::from_slice::<Input<'_>>(raw).ok()? {
+            Input::None => return None,
+            Input::Text(text) => self.text(&text),
             Input::Array {
-                texts, token_ids, ..
+                texts,
+                token_ids,
+                items,
             } => {
-                for text in texts {
+                if !items.is_empty() {
+                    return None;
+                }
+                for text in &texts {
                     self.text(text);
                 }
-                self.fixed(*token_ids);
+                self.fixed(token_ids);
             }
         }
+        Some(())
     }
 
-    /// Tool or function definitions, counted later by their JSON; `null` and `[]` count nothing.
-    fn definitions(&mut self, raw: Option<&RawValue>) {
-        let Some(raw) = raw else { return };
-        let json = raw.get().trim();
+    /// Tool or function definitions, counted later by their compact JSON; `null` and `[]` count
+    /// nothing. Anything that is not valid JSON is not a definition list.
+    fn definitions(&mut self, raw: Option<&[u8]>) -> Option<()> {
+        let Some(raw) = raw else { return Some(()) };
+        let json = std::str::from_utf8(raw).ok()?.trim();
         if json == "null" || (json.starts_with('[') && json[1..].trim() == "]") {
-            return;
+            return Some(());
         }
-        if let Some(span) = Span::of(self.body, raw.get().as_bytes()) {
-            self.prompt.definitions.push(span);
-        }
+        self.prompt.definitions.push(Span::of(self.body, raw)?);
+        Some(())
     }
 }
 

@@ -3,8 +3,8 @@ use std::borrow::Cow;
 use super::parse::Text;
 use super::*;
 
-fn parse(op: Operation, body: &str) -> RequestJson {
-    RequestJson::parse(op, body.as_bytes()).unwrap()
+fn parse(body: &str) -> RequestJson {
+    RequestJson::parse(body.as_bytes()).unwrap()
 }
 
 fn edited(json: &RequestJson, body: &str, edits: Edits<'_>) -> serde_json::Value {
@@ -23,7 +23,7 @@ fn strings_are_borrowed_unless_escaped() {
 #[test]
 fn routing_fields_are_read_whatever_the_spacing() {
     let body = "{ \"model\" : \"gpt-4o\" ,\n \"stream\": true, \"stream_options\" : { \"include_usage\" : true },\n \"max_completion_tokens\": 7, \"max_tokens\": 5, \"n\": 2, \"messages\": [] }";
-    let json = parse(Operation::ChatCompletions, body);
+    let json = parse(body);
     assert_eq!(json.model.as_deref(), Some("gpt-4o"));
     assert!(json.stream && json.include_usage);
     assert_eq!(json.output_limit(), Some(7));
@@ -34,8 +34,10 @@ fn routing_fields_are_read_whatever_the_spacing() {
 fn prompt_texts_point_into_the_body_unless_escaped() {
     let body =
         r#"{"messages":[{"role":"user","content":"Hello"},{"role":"user","content":"a\nb"}]}"#;
-    let json = parse(Operation::ChatCompletions, body);
-    let prompt = json.prompt.as_ref().unwrap();
+    let json = parse(body);
+    let prompt = json
+        .prompt(Operation::ChatCompletions, body.as_bytes())
+        .unwrap();
     let texts: Vec<_> = prompt.texts(body.as_bytes()).collect();
     assert_eq!(texts, ["user", "Hello", "user", "a\nb"]);
     assert!(matches!(prompt.texts[1], Piece::At(_)));
@@ -45,11 +47,12 @@ fn prompt_texts_point_into_the_body_unless_escaped() {
 
 #[test]
 fn an_unexpected_prompt_shape_keeps_the_routing_fields() {
-    let json = parse(
-        Operation::ChatCompletions,
-        r#"{"model":"m","messages":[{"role":"user","content":42}],"stream":true}"#,
+    let body = r#"{"model":"m","messages":[{"role":"user","content":42}],"stream":true}"#;
+    let json = parse(body);
+    assert!(
+        json.prompt(Operation::ChatCompletions, body.as_bytes())
+            .is_none()
     );
-    assert!(json.prompt.is_none());
     assert!(json.stream);
     assert_eq!(json.model.as_deref(), Some("m"));
 }
@@ -65,19 +68,16 @@ fn bodies_that_are_not_objects_or_have_bad_routing_fields_are_errors() {
         r#"{"stream":"yes"}"#,
         r#"{"model":3}"#,
     ] {
-        assert!(
-            RequestJson::parse(Operation::ChatCompletions, body.as_bytes()).is_err(),
-            "{body}"
-        );
+        assert!(RequestJson::parse(body.as_bytes()).is_err(), "{body}");
     }
-    let err = RequestJson::parse(Operation::Embeddings, b"{nope").unwrap_err();
+    let err = RequestJson::parse(b"{nope").unwrap_err();
     assert!(err.0.contains("line 1"), "{err}");
 }
 
 #[test]
 fn model_is_rewritten_in_place_keeping_everything_else() {
     let body = r#"{"input":"hi", "model" : "gpt-4o" , "dimensions":3}"#;
-    let json = parse(Operation::Embeddings, body);
+    let json = parse(body);
     let out = json.edit(
         &Bytes::from(body),
         &Edits {
@@ -96,7 +96,7 @@ fn nothing_to_change_returns_the_same_bytes() {
     let body = Bytes::from_static(
         br#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
     );
-    let json = RequestJson::parse(Operation::ChatCompletions, &body).unwrap();
+    let json = RequestJson::parse(&body).unwrap();
     let out = json.edit(
         &body,
         &Edits {
@@ -110,7 +110,7 @@ fn nothing_to_change_returns_the_same_bytes() {
 #[test]
 fn include_usage_is_added_keeping_other_stream_options() {
     let body = r#"{"messages":[],"stream":true,"stream_options":{"other":1}}"#;
-    let json = parse(Operation::ChatCompletions, body);
+    let json = parse(body);
     assert!(!json.include_usage);
     let v = edited(
         &json,
@@ -132,7 +132,7 @@ fn include_usage_is_added_keeping_other_stream_options() {
         r#"{"stream_options":"junk","stream":true}"#,
         r#"{"stream_options":{"include_usage":false},"stream":true}"#,
     ] {
-        let json = parse(Operation::ChatCompletions, body);
+        let json = parse(body);
         let v = edited(
             &json,
             body,
@@ -148,7 +148,7 @@ fn include_usage_is_added_keeping_other_stream_options() {
 #[test]
 fn both_edits_at_once() {
     let body = r#"{"model":"gpt-4o","input":"x","stream":true}"#;
-    let json = parse(Operation::Responses, body);
+    let json = parse(body);
     let v = edited(
         &json,
         body,
@@ -160,4 +160,46 @@ fn both_edits_at_once() {
     assert_eq!(v["model"], "gpt-4o-ptu");
     assert_eq!(v["stream_options"]["include_usage"], true);
     assert_eq!(v["input"], "x");
+}
+
+#[test]
+fn only_the_fields_of_the_operation_are_counted() {
+    // A Responses prompt template is an object under `prompt`: not the legacy completions field.
+    let body = r#"{"model":"gpt-4o","prompt":{"id":"pmpt_1"},"input":"hi","max_output_tokens":20}"#;
+    let json = parse(body);
+    let prompt = json.prompt(Operation::Responses, body.as_bytes()).unwrap();
+    assert_eq!(prompt.texts(body.as_bytes()).collect::<Vec<_>>(), ["hi"]);
+    assert!(
+        json.prompt(Operation::Completions, body.as_bytes())
+            .is_none()
+    );
+}
+
+#[test]
+fn a_null_stream_options_is_replaced_not_repeated() {
+    let body = r#"{"stream":true,"stream_options":null,"messages":[]}"#;
+    let json = parse(body);
+    let out = json.edit(
+        &Bytes::from(body),
+        &Edits {
+            model: None,
+            include_usage: true,
+        },
+    );
+    let text = std::str::from_utf8(&out).unwrap();
+    assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+    assert_eq!(
+        text,
+        r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#
+    );
+}
+
+#[test]
+fn a_null_model_is_no_deployment() {
+    assert_eq!(parse(r#"{"model":null}"#).model, None);
+}
+
+#[test]
+fn duplicate_routing_fields_are_errors() {
+    assert!(RequestJson::parse(br#"{"model":"a","model":"b"}"#).is_err());
 }

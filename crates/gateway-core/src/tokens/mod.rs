@@ -146,7 +146,7 @@ pub fn estimate(
     if operation == Operation::Other {
         return Estimate::default();
     }
-    match RequestJson::parse(operation, body) {
+    match RequestJson::parse(body) {
         Ok(json) => estimate_parsed(
             operation,
             encoding_for_model(model),
@@ -168,7 +168,7 @@ pub fn estimate_parsed(
     body: &[u8],
     default_completion: u64,
 ) -> Estimate {
-    let Some(prompt) = &json.prompt else {
+    let Some(prompt) = json.prompt(operation, body) else {
         return fallback(operation, body.len(), default_completion);
     };
     let mut tokens = prompt.fixed;
@@ -190,7 +190,7 @@ pub fn estimate_parsed(
         Operation::ChatCompletions => reserve(json.max_completion_tokens.or(json.max_tokens), n),
         Operation::Completions => reserve(
             json.max_tokens,
-            Some(n.unwrap_or(1).max(json.best_of.unwrap_or(1))),
+            Some(n.unwrap_or(1).max(json.best_of(body).unwrap_or(1))),
         ),
         Operation::Responses => reserve(json.max_output_tokens, None),
         Operation::Embeddings | Operation::Other => 0,

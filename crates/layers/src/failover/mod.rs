@@ -25,9 +25,10 @@
 //! in the request extensions it answers 500 `InternalServerError`, and logs why once.
 //!
 //! The [`FailoverReport`] of the request (who served, every attempt) goes to its
-//! [`Record`](crate::record::Record), from which the context layer writes `x-served-by` (`name
-//! (region)` of the backend that answered, or `gateway`) and `x-gateway-attempts` on every response:
-//! one writer for both.
+//! [`Record`](crate::record::Record); a backend's response carries a [`ServedBy`] extension. From
+//! these the context layer writes `x-served-by` (`name (region)` of the backend that answered, or
+//! `gateway` when the gateway made the answer) and `x-gateway-attempts` on every response: one
+//! writer for both.
 //!
 //! Deadlines, timeouts and cooldowns are read from tokio's clock, so they follow
 //! `tokio::time::pause` and `advance` in tests.
@@ -112,6 +113,11 @@ pub use layer::{CooldownHook, FailoverLayer};
 pub use policy::{AzurePolicy, DEFAULT_ON_STATUS, Decision, FailoverPolicy};
 pub use service::{Failover, FailoverFuture};
 
+/// In the extensions of a response a backend made: its `name (region)`, the value of `x-served-by`.
+/// An answer that replaces it (the gateway's own error) does not carry it.
+#[derive(Clone, Debug)]
+pub struct ServedBy(pub HeaderValue);
+
 /// What happened to one upstream attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -147,13 +153,12 @@ pub struct Attempt {
     pub elapsed: Duration,
 }
 
-/// Stored in the response extensions: which backend served and every attempt made.
+/// Which backend served and every attempt made: in the request's [`Record`](crate::record::Record),
+/// or in the response extensions when there is none.
 #[derive(Clone, Debug, Default)]
 pub struct FailoverReport {
     /// The backend whose response was returned, if any.
     pub served_by: Option<BackendId>,
-    /// Its `name (region)`, the value of `x-served-by`.
-    pub served_by_label: Option<HeaderValue>,
     /// Every attempt in order.
     pub attempts: Vec<Attempt>,
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use super::body::StreamWatch;
 use super::{
     Attempt, AttemptOutcome, AzurePolicy, Decision, FailoverBody, FailoverLayer, FailoverPolicy,
-    FailoverReport, Shared,
+    FailoverReport, ServedBy, Shared,
 };
 use crate::BoxError;
 use crate::context::{DeploymentSource, RequestContext};
@@ -517,9 +517,9 @@ fn build_attempt(
 fn served<B>(
     mut res: Response<FailoverBody<B>>,
     served_by: HeaderValue,
-    mut report: FailoverReport,
+    report: FailoverReport,
 ) -> Response<FailoverBody<B>> {
-    report.served_by_label = Some(served_by);
+    res.extensions_mut().insert(ServedBy(served_by));
     res.extensions_mut().insert(report);
     res
 }

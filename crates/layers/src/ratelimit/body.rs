@@ -239,8 +239,12 @@ impl SseWatch {
     }
 
     fn note(&mut self, usage: Option<Usage>, content: bool) {
-        if usage.is_some() {
-            self.usage = usage;
+        if let Some(usage) = usage {
+            self.usage = Some(usage);
+            // At once: observers may see the response end before this body is polled to its end.
+            if let Some(record) = &self.record {
+                record.set_usage(usage);
+            }
         }
         if content {
             self.content_chunks += 1;

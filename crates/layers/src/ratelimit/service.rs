@@ -156,7 +156,7 @@ where
     let v1 = ctx.deployment_source == DeploymentSource::Body;
     let wants_usage_chunk = streaming_chat
         && tokens::supports_stream_usage(ctx.api_version.as_deref(), v1)
-        && !ctx.json.as_ref().is_some_and(|j| j.include_usage);
+        && !ctx.json().is_some_and(|j| j.include_usage);
     req.extensions_mut().insert(estimate);
     let record = req.extensions().get::<Arc<Record>>().cloned();
     if let Some(record) = &record {
@@ -328,7 +328,7 @@ where
 fn rough(ctx: &RequestContext, default_completion: u64) -> Estimate {
     tokens::rough_estimate(
         ctx.operation,
-        ctx.body.len(),
+        ctx.body().len(),
         ctx.max_tokens(),
         ctx.n(),
         default_completion,
@@ -339,7 +339,7 @@ fn rough(ctx: &RequestContext, default_completion: u64) -> Estimate {
 /// parse. Without the `tokenizer` feature, the rough figure.
 #[cfg(feature = "tokenizer")]
 fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
-    let Some(json) = &ctx.json else {
+    let Some(json) = ctx.json() else {
         return rough(ctx, config.default_completion_tokens);
     };
     let model = ctx
@@ -351,7 +351,7 @@ fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
         ctx.operation,
         tokens::encoding_for_model(model),
         json,
-        &ctx.body,
+        ctx.body(),
         config.default_completion_tokens,
     )
 }
