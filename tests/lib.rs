@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use gateway_bin::store::Store;
 use gateway_bin::{app, serve};
 use gateway_core::pool::BackendPool;
+use gateway_layers::RateLimitLayer;
 use gateway_policy::Policy;
 use gateway_policy::secret::{MapSecrets, NoSecrets};
 use serde_json::{Value, json};
@@ -72,6 +74,7 @@ pub async fn sweden_with(
 pub struct Gateway {
     pub addr: SocketAddr,
     pub pool: Arc<BackendPool>,
+    rate_limit: RateLimitLayer<Store>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -91,6 +94,7 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let pool = gw.pool.clone();
+    let rate_limit = gw.rate_limit.clone();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve::serve(
         listener,
@@ -103,6 +107,7 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
     Gateway {
         addr,
         pool,
+        rate_limit,
         shutdown: Some(tx),
         task,
     }
@@ -137,6 +142,11 @@ pub fn policy_with_limits(
 }
 
 impl Gateway {
+    /// Resolves once the accounting of every stream that ended has reached the limit store.
+    pub async fn settled(&self) {
+        self.rate_limit.settled().await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

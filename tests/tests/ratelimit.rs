@@ -39,9 +39,10 @@ async fn tokens_this_minute(gw: &Gateway) -> u64 {
     tester["usage"]["tokens_this_minute"].as_u64().unwrap()
 }
 
-/// Waits until the stream the client went away from is no longer in flight anywhere: the gateway
-/// has dropped its body, and with it settled the reservation (the settling call to the store runs
-/// in a task of its own, which nothing can await yet).
+/// Waits until a stream is no longer in flight anywhere (the server lets go of a body, or notices a
+/// closed connection, on its own time: that is polled; the rate-limit layer starts the stream's
+/// accounting before the backend's count goes down), then until that accounting has reached the
+/// store (that is awaited).
 async fn stream_let_go(gw: &Gateway) {
     eventually("the gateway letting go of the dropped stream", || async {
         let status = gw.status().await;
@@ -54,6 +55,7 @@ async fn stream_let_go(gw: &Gateway) {
         (in_flight == 0).then_some(())
     })
     .await;
+    gw.settled().await;
 }
 
 fn header(res: &reqwest::Response, name: &str) -> u64 {
@@ -231,15 +233,12 @@ async fn streams_are_reconciled_from_a_usage_chunk_the_client_does_not_see() {
         .count() as u64;
     assert!(generated > 0 && generated < 400);
 
-    // The stream's reservation (prompt + 400) is reconciled when its body ends, in a task: wait
-    // until the store no longer holds the reservation, then make the same call without streaming,
-    // which reserves the same amount again.
+    // The stream's reservation (prompt + 400) is reconciled when its body ends, in a task: await
+    // it, check the store no longer holds the reservation, then make the same call without
+    // streaming, which reserves the same amount again.
     let reserved = 100_000 - remaining_during;
-    eventually(
-        "the stream's reservation reconciled in the store",
-        || async { (tokens_this_minute(&gw).await != reserved).then_some(()) },
-    )
-    .await;
+    stream_let_go(&gw).await;
+    assert_ne!(tokens_this_minute(&gw).await, reserved);
     let next = gw
         .chat(
             "gpt-4o",
@@ -398,8 +397,7 @@ async fn an_old_api_version_gets_no_stream_options_and_keeps_its_reservation() {
     assert!(text.trim_end().ends_with("data: [DONE]"));
     let sent: Value = serde_json::from_slice(&sim.handle().recent_requests()[0].body).unwrap();
     assert!(sent.get("stream_options").is_none(), "{sent}");
-    // The client read the stream to its end, so the gateway has settled it already (its settling
-    // call to the store, if any, runs in a task of its own, which nothing can await yet).
+    // The client read the stream to its end: once the gateway let go of it, await its accounting.
     stream_let_go(&gw).await;
     let next = gw
         .chat(

@@ -55,6 +55,9 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// How long in-flight requests may run after shutdown begins (`gateway.shutdown_grace_seconds`).
     pub shutdown_grace: Duration,
+    /// The consumer limits, shared with the stack: [`RateLimitLayer::settled`] awaits the accounting
+    /// of streams that ended.
+    pub rate_limit: RateLimitLayer<Store>,
 }
 
 /// The operator endpoints, to be served on their own listener.
@@ -126,6 +129,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
     }
 
     let consumer_limits = consumer_limits(policy);
+    let rate_limit = rate_limit_layer(store.clone(), policy, &consumer_limits)?;
     let metrics = crate::observe::metrics::recorder();
     let observe = ObserveLayer::new(&pool)
         .deployments(policy.deployments.iter().map(|d| d.name.clone()))
@@ -148,7 +152,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .layer(ConsumerAuthLayer::new(Arc::new(keys)))
         // Consumer limits: reserve before any upstream work, reconcile with the real usage after.
         // It sits outside header propagation so its x-ratelimit-* headers reach the client.
-        .layer(rate_limit_layer(store.clone(), policy, &consumer_limits)?)
+        .layer(rate_limit.clone())
         // Only allow-listed headers go upstream (never client credentials) or come back.
         .layer(PropagateHeadersLayer::new(header_rules(&policy.headers)?))
         // Innermost policy: choose a backend, replay the request as a new one, fail over.
@@ -193,6 +197,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         metrics,
         listen: policy.gateway.listen,
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
+        rate_limit,
     })
 }
 

@@ -18,9 +18,11 @@ pin_project! {
     /// Response body of the rate-limit layer: passes the answer through, and for streams reads the
     /// usage chunk as it goes by (removing it when the client did not ask for it), then reconciles.
     pub struct UsageBody<B> {
+        // Declared first, so dropped first: a stream the client left is settled (its reconcile
+        // started) before the upstream body inside, and with it the backend's in-flight count, goes.
+        sse: Option<Box<SseWatch>>,
         #[pin]
         inner: MaybeFull<B>,
-        sse: Option<Box<SseWatch>>,
     }
 }
 
@@ -128,21 +130,24 @@ where
             }
             let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
+                // The accounting starts before the upstream body (and the backend's in-flight count
+                // it holds) goes: whoever sees the stream let go sees its accounting started.
                 Some(Err(err)) => {
-                    this.inner.as_mut().end();
                     if let Some(watch) = this.sse.as_mut() {
                         watch.finish();
                     }
+                    this.inner.as_mut().end();
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 None => {
-                    this.inner.as_mut().end();
                     let Some(watch) = this.sse.as_mut() else {
+                        this.inner.as_mut().end();
                         return Poll::Ready(None);
                     };
                     // An unterminated last event still belongs to the client.
                     let rest = std::mem::take(&mut watch.pending);
                     watch.finish();
+                    this.inner.as_mut().end();
                     if watch.strip_usage && !rest.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                     }
