@@ -9,7 +9,7 @@
 //! ([`RequestContext::body_for`]). It answers 413 for a body over the cap and 400 for
 //! invalid JSON, both in Azure's error shape.
 //!
-//! It also starts the request's one [`Record`](crate::record::Record), shared with inner layers
+//! It also starts the request's one [`Record`], shared with inner layers
 //! through the request extensions and with outer observers through the response extensions, and ends
 //! it with the response body. From the record it writes, on every response, `x-request-id`,
 //! `x-served-by` (`gateway` when no backend's answer is returned) and `x-gateway-attempts`.

@@ -36,7 +36,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// `gen_ai.provider.name` of Azure OpenAI in OpenTelemetry's GenAI conventions.
 const PROVIDER: &str = "azure.ai.openai";
 
-/// Layer that opens a server span per request. See the [module docs](self).
+/// Layer that opens a server span per request. See the [`telemetry`](crate::telemetry) docs.
 #[derive(Clone, Debug)]
 pub struct ServerSpanLayer {
     pool: Arc<BackendPool>,
@@ -49,7 +49,8 @@ pub struct ServerSpan<S> {
     pool: Arc<BackendPool>,
 }
 
-/// Layer that names the server span and runs the inner stack inside it. See the [module docs](self).
+/// Layer that names the server span and runs the inner stack inside it. See the
+/// [`telemetry`](crate::telemetry) docs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EnterServerSpanLayer;
 
