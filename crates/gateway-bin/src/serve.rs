@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -73,7 +74,11 @@ pub async fn serve(
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, gateway.router)
+    // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
+    let app = gateway
+        .router
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = graceful_rx.wait_for(|v| *v).await;
         })

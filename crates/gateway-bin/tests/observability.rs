@@ -426,6 +426,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
     // The access log: one line per request, with what the client could not see.
     let line = gw.log_line("obs-failover").await;
     assert_eq!(line["consumer"], "app");
+    // The peer's address, from the accepted socket.
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
     assert_eq!(line["deployment"], "gpt-4o");
     assert_eq!(line["operation"], "chat");
     assert_eq!(line["stream"], false);
