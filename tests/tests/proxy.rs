@@ -479,3 +479,30 @@ async fn an_unknown_operation_of_a_deployment_is_forwarded_and_counted_as_a_requ
     assert_eq!(sim.handle().request_count(), 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn answers_outside_the_proxy_carry_a_request_id_too() {
+    let (_sim, gw) = one_region().await;
+    let res = client()
+        .get(gw.url("/no-such-path"))
+        .header("x-request-id", "probe-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["x-request-id"], "probe-1");
+    let res = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-request-id"].len(), 36);
+    // The proxy's own id is kept, not replaced.
+    let res = client()
+        .post(gw.chat_url("gpt-4o"))
+        .header("api-key", CLIENT_KEY)
+        .header("x-ms-client-request-id", "sdk-7")
+        .json(&chat("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "sdk-7");
+    gw.stop().await;
+}

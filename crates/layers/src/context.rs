@@ -523,6 +523,24 @@ fn is_multipart(headers: &HeaderMap) -> bool {
 
 /// The client's request id when it is a sane token, else a new UUID.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
+    client_request_id(headers).unwrap_or_else(new_request_id)
+}
+
+/// The client's `x-request-id` (or else `x-ms-client-request-id`) when it is a sane token: at most
+/// 128 ASCII letters, digits and `-_.:`. For answers made outside [`RequestContextLayer`], which
+/// carry the same id the layer would have used.
+///
+/// ```
+/// use gateway_layers::context::client_request_id;
+/// use http::{HeaderMap, HeaderValue};
+///
+/// let mut h = HeaderMap::new();
+/// h.insert("x-ms-client-request-id", HeaderValue::from_static("sdk-1"));
+/// assert_eq!(client_request_id(&h).unwrap(), "sdk-1");
+/// h.insert("x-ms-client-request-id", HeaderValue::from_static("has spaces"));
+/// assert!(client_request_id(&h).is_none());
+/// ```
+pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     for name in [&X_REQUEST_ID, &X_MS_CLIENT_REQUEST_ID] {
         if let Some(v) = headers.get(name) {
             let b = v.as_bytes();
@@ -531,11 +549,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
                 && b.iter()
                     .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
             {
-                return v.clone();
+                return Some(v.clone());
             }
         }
     }
-    new_request_id()
+    None
 }
 
 /// A random (version 4) UUID, formatted as Azure's request ids are.
