@@ -411,7 +411,10 @@ async fn an_encoded_or_case_changed_operation_is_limited_like_the_canonical_one(
         let path = format!("/openai/deployments/gpt-4o/{op}?api-version=2024-10-21");
         let answer = raw(&gw, "POST", &path, &too_big.to_string()).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{op}: {answer}");
-        assert!(answer.contains("more than consumer 'tester' may use"), "{answer}");
+        assert!(
+            answer.contains("more than consumer 'tester' may use"),
+            "{answer}"
+        );
     }
     assert_eq!(sim.handle().request_count(), 0);
     // Within the limit, every spelling is served as a chat: estimated, limited and accounted.
@@ -419,7 +422,10 @@ async fn an_encoded_or_case_changed_operation_is_limited_like_the_canonical_one(
         let path = format!("/openai/deployments/gpt-4o/{op}?api-version=2024-10-21");
         let answer = raw(&gw, "POST", &path, &chat("hi").to_string()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{op}: {answer}");
-        assert!(answer.contains("x-ratelimit-limit-tokens: 1000"), "{answer}");
+        assert!(
+            answer.contains("x-ratelimit-limit-tokens: 1000"),
+            "{answer}"
+        );
         assert!(answer.contains("chat.completion"), "{answer}");
     }
     assert_eq!(sim.handle().request_count(), 4);
@@ -470,7 +476,10 @@ async fn an_unknown_operation_of_a_deployment_is_forwarded_and_counted_as_a_requ
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-    assert!(answer.contains("x-served-by: swc (Sweden Central)"), "{answer}");
+    assert!(
+        answer.contains("x-served-by: swc (Sweden Central)"),
+        "{answer}"
+    );
     assert_eq!(sim.handle().request_count(), 1);
     // It took the consumer's one request of the minute.
     let res = gw.chat("gpt-4o", &chat("hi")).await;

@@ -790,5 +790,9 @@ async fn an_unreachable_backend_is_logged_once_with_its_name_and_root_cause() {
     // The root cause, from the bottom of the error's chain, not just "error sending request".
     assert!(line.contains("Connection refused (os error"), "{line}");
     drop(proc);
-    assert_eq!(failed(&lines.lock().unwrap()).len(), 1, "one line per failed attempt");
+    assert_eq!(
+        failed(&lines.lock().unwrap()).len(),
+        1,
+        "one line per failed attempt"
+    );
 }

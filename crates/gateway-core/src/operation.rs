@@ -165,6 +165,9 @@ mod tests {
             assert_eq!(Operation::from_suffix(raw), op, "{raw}");
         }
         // Non-ASCII after decoding never equals an ASCII name.
-        assert_eq!(Operation::from_suffix("chat/c%C3%B6mpletions"), Operation::Other);
+        assert_eq!(
+            Operation::from_suffix("chat/c%C3%B6mpletions"),
+            Operation::Other
+        );
     }
 }

@@ -77,8 +77,8 @@ use crate::headers::{
     X_GATEWAY_ATTEMPTS, X_MS_CLIENT_REQUEST_ID, X_REQUEST_ID, X_SERVED_BY, content_length,
 };
 use crate::record::{Record, RecordBody};
-use gateway_core::operation::path_eq;
 pub use gateway_core::operation::Operation;
+use gateway_core::operation::path_eq;
 
 /// Longest deployment name accepted (Azure allows 64 characters).
 const MAX_DEPLOYMENT_NAME: usize = 128;
@@ -739,7 +739,11 @@ mod tests {
                 rest: "/audio/Speech".into()
             }
         );
-        for path in ["/openai/v1/models", "/openai/v1/chat/completions%20", "/openai/files"] {
+        for path in [
+            "/openai/v1/models",
+            "/openai/v1/chat/completions%20",
+            "/openai/files",
+        ] {
             let ctx = capture(path, "{}").unwrap();
             assert_eq!(ctx.operation, Operation::Other, "{path}");
             assert_eq!(ctx.deployment_source, DeploymentSource::None, "{path}");
@@ -760,7 +764,10 @@ mod tests {
                 Instant::now(),
             )
             .unwrap_err();
-            assert!(matches!(err, CaptureError::MethodNotAllowed { .. }), "{method} {path}");
+            assert!(
+                matches!(err, CaptureError::MethodNotAllowed { .. }),
+                "{method} {path}"
+            );
             let res: Response<Bytes> = err.into_response();
             assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
             assert_eq!(res.headers()[http::header::ALLOW], "POST");
