@@ -13,15 +13,18 @@
 //!
 //! Path segments are compared as Azure compares them: percent-decoded and case-insensitively, so
 //! `chat/complet%69ons` and `Chat/Completions` are chat completions, estimated and limited like
-//! `chat/completions`, and forwarded in that canonical form. Empty, `.` and `..` segments and
-//! encoded separators (`%2F`, `%5C`, `%2E`) are refused with 400. The known operations
-//! (`chat/completions`, `completions`, `embeddings`, `responses`) accept only `POST`: another
-//! method gets 405 `MethodNotAllowed`. **Any other path is [`Operation::Other`]**, and one rule
-//! applies to it: under `/openai/deployments/{deployment}/` it is forwarded (audio, images...) as
-//! a call to that deployment, authorised for it and counted as one request against the consumer's
-//! request limits, its tokens charged afterwards from the answer's `usage` when it reports one;
-//! without a deployment in the path (`/openai/v1/models`, `/openai/files`...) there is nothing to
-//! route or limit it by, and the failover layer refuses it with 404 in Azure's shape.
+//! `chat/completions`; under `/openai/deployments/{deployment}/` they are forwarded in that
+//! canonical form (a v1 path is forwarded as sent, and a backend reads it as Azure does). Empty,
+//! `.` and `..` segments and encoded separators (`%2F`, `%5C`, `%2E`) are refused with 400. The
+//! known operations (`chat/completions`, `completions`, `embeddings`, `responses`) accept only
+//! `POST`: another method gets 405 `MethodNotAllowed`.
+//!
+//! **Any other path is [`Operation::Other`]**, and one rule applies to it: under
+//! `/openai/deployments/{deployment}/` it is forwarded (audio, images...) as a call to that
+//! deployment, authorised for it and counted as one request against the consumer's request
+//! limits, its tokens charged afterwards from the answer's `usage` when it reports one; without a
+//! deployment in the path (`/openai/v1/models`, `/openai/files`...) there is nothing to route or
+//! limit it by, and the failover layer refuses it with 404 in Azure's shape.
 //!
 //! It also starts the request's one [`Record`](crate::record::Record), shared with inner layers
 //! through the request extensions and with outer observers through the response extensions, and ends
@@ -453,7 +456,7 @@ fn finish<B: Body>(mut res: Response<B>, record: Arc<Record>) -> Response<Record
 /// The operation, the deployment named in the path, and where the deployment is named. Path
 /// segments are compared as Azure compares them, percent-decoded and case-insensitively
 /// ([`path_eq`]), so no spelling of an operation escapes its estimate and limits. A known
-/// operation's path is forwarded in its canonical form, the form that was estimated.
+/// operation's deployment path is forwarded in its canonical form, the form that was estimated.
 fn classify_path(path: &str) -> (Operation, Option<String>, DeploymentSource) {
     const NOT_ROUTED: (Operation, Option<String>, DeploymentSource) =
         (Operation::Other, None, DeploymentSource::None);
