@@ -576,3 +576,41 @@ async fn a_stream_that_goes_silent_is_ended_with_an_error_event() {
     assert!(!text.contains("[DONE]"), "{text}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_unreachable_backend_is_not_named_to_the_client() {
+    // A port nothing listens on: bound, then closed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let backend = format!(
+        "[[backends]]\nname = \"closed-backend\"\nregion = \"Region Z\"\nendpoint = \"http://127.0.0.1:{port}\"\napi_key = \"env:{}\"\n[backends.deployments]\n\"gpt-4o\" = \"gpt4o-internal-name\"\n",
+        env_name("Region Z")
+    );
+    let gw = gateway(&policy(&["gpt-4o"], &[backend], ""), &["Region Z"]).await;
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 502);
+    let mut seen = String::new();
+    for (name, value) in res.headers() {
+        seen.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or_default()));
+    }
+    let (code, msg) = azure_error(res).await;
+    seen.push_str(&msg);
+    assert_eq!(code, "BadGateway");
+    for secret in [
+        format!("127.0.0.1:{port}"),
+        format!(":{port}"),
+        "http://".to_owned(),
+        "gpt4o-internal-name".to_owned(),
+        "closed-backend".to_owned(),
+    ] {
+        assert!(!seen.contains(&secret), "the answer shows {secret}: {seen}");
+    }
+    // What the client may know: its own deployment, and the category of the cause.
+    assert!(
+        msg.contains("deployment 'gpt-4o' could be reached (connection refused)"),
+        "{msg}"
+    );
+    gw.stop().await;
+}

@@ -378,3 +378,140 @@ action = "skip"
     );
     gw.stop().await;
 }
+
+/// Sends `method path` with the client key and `body` on a raw connection, so the path reaches the
+/// gateway exactly as written (HTTP clients normalise paths), and returns the whole answer.
+async fn raw(gw: &Gateway, method: &str, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gateway\r\napi-key: {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+const SPELLINGS: [&str; 4] = [
+    "chat/completions",
+    "chat/complet%69ons",
+    "Chat/Completions",
+    "CHAT/%63ompletions",
+];
+
+#[tokio::test]
+async fn an_encoded_or_case_changed_operation_is_limited_like_the_canonical_one() {
+    let (sim, gw) = sweden(100_000, "[consumers.limits]\ntokens_per_minute = 1000\n").await;
+    // More than the consumer may ever use: refused before any backend is called, whatever the
+    // spelling (an `other` path used to be forwarded unestimated).
+    let too_big = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000});
+    for op in SPELLINGS {
+        let path = format!("/openai/deployments/gpt-4o/{op}?api-version=2024-10-21");
+        let answer = raw(&gw, "POST", &path, &too_big.to_string()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{op}: {answer}");
+        assert!(
+            answer.contains("more than consumer 'tester' may use"),
+            "{answer}"
+        );
+    }
+    assert_eq!(sim.handle().request_count(), 0);
+    // Within the limit, every spelling is served as a chat: estimated, limited and accounted.
+    for op in SPELLINGS {
+        let path = format!("/openai/deployments/gpt-4o/{op}?api-version=2024-10-21");
+        let answer = raw(&gw, "POST", &path, &chat("hi").to_string()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{op}: {answer}");
+        assert!(
+            answer.contains("x-ratelimit-limit-tokens: 1000"),
+            "{answer}"
+        );
+        assert!(answer.contains("chat.completion"), "{answer}");
+    }
+    assert_eq!(sim.handle().request_count(), 4);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_method_other_than_post_on_an_operation_is_405() {
+    let (sim, gw) = one_region().await;
+    for (method, op) in [("GET", "chat/completions"), ("PUT", "Embeddings")] {
+        let path = format!("/openai/deployments/gpt-4o/{op}?api-version=2024-10-21");
+        let answer = raw(&gw, method, &path, &chat("hi").to_string()).await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{method}: {answer}");
+        assert!(answer.contains("allow: POST"), "{answer}");
+        assert!(answer.contains(r#""code":"MethodNotAllowed""#), "{answer}");
+        assert!(answer.contains("x-request-id: "), "{answer}");
+    }
+    assert_eq!(sim.handle().request_count(), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_operation_without_a_deployment_is_refused_404() {
+    let (sim, gw) = one_region().await;
+    for path in [
+        "/openai/v1/models",
+        "/openai/v1/chat/completions%20",
+        "/openai/files",
+    ] {
+        let answer = raw(&gw, "POST", path, &chat("hi").to_string()).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+        assert!(answer.contains(r#""code":"404""#), "{answer}");
+    }
+    assert_eq!(sim.handle().request_count(), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_operation_of_a_deployment_is_forwarded_and_counted_as_a_request() {
+    let (sim, gw) = sweden(100_000, "[consumers.limits]\nrequests_per_minute = 1\n").await;
+    minute_room(Duration::from_secs(10)).await;
+    // Forwarded as it came (the simulator knows no audio, and says so with its own 404).
+    let answer = raw(
+        &gw,
+        "POST",
+        "/openai/deployments/gpt-4o/audio/Speech?api-version=2024-10-21",
+        r#"{"input":"hi","voice":"alloy"}"#,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(
+        answer.contains("x-served-by: swc (Sweden Central)"),
+        "{answer}"
+    );
+    assert_eq!(sim.handle().request_count(), 1);
+    // It took the consumer's one request of the minute.
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-gateway-limit"], "requests");
+    assert_eq!(sim.handle().request_count(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn answers_outside_the_proxy_carry_a_request_id_too() {
+    let (_sim, gw) = one_region().await;
+    let res = client()
+        .get(gw.url("/no-such-path"))
+        .header("x-request-id", "probe-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["x-request-id"], "probe-1");
+    let res = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-request-id"].len(), 36);
+    // The proxy's own id is kept, not replaced.
+    let res = client()
+        .post(gw.chat_url("gpt-4o"))
+        .header("api-key", CLIENT_KEY)
+        .header("x-ms-client-request-id", "sdk-7")
+        .json(&chat("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "sdk-7");
+    gw.stop().await;
+}

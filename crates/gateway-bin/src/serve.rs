@@ -2,10 +2,16 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::serve::ListenerExt;
+use gateway_layers::context::{client_request_id, new_request_id};
+use gateway_layers::headers::X_REQUEST_ID;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -73,7 +79,12 @@ pub async fn serve(
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, gateway.router)
+    // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
+    let app = gateway
+        .router
+        .layer(axum::middleware::from_fn(stamp_request_id))
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = graceful_rx.wait_for(|v| *v).await;
         })
@@ -96,6 +107,24 @@ pub async fn serve(
         admin.abort();
     }
     result
+}
+
+/// Gives the answers made outside the proxy stack (health, metrics, admin, the 404 fallback) the
+/// `x-request-id` every proxied answer carries: the client's own when valid, else a new one.
+///
+/// The 431 and 414 that hyper writes itself, for a request head it could not parse (over 100
+/// headers or its header buffer, a URI over 64 KiB), cannot carry one: hyper answers them with a bare
+/// status line before any service runs, and offers no hook to add a header. Nothing was parsed to
+/// log either, so there is no log line to correlate an id with.
+async fn stamp_request_id(req: Request, next: Next) -> Response {
+    // A `HeaderValue` clone only counts a reference: an id is made only for an answer without one.
+    let asked = client_request_id(req.headers());
+    let mut res = next.run(req).await;
+    if !res.headers().contains_key(&X_REQUEST_ID) {
+        let id = asked.unwrap_or_else(new_request_id);
+        res.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
+    res
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

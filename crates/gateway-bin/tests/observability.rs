@@ -426,6 +426,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
     // The access log: one line per request, with what the client could not see.
     let line = gw.log_line("obs-failover").await;
     assert_eq!(line["consumer"], "app");
+    // The peer's address, from the accepted socket.
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
     assert_eq!(line["deployment"], "gpt-4o");
     assert_eq!(line["operation"], "chat");
     assert_eq!(line["stream"], false);
@@ -723,5 +725,74 @@ async fn status_json_on_the_admin_listener_shows_a_cooldown_and_its_end_behind_t
     assert_eq!(
         backend(&status().await, "r0")["cooldown_remaining_ms"],
         Value::Null
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_backend_is_logged_once_with_its_name_and_root_cause() {
+    // A port nothing listens on: bound, then closed.
+    let closed = free_port();
+    let policy = PolicyFile {
+        path: common::write_policy(&format!(
+            "[[deployments]]\nname = \"gpt-4o\"\n\n\
+             [[backends]]\nname = \"closed-backend\"\nregion = \"Region Z\"\n\
+             endpoint = \"http://127.0.0.1:{closed}\"\napi_key = \"env:KEY_Z\"\n\
+             [backends.deployments]\n\"gpt-4o\" = \"gpt4o-internal-name\"\n\n\
+             [[consumers]]\nname = \"app\"\nkeys = [\"env:CLIENT_KEY\"]\n"
+        )),
+        env: vec![("KEY_Z".into(), "backend-key-z".into())],
+    };
+    let port = free_port();
+    let mut proc = Proc::spawn(
+        common::serve_command(&policy, port, [("CLIENT_KEY", CLIENT_KEY)])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .stderr(Stdio::piped()),
+    );
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stderr = proc.0.stderr.take().unwrap();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_until_answers(&format!("{base}/healthz")).await;
+
+    let res = reqwest::Client::new()
+        .post(common::chat_url(&base))
+        .header("api-key", CLIENT_KEY)
+        .json(&message(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    let body = res.text().await.unwrap();
+    assert!(body.contains("(connection refused)"), "{body}");
+    assert!(!body.contains("gpt4o-internal-name") && !body.contains(&closed.to_string()));
+
+    let failed = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("upstream connection failed"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let line = eventually("the failed attempt's log line", || async {
+        failed(&lines.lock().unwrap()).into_iter().next()
+    })
+    .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("backend=closed-backend"), "{line}");
+    assert!(line.contains("cause=connection refused"), "{line}");
+    // The root cause, from the bottom of the error's chain, not just "error sending request".
+    assert!(line.contains("Connection refused (os error"), "{line}");
+    drop(proc);
+    assert_eq!(
+        failed(&lines.lock().unwrap()).len(),
+        1,
+        "one line per failed attempt"
     );
 }

@@ -9,6 +9,25 @@
 //! ([`RequestContext::body_for`]). It answers 413 for a body over the cap and 400 for
 //! invalid JSON, both in Azure's error shape.
 //!
+//! # Paths
+//!
+//! Path segments are compared as Azure compares them: percent-decoded and case-insensitively, so
+//! `chat/complet%69ons` and `Chat/Completions` are chat completions, estimated and limited like
+//! `chat/completions`; under `/openai/deployments/{deployment}/` they are forwarded in that
+//! canonical form (a v1 path is forwarded as sent, and a backend reads it as Azure does). Empty,
+//! `.` and `..` segments and encoded separators (`%2F`, `%5C`, `%2E`) are refused with 400. The
+//! known operations (`chat/completions`, `completions`, `embeddings`, `responses`) accept only
+//! `POST`: another method gets 405 `MethodNotAllowed`.
+//!
+//! **Any other path is [`Operation::Other`]**, and one rule applies to it: under
+//! `/openai/deployments/{deployment}/` it is forwarded (audio, images...) as a call to that
+//! deployment, authorised for it and counted as one request against the consumer's request
+//! limits, its tokens charged afterwards from the answer's `usage` when it reports one; without a
+//! deployment in the path (`/openai/v1/models`, `/openai/files`...) there is nothing to route or
+//! limit it by, and the failover layer refuses it with 404 in Azure's shape.
+//!
+//! # The record
+//!
 //! It also starts the request's one [`Record`], shared with inner layers
 //! through the request extensions and with outer observers through the response extensions, and ends
 //! it with the response body. From the record it writes, on every response, `x-request-id`,
@@ -64,6 +83,7 @@ use crate::headers::{
 };
 use crate::record::{Record, RecordBody};
 pub use gateway_core::operation::Operation;
+use gateway_core::operation::path_eq;
 
 /// Longest deployment name accepted (Azure allows 64 characters).
 const MAX_DEPLOYMENT_NAME: usize = 128;
@@ -122,6 +142,11 @@ pub enum CaptureError {
     /// The path has empty, `.` or `..` segments, or encoded separators: it could address something
     /// other than what the gateway routes and authorises.
     InvalidPath,
+    /// The operation is known and the method is not valid for it (all of them are `POST`).
+    MethodNotAllowed {
+        /// The method the client used.
+        method: Method,
+    },
 }
 
 /// Layer that captures a [`RequestContext`] for each request. See the [module docs](self).
@@ -186,6 +211,13 @@ impl RequestContext {
             return Err(CaptureError::InvalidPath);
         }
         let (operation, path_deployment, deployment_source) = classify_path(path);
+        // Every operation the gateway estimates is a POST: another method could carry a body
+        // past the estimate, so it is refused as Azure refuses it.
+        if operation != Operation::Other && parts.method != Method::POST {
+            return Err(CaptureError::MethodNotAllowed {
+                method: parts.method.clone(),
+            });
+        }
         let api_version = parts.uri.query().and_then(api_version);
 
         let wants_json = operation != Operation::Other
@@ -289,6 +321,16 @@ impl CaptureError {
                 "BadRequest",
                 "The request path is not valid: empty, '.' or '..' segments and encoded separators are not allowed.",
             ),
+            CaptureError::MethodNotAllowed { method } => {
+                let mut res: Response<B> = azure_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    &format!("The method {method} is not allowed for this operation; use POST."),
+                );
+                res.headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+                res
+            }
             CaptureError::Body(err) => azure_error(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -413,33 +455,42 @@ fn finish<B: Body>(mut res: Response<B>, record: Arc<Record>) -> Response<Record
     res.map(|body| RecordBody::new(body, record, length))
 }
 
+/// The operation, the deployment named in the path, and where the deployment is named. Path
+/// segments are compared as Azure compares them, percent-decoded and case-insensitively
+/// ([`path_eq`]), so no spelling of an operation escapes its estimate and limits. A known
+/// operation's deployment path is forwarded in its canonical form, the form that was estimated.
 fn classify_path(path: &str) -> (Operation, Option<String>, DeploymentSource) {
-    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
-        let (name, tail) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
+    const NOT_ROUTED: (Operation, Option<String>, DeploymentSource) =
+        (Operation::Other, None, DeploymentSource::None);
+    let Some(rest) = path.strip_prefix("/openai/") else {
+        return NOT_ROUTED;
+    };
+    let (first, after) = rest.split_once('/').unwrap_or((rest, ""));
+    if path_eq(first, "deployments") {
+        let (name, tail) = match after.find('/') {
+            Some(i) => (&after[..i], &after[i..]),
+            None => (after, ""),
         };
         if !name.is_empty() {
             let op = Operation::from_suffix(tail.trim_start_matches('/'));
-            return (
-                op,
-                Some(name.to_owned()),
-                DeploymentSource::Path {
-                    rest: tail.to_owned(),
-                },
-            );
+            let rest = match op.suffix() {
+                Some(canonical) => format!("/{canonical}"),
+                None => tail.to_owned(),
+            };
+            return (op, Some(name.to_owned()), DeploymentSource::Path { rest });
         }
+        return NOT_ROUTED;
     }
-    let suffix = path
-        .strip_prefix("/openai/v1/")
-        .or_else(|| path.strip_prefix("/openai/"));
-    match suffix.map(Operation::from_suffix) {
-        Some(Operation::Other) | None => (Operation::Other, None, DeploymentSource::None),
-        // `/openai/completions` etc. without `v1` are not Azure paths; only Responses lives there.
-        Some(op) if path.starts_with("/openai/v1/") || op == Operation::Responses => {
-            (op, None, DeploymentSource::Body)
-        }
-        Some(_) => (Operation::Other, None, DeploymentSource::None),
+    if path_eq(first, "v1") {
+        return match Operation::from_suffix(after) {
+            Operation::Other => NOT_ROUTED,
+            op => (op, None, DeploymentSource::Body),
+        };
+    }
+    // `/openai/completions` etc. without `v1` are not Azure paths; only Responses lives there.
+    match Operation::from_suffix(rest) {
+        Operation::Responses => (Operation::Responses, None, DeploymentSource::Body),
+        _ => NOT_ROUTED,
     }
 }
 
@@ -477,6 +528,24 @@ fn is_multipart(headers: &HeaderMap) -> bool {
 
 /// The client's request id when it is a sane token, else a new UUID.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
+    client_request_id(headers).unwrap_or_else(new_request_id)
+}
+
+/// The client's `x-request-id` (or else `x-ms-client-request-id`) when it is a sane token: at most
+/// 128 ASCII letters, digits and `-_.:`. For answers made outside [`RequestContextLayer`], which
+/// carry the same id the layer would have used.
+///
+/// ```
+/// use gateway_layers::context::client_request_id;
+/// use http::{HeaderMap, HeaderValue};
+///
+/// let mut h = HeaderMap::new();
+/// h.insert("x-ms-client-request-id", HeaderValue::from_static("sdk-1"));
+/// assert_eq!(client_request_id(&h).unwrap(), "sdk-1");
+/// h.insert("x-ms-client-request-id", HeaderValue::from_static("has spaces"));
+/// assert!(client_request_id(&h).is_none());
+/// ```
+pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     for name in [&X_REQUEST_ID, &X_MS_CLIENT_REQUEST_ID] {
         if let Some(v) = headers.get(name) {
             let b = v.as_bytes();
@@ -485,11 +554,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
                 && b.iter()
                     .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
             {
-                return v.clone();
+                return Some(v.clone());
             }
         }
     }
-    new_request_id()
+    None
 }
 
 /// A random (version 4) UUID, formatted as Azure's request ids are.
@@ -628,6 +697,95 @@ mod tests {
             );
         }
         assert!(capture("/openai/deployments/gpt-4o.v2/chat/completions", "{}").is_ok());
+    }
+
+    #[test]
+    fn encoded_or_case_changed_operations_are_the_operation() {
+        let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":50}"#;
+        for path in [
+            "/openai/deployments/gpt-4o/chat/complet%69ons?api-version=2024-10-21",
+            "/openai/deployments/gpt-4o/Chat/Completions",
+            "/openai/Deployments/gpt-4o/CHAT/%63ompletions",
+            "/openai/deployment%73/gpt-4o/chat/completions",
+        ] {
+            let ctx = capture(path, body).unwrap();
+            assert_eq!(ctx.operation, Operation::ChatCompletions, "{path}");
+            assert_eq!(ctx.deployment.as_deref(), Some("gpt-4o"), "{path}");
+            assert_eq!(ctx.max_tokens(), Some(50), "{path}");
+            // What is forwarded is what was estimated.
+            assert_eq!(
+                ctx.deployment_source,
+                DeploymentSource::Path {
+                    rest: "/chat/completions".into()
+                },
+                "{path}"
+            );
+        }
+        let ctx = capture("/openai/V1/Embedding%73", r#"{"model":"emb","input":"x"}"#).unwrap();
+        assert_eq!(ctx.operation, Operation::Embeddings);
+        assert_eq!(ctx.deployment.as_deref(), Some("emb"));
+        let ctx = capture("/openai/Responses", r#"{"model":"m","input":"x"}"#).unwrap();
+        assert_eq!(ctx.operation, Operation::Responses);
+        // A known operation's body must be JSON, whatever the spelling.
+        assert!(matches!(
+            capture("/openai/deployments/d/Chat/Completions", "{nope"),
+            Err(CaptureError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_operations_keep_their_path_and_only_deployment_paths_route() {
+        let ctx = capture("/openai/deployments/d/audio/Speech", "{}").unwrap();
+        assert_eq!(ctx.operation, Operation::Other);
+        assert_eq!(ctx.deployment.as_deref(), Some("d"));
+        assert_eq!(
+            ctx.deployment_source,
+            DeploymentSource::Path {
+                rest: "/audio/Speech".into()
+            }
+        );
+        for path in [
+            "/openai/v1/models",
+            "/openai/v1/chat/completions%20",
+            "/openai/files",
+        ] {
+            let ctx = capture(path, "{}").unwrap();
+            assert_eq!(ctx.operation, Operation::Other, "{path}");
+            assert_eq!(ctx.deployment_source, DeploymentSource::None, "{path}");
+        }
+    }
+
+    #[test]
+    fn other_methods_on_a_known_operation_are_405() {
+        for (method, path) in [
+            (Method::GET, "/openai/deployments/d/chat/completions"),
+            (Method::PUT, "/openai/deployments/d/Embeddings"),
+            (Method::DELETE, "/openai/v1/chat/completions"),
+            (Method::GET, "/openai/responses"),
+        ] {
+            let err = RequestContext::from_parts_and_body(
+                &parts(method.clone(), path),
+                Bytes::from_static(b"{}"),
+                Instant::now(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, CaptureError::MethodNotAllowed { .. }),
+                "{method} {path}"
+            );
+            let res: Response<Bytes> = err.into_response();
+            assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(res.headers()[http::header::ALLOW], "POST");
+            let body = std::str::from_utf8(res.body()).unwrap();
+            assert!(body.contains(r#""code":"MethodNotAllowed""#), "{body}");
+        }
+        // Other operations keep their methods: a GET of a deployment-scoped resource is forwarded.
+        let ok = RequestContext::from_parts_and_body(
+            &parts(Method::GET, "/openai/deployments/d/batches"),
+            Bytes::new(),
+            Instant::now(),
+        );
+        assert!(ok.is_ok());
     }
 
     #[test]

@@ -511,7 +511,7 @@ async fn a_connection_error_fails_over() {
     assert!(
         body(res)
             .await
-            .contains("could be reached: connection refused")
+            .contains("could be reached (connection refused).")
     );
 }
 

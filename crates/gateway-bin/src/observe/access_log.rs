@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io::Write;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_layers::failover::Attempt;
@@ -17,6 +18,9 @@ struct Line<'a> {
     #[serde(serialize_with = "display")]
     timestamp: Rfc3339,
     request_id: Option<&'a str>,
+    /// The peer's IP address (a proxy's, behind one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<IpAddr>,
     consumer: Option<&'a str>,
     deployment: Option<&'a str>,
     operation: &'a str,
@@ -71,6 +75,7 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
     let line = Line {
         timestamp: Rfc3339(obs.wall),
         request_id: record.and_then(|r| r.request_id().to_str().ok()),
+        client: obs.client,
         consumer: record.and_then(Record::consumer).map(|c| &**c),
         deployment: obs
             .undeclared

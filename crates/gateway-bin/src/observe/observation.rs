@@ -1,5 +1,6 @@
 //! What the observer keeps of a request from its response headers to the end of its body.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +22,8 @@ pub(super) struct Observation {
     pub(super) deployment: SharedString,
     /// The name the client used, when it is not in the policy.
     pub(super) undeclared: Option<String>,
+    /// The peer's address, when the server recorded it.
+    pub(super) client: Option<IpAddr>,
 }
 
 // === impl Observation ===

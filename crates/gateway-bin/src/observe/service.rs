@@ -1,4 +1,5 @@
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -30,6 +31,7 @@ pin_project! {
         start: Instant,
         wall: SystemTime,
         shared: Arc<Shared>,
+        client: Option<IpAddr>,
     }
 }
 
@@ -69,7 +71,13 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // Set by `serve` from the accepted socket; a copy of the address, no allocation.
+        let client = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
         ResponseFuture {
+            client,
             start: Instant::now(),
             wall: SystemTime::now(),
             inner: self.inner.call(req),
@@ -96,6 +104,7 @@ where
             record.map(|r| &**r),
             *this.start,
             *this.wall,
+            *this.client,
         );
         match record {
             // The rest is known when the body ends: the record's one end-of-body hook.
@@ -114,6 +123,7 @@ fn on_headers<B>(
     record: Option<&Record>,
     start: Instant,
     wall: SystemTime,
+    client: Option<IpAddr>,
 ) -> Observation {
     let ttfb = start.elapsed();
     let mut upstream = Duration::ZERO;
@@ -166,5 +176,6 @@ fn on_headers<B>(
         status: res.status().as_u16(),
         deployment,
         undeclared,
+        client,
     }
 }

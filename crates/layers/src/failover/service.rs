@@ -26,6 +26,7 @@ use super::{
     FailoverReport, ServedBy, Shared,
 };
 use crate::BoxError;
+use crate::client::{Chain, ErrorCause};
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::{azure_error, too_many_requests};
 use crate::headers::{
@@ -55,12 +56,19 @@ enum LastFailure<B> {
     Response(BackendId, Response<B>),
     /// A 429: the client should come back once the shortest throttle is over.
     Throttled,
-    /// A 401/403: the backend refused the gateway's credential (never the client's problem).
-    Rejected(Arc<str>),
+    /// A 401/403: the backend refused the gateway's credential (never the client's problem). Which
+    /// backend is logged, not told.
+    Rejected,
     /// A 404 `DeploymentNotFound`: the policy maps the deployment to a name the backend lacks.
-    NotFound(Arc<str>),
+    NotFound,
     Timeout,
-    Connect(String),
+    /// No answer: what the client is told is only the category, never the error's text (which names
+    /// the backend's URL and deployment).
+    Connect(ErrorCause),
+    /// The gateway could not build the attempt (an invalid mapped deployment name, say).
+    Build,
+    /// A 404 whose body could not be read to tell what it meant.
+    Unreadable,
 }
 
 /// Largest error body read to tell a `DeploymentNotFound` 404 from another.
@@ -204,7 +212,7 @@ where
             Ok(req) => req,
             Err(msg) => {
                 tracing::error!(backend = %up.name, %msg, "could not build upstream request");
-                last = Some(LastFailure::Connect(msg));
+                last = Some(LastFailure::Build);
                 continue;
             }
         };
@@ -235,7 +243,10 @@ where
                 continue;
             }
             Ok(Err(err)) => {
-                tracing::warn!(backend = %up.name, error = %err, "upstream connection failed; failing over");
+                let cause = ErrorCause::of(&*err);
+                // The one line that names the backend and the root cause; the client gets the
+                // category only.
+                tracing::warn!(backend = %up.name, %cause, error = %Chain(&*err), "upstream connection failed; failing over");
                 pool.record(
                     id,
                     deployment,
@@ -243,7 +254,7 @@ where
                     Instant::now().into_std(),
                 );
                 record(None, AttemptOutcome::ConnectError);
-                last = Some(LastFailure::Connect(err.to_string()));
+                last = Some(LastFailure::Connect(cause));
                 continue;
             }
             Ok(Ok(res)) => res,
@@ -298,7 +309,7 @@ where
                 record(Some(status.as_u16()), kind);
                 last = Some(match kind {
                     AttemptOutcome::Throttled => LastFailure::Throttled,
-                    AttemptOutcome::AuthFailure => LastFailure::Rejected(up.name.clone()),
+                    AttemptOutcome::AuthFailure => LastFailure::Rejected,
                     _ => LastFailure::Response(id, res),
                 });
             }
@@ -323,10 +334,7 @@ where
                             Instant::now().into_std(),
                         );
                         record(Some(404), AttemptOutcome::ServerError);
-                        last = Some(LastFailure::Connect(format!(
-                            "backend '{}' answered 404 with an unreadable body",
-                            up.name
-                        )));
+                        last = Some(LastFailure::Unreadable);
                         continue;
                     }
                 };
@@ -339,7 +347,7 @@ where
                         Instant::now().into_std(),
                     );
                     record(Some(404), AttemptOutcome::DeploymentNotFound);
-                    last = Some(LastFailure::NotFound(up.name.clone()));
+                    last = Some(LastFailure::NotFound);
                 } else {
                     pool.record(id, deployment, Outcome::Success, Instant::now().into_std());
                     record(Some(404), AttemptOutcome::Served);
@@ -570,18 +578,20 @@ fn give_up<B>(
                 .unwrap_or(Duration::from_secs(1));
             return throttled(deployment, wait, report);
         }
-        Some(LastFailure::Rejected(backend)) => azure_error(
+        // Client answers name only the deployment the client used and a category of cause: which
+        // backend, its URL and its own deployment name are in the gateway's log.
+        Some(LastFailure::Rejected) => azure_error(
             StatusCode::BAD_GATEWAY,
             "BadGateway",
             &format!(
-                "Backend '{backend}' refused the gateway's credential and no other backend could serve deployment '{deployment}'. Check the backend's key in the gateway's policy."
+                "A backend refused the gateway's credential and no other backend could serve deployment '{deployment}'. Check the backends' keys in the gateway's policy."
             ),
         ),
-        Some(LastFailure::NotFound(backend)) => azure_error(
+        Some(LastFailure::NotFound) => azure_error(
             StatusCode::BAD_GATEWAY,
             "BadGateway",
             &format!(
-                "Backend '{backend}' has no deployment under the name the gateway's policy maps '{deployment}' to, and no other backend could serve it."
+                "A backend has no deployment under the name the gateway's policy maps '{deployment}' to, and no other backend could serve it."
             ),
         ),
         Some(LastFailure::Timeout) => azure_error(
@@ -595,7 +605,21 @@ fn give_up<B>(
         Some(LastFailure::Connect(cause)) => azure_error(
             StatusCode::BAD_GATEWAY,
             "BadGateway",
-            &format!("No backend for deployment '{deployment}' could be reached: {cause}"),
+            &format!("No backend for deployment '{deployment}' could be reached ({cause})."),
+        ),
+        Some(LastFailure::Build) => azure_error(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            &format!(
+                "The gateway could not build a request to any backend for deployment '{deployment}'; check the gateway's policy."
+            ),
+        ),
+        Some(LastFailure::Unreadable) => azure_error(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            &format!(
+                "No backend for deployment '{deployment}' gave a readable answer (unreadable 404)."
+            ),
         ),
         None => {
             let open = exhausted.as_ref().map_or(0, |e| e.circuit_open);
