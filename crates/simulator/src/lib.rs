@@ -48,7 +48,7 @@ pub mod tokens;
 
 pub use config::{
     DEFAULT_CHAT_MODEL, DEFAULT_DIMENSIONS, DEFAULT_EMBEDDINGS_MODEL, DeploymentConfig,
-    DeploymentKind, RegionConfig,
+    DeploymentKind, DoneEnding, RegionConfig, ResetFormat, Variants,
 };
 pub use faults::{Fault, FaultKind};
 pub use server::{RunningRegion, router, spawn};
