@@ -1,6 +1,7 @@
 //! Azure-shaped responses: the headers every answer carries, and the error bodies.
 
-use std::time::Instant;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::Response;
@@ -8,6 +9,7 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::{Value, json};
 
+use crate::config::ResetFormat;
 use crate::limits::{Breach, Rejection, Snapshot, ceil_millis, ceil_secs};
 use crate::state::{Deployment, Shared, lock};
 
@@ -24,6 +26,8 @@ pub(crate) const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelim
 pub(crate) const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 pub(crate) const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
 pub(crate) const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+pub(crate) const DEPLOYMENT_UTILIZATION: HeaderName =
+    HeaderName::from_static("azure-openai-deployment-utilization");
 
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 pub(crate) const EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
@@ -101,9 +105,28 @@ impl<'a> Reply<'a> {
         response
     }
 
+    /// A streamed (SSE) response; without `content-type` when the region omits it.
+    pub(crate) fn stream(&self, body: Body) -> Response {
+        let mut response = self.respond(StatusCode::OK, EVENT_STREAM, body);
+        if self.shared.variants.omit_stream_content_type {
+            response.headers_mut().remove(CONTENT_TYPE);
+        }
+        response
+    }
+
     /// A JSON response.
     pub(crate) fn json(&self, status: StatusCode, value: &Value) -> Response {
         let body = serde_json::to_vec(value).unwrap_or_default();
+        self.json_bytes(status, body)
+    }
+
+    /// A JSON response from compact serde_json output, spaced when the region writes it so.
+    pub(crate) fn json_bytes(&self, status: StatusCode, compact: Vec<u8>) -> Response {
+        let body = if self.shared.variants.spaced_json {
+            spaced(&compact)
+        } else {
+            compact
+        };
         self.respond(status, JSON, Body::from(body))
     }
 
@@ -193,18 +216,18 @@ impl<'a> Reply<'a> {
         };
         let secs = ceil_secs(rejection.retry_after);
         let mut response = self.too_many_requests(op, api_version, what, secs);
+        let format = self.shared.variants.reset_format;
         let headers = response.headers_mut();
-        headers.insert(
-            RETRY_AFTER_MS,
-            HeaderValue::from(ceil_millis(rejection.retry_after)),
-        );
-        headers.insert(
-            RESET_TOKENS,
-            HeaderValue::from(ceil_secs(rejection.reset_tokens)),
-        );
+        if !self.shared.variants.seconds_only_429 {
+            headers.insert(
+                RETRY_AFTER_MS,
+                HeaderValue::from(ceil_millis(rejection.retry_after)),
+            );
+        }
+        headers.insert(RESET_TOKENS, reset_value(rejection.reset_tokens, format));
         headers.insert(
             RESET_REQUESTS,
-            HeaderValue::from(ceil_secs(rejection.reset_requests)),
+            reset_value(rejection.reset_requests, format),
         );
         response
     }
@@ -247,12 +270,16 @@ impl<'a> Reply<'a> {
             ),
         };
         if let (Some(ms), Some(secs)) = (retry_after_ms, secs) {
+            let variants = self.shared.variants;
             let headers = response.headers_mut();
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
-            headers.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
+            if !variants.seconds_only_429 {
+                headers.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
+            }
             if code == StatusCode::TOO_MANY_REQUESTS {
-                headers.insert(RESET_REQUESTS, HeaderValue::from(secs));
-                headers.insert(RESET_TOKENS, HeaderValue::from(secs));
+                let reset = reset_value(Duration::from_millis(ms), variants.reset_format);
+                headers.insert(RESET_REQUESTS, reset.clone());
+                headers.insert(RESET_TOKENS, reset);
             }
         }
         response
@@ -299,8 +326,75 @@ impl<'a> Reply<'a> {
             );
             headers.insert(LIMIT_TOKENS, deployment.limit_tokens.clone());
             headers.insert(LIMIT_REQUESTS, deployment.limit_requests.clone());
+            if deployment.config.ptu {
+                let percent = format!("{}%", snapshot.utilization_percent);
+                if let Ok(value) = HeaderValue::from_str(&percent) {
+                    headers.insert(DEPLOYMENT_UTILIZATION, value);
+                }
+            }
         }
     }
+}
+
+/// An `x-ratelimit-reset-*` value: whole seconds rounded up (`6`), or a Go-style duration to the
+/// millisecond (`250ms`, `6s`, `1.5s`, `1m30s`, `1h0m0s`).
+pub(crate) fn reset_value(d: Duration, format: ResetFormat) -> HeaderValue {
+    match format {
+        ResetFormat::Seconds => HeaderValue::from(ceil_secs(d)),
+        ResetFormat::Duration => {
+            let text = go_duration(ceil_millis(d));
+            HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from(ceil_secs(d)))
+        }
+    }
+}
+
+/// `ms` written as Go's `time.Duration` writes it, to the millisecond.
+fn go_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (hours, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (minutes, rest) = (rest / 60_000, rest % 60_000);
+    let (secs, millis) = (rest / 1000, rest % 1000);
+    let mut text = String::new();
+    if hours > 0 {
+        let _ = write!(text, "{hours}h");
+    }
+    if hours > 0 || minutes > 0 {
+        let _ = write!(text, "{minutes}m");
+    }
+    let _ = write!(text, "{secs}");
+    if millis > 0 {
+        let fraction = format!("{millis:03}");
+        let _ = write!(text, ".{}", fraction.trim_end_matches('0'));
+    }
+    text.push('s');
+    text
+}
+
+/// Compact JSON re-written with a space after every `:` and `,` outside strings, as Python's
+/// `json.dumps` separates them.
+pub(crate) fn spaced(compact: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(compact.len() + compact.len() / 8);
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in compact {
+        out.push(b);
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b':' || b == b',' {
+            out.push(b' ');
+        }
+    }
+    out
 }
 
 /// The content-filter annotations of a harmless completion.
@@ -351,6 +445,34 @@ pub(crate) fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spacing_follows_python_and_leaves_strings_alone() {
+        let compact = br#"{"a":[1,2],"b":{"c":"x, y: \"z\",w"},"d":null}"#;
+        let out = String::from_utf8(spaced(compact)).unwrap();
+        assert_eq!(
+            out,
+            r#"{"a": [1, 2], "b": {"c": "x, y: \"z\",w"}, "d": null}"#
+        );
+        let back: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, serde_json::from_slice::<Value>(compact).unwrap());
+    }
+
+    #[test]
+    fn reset_values() {
+        let ms = Duration::from_millis;
+        assert_eq!(reset_value(ms(250), ResetFormat::Seconds), "1");
+        assert_eq!(reset_value(ms(6000), ResetFormat::Seconds), "6");
+        assert_eq!(reset_value(ms(250), ResetFormat::Duration), "250ms");
+        assert_eq!(reset_value(ms(6000), ResetFormat::Duration), "6s");
+        assert_eq!(reset_value(ms(1500), ResetFormat::Duration), "1.5s");
+        assert_eq!(reset_value(ms(90_000), ResetFormat::Duration), "1m30s");
+        assert_eq!(reset_value(ms(360_000), ResetFormat::Duration), "6m0s");
+        assert_eq!(
+            reset_value(ms(3_600_001), ResetFormat::Duration),
+            "1h0m0.001s"
+        );
+    }
 
     #[test]
     fn uuids_look_like_v4() {

@@ -29,6 +29,67 @@ pub struct RegionConfig {
     pub seed: u64,
     /// Faults active from start-up (see [`SimHandle::set_faults`](crate::SimHandle::set_faults)).
     pub faults: Vec<Fault>,
+    /// How far the answers stray from the simulator's tidy defaults, the way real backends do.
+    pub variants: Variants,
+}
+
+/// The shapes real backends give their answers where they differ from Azure's documented ones
+/// (reference, section 8). Every switch is off by default: the simulator then answers as Azure
+/// documents it. Set them with [`RegionConfig`]'s builder methods.
+///
+/// ```
+/// use simulator::{DoneEnding, RegionConfig, ResetFormat};
+///
+/// let config = RegionConfig::new("Sweden Central", "key")
+///     .spaced_json(true)
+///     .seconds_only_429(true)
+///     .reset_format(ResetFormat::Duration)
+///     .ignore_include_usage(true)
+///     .omit_stream_content_type(true)
+///     .done_ending(DoneEnding::Bare);
+/// assert!(config.variants.spaced_json);
+/// assert_eq!(config.variants.done_ending, DoneEnding::Bare);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Variants {
+    /// JSON written as Python's `json.dumps` writes it, a space after every `:` and `,`
+    /// (`{"usage": {"prompt_tokens": 5, ...}}`), in answers, stream chunks and error bodies.
+    pub spaced_json: bool,
+    /// Answers never carry `retry-after-ms`: a 429 says when to come back only in `retry-after`
+    /// (whole seconds, rounded up) and `x-ratelimit-reset-*`.
+    pub seconds_only_429: bool,
+    /// How `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` are written.
+    pub reset_format: ResetFormat,
+    /// Streams carry no usage chunk (and no `"usage": null`) even when the request sets
+    /// `stream_options.include_usage`, as before api-version `2024-09-01-preview`.
+    pub ignore_include_usage: bool,
+    /// Streamed answers have no `content-type` header.
+    pub omit_stream_content_type: bool,
+    /// What follows the final `data: [DONE]` of a stream.
+    pub done_ending: DoneEnding,
+}
+
+/// The format of `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` (the reference,
+/// section 2: Azure's format is unconfirmed; `6`, `6s`, `1m30s` and `250ms` are all seen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ResetFormat {
+    /// Whole seconds, rounded up: `6` (what Microsoft's samples parse).
+    #[default]
+    Seconds,
+    /// A Go-style duration to the millisecond: `250ms`, `6s`, `1.5s`, `1m30s` (OpenAI's format).
+    Duration,
+}
+
+/// How a stream's last event, `data: [DONE]`, ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DoneEnding {
+    /// `data: [DONE]` and a blank line, like every other event.
+    #[default]
+    BlankLine,
+    /// `data: [DONE]` and one newline: the event is never closed by a blank line.
+    Newline,
+    /// `data: [DONE]` and nothing after it.
+    Bare,
 }
 
 /// One model deployment and its quota.
@@ -46,6 +107,8 @@ pub struct DeploymentConfig {
     pub rpm: Option<u64>,
     /// Length of embedding vectors (embeddings deployments only).
     pub dimensions: usize,
+    /// A provisioned (PTU) deployment: every answer carries `azure-openai-deployment-utilization`.
+    pub ptu: bool,
 }
 
 /// The operations a deployment serves.
@@ -69,6 +132,7 @@ impl RegionConfig {
             token_delay: Duration::ZERO,
             seed: 0,
             faults: Vec::new(),
+            variants: Variants::default(),
         }
     }
 
@@ -101,6 +165,42 @@ impl RegionConfig {
         self.faults.push(fault);
         self
     }
+
+    /// Writes JSON with a space after every `:` and `,` ([`Variants::spaced_json`]).
+    pub fn spaced_json(mut self, on: bool) -> Self {
+        self.variants.spaced_json = on;
+        self
+    }
+
+    /// Leaves `retry-after-ms` out of every answer ([`Variants::seconds_only_429`]).
+    pub fn seconds_only_429(mut self, on: bool) -> Self {
+        self.variants.seconds_only_429 = on;
+        self
+    }
+
+    /// Sets the format of `x-ratelimit-reset-*` ([`Variants::reset_format`]).
+    pub fn reset_format(mut self, format: ResetFormat) -> Self {
+        self.variants.reset_format = format;
+        self
+    }
+
+    /// Sends no usage chunk in streams, whatever the request asks ([`Variants::ignore_include_usage`]).
+    pub fn ignore_include_usage(mut self, on: bool) -> Self {
+        self.variants.ignore_include_usage = on;
+        self
+    }
+
+    /// Sends streams without `content-type` ([`Variants::omit_stream_content_type`]).
+    pub fn omit_stream_content_type(mut self, on: bool) -> Self {
+        self.variants.omit_stream_content_type = on;
+        self
+    }
+
+    /// Sets how a stream's `data: [DONE]` ends ([`Variants::done_ending`]).
+    pub fn done_ending(mut self, ending: DoneEnding) -> Self {
+        self.variants.done_ending = ending;
+        self
+    }
 }
 
 // === impl DeploymentConfig ===
@@ -115,6 +215,7 @@ impl DeploymentConfig {
             tpm,
             rpm: None,
             dimensions: 0,
+            ptu: false,
         }
     }
 
@@ -127,6 +228,7 @@ impl DeploymentConfig {
             tpm,
             rpm: None,
             dimensions: DEFAULT_DIMENSIONS,
+            ptu: false,
         }
     }
 
@@ -145,6 +247,13 @@ impl DeploymentConfig {
     /// Sets the embedding dimension.
     pub fn dimensions(mut self, dimensions: usize) -> Self {
         self.dimensions = dimensions;
+        self
+    }
+
+    /// Marks the deployment as provisioned (PTU): its answers carry
+    /// `azure-openai-deployment-utilization`, the share of its capacity in use, e.g. `87%`.
+    pub fn ptu(mut self, on: bool) -> Self {
+        self.ptu = on;
         self
     }
 

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, to_bytes};
+use axum::body::to_bytes;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
@@ -25,8 +25,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::azure::{
-    EVENT_STREAM, JSON, Operation, Reply, completion_filter_results, prompt_filter_results,
-    random_id, unix_now,
+    Operation, Reply, completion_filter_results, prompt_filter_results, random_id, unix_now,
 };
 use crate::config::DeploymentKind;
 use crate::faults::FaultKind;
@@ -380,12 +379,14 @@ fn chat(
             created,
             model: &deployment.config.model,
             system_fingerprint: &deployment.system_fingerprint,
-            include_usage: plan.include_usage,
+            include_usage: plan.include_usage && !shared.variants.ignore_include_usage,
             usage,
+            spaced: shared.variants.spaced_json,
+            done: shared.variants.done_ending,
         };
         let frames = streaming::chat_frames(&meta, &choices);
         let body = streaming::body(frames, shared.token_delay, abort_after);
-        return reply.respond(StatusCode::OK, EVENT_STREAM, body);
+        return reply.stream(body);
     }
     let filter = completion_filter_results();
     let choices: Vec<Value> = choices
@@ -441,12 +442,14 @@ fn completions(
             created,
             model: &deployment.config.model,
             system_fingerprint: &deployment.system_fingerprint,
-            include_usage: plan.include_usage,
+            include_usage: plan.include_usage && !shared.variants.ignore_include_usage,
             usage,
+            spaced: shared.variants.spaced_json,
+            done: shared.variants.done_ending,
         };
         let frames = streaming::completion_frames(&meta, &choices);
         let body = streaming::body(frames, shared.token_delay, abort_after);
-        return reply.respond(StatusCode::OK, EVENT_STREAM, body);
+        return reply.stream(body);
     }
     let filter = completion_filter_results();
     let choices: Vec<Value> = choices
@@ -546,7 +549,7 @@ fn embeddings(
         },
     };
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    reply.respond(StatusCode::OK, JSON, Body::from(bytes))
+    reply.json_bytes(StatusCode::OK, bytes)
 }
 
 fn responses(

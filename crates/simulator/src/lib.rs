@@ -7,7 +7,9 @@
 //! error bodies, SSE framing and per-deployment TPM/RPM limits counted on arrival. Tokens are
 //! counted with tiktoken's `o200k_base` ([`tokens`]); generated text and embeddings are
 //! deterministic for a seed. Faults ([`Fault`]) can be injected at start-up, through [`SimHandle`]
-//! or over HTTP (`/sim/*`, see the [`admin`] module docs).
+//! or over HTTP (`/sim/*`, see the [`admin`] module docs). [`Variants`] make a region answer the
+//! way real backends do where they differ from Azure's documents (spaced JSON, seconds-only 429s,
+//! streams without usage or content-type, a bare `[DONE]`); all are off by default.
 //!
 //! # Example
 //!
@@ -48,7 +50,7 @@ pub mod tokens;
 
 pub use config::{
     DEFAULT_CHAT_MODEL, DEFAULT_DIMENSIONS, DEFAULT_EMBEDDINGS_MODEL, DeploymentConfig,
-    DeploymentKind, RegionConfig,
+    DeploymentKind, DoneEnding, RegionConfig, ResetFormat, Variants,
 };
 pub use faults::{Fault, FaultKind};
 pub use server::{RunningRegion, router, spawn};

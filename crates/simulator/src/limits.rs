@@ -50,6 +50,9 @@ pub(crate) enum Admission {
 pub(crate) struct Snapshot {
     pub(crate) remaining_tokens: u64,
     pub(crate) remaining_requests: u64,
+    /// Share of the capacity in use, in percent (the fuller of the two windows), as a PTU
+    /// deployment reports it in `azure-openai-deployment-utilization`.
+    pub(crate) utilization_percent: u64,
 }
 
 /// Why and for how long a request was rejected.
@@ -101,6 +104,16 @@ impl FixedWindow {
 
     pub(crate) fn remaining(&self) -> u64 {
         self.limit.saturating_sub(self.used)
+    }
+
+    /// Percent of the limit used, rounded up (a deployment in use never shows 0%), at most 100.
+    pub(crate) fn percent_used(&self) -> u64 {
+        if self.limit == 0 {
+            return 100;
+        }
+        let percent = u128::from(self.used) * 100;
+        let percent = percent.div_ceil(u128::from(self.limit)).min(100);
+        u64::try_from(percent).unwrap_or(100)
     }
 
     pub(crate) fn fits(&self, amount: u64) -> bool {
@@ -203,6 +216,7 @@ impl DeploymentLimits {
         Snapshot {
             remaining_tokens: self.tokens.remaining(),
             remaining_requests: self.requests.remaining(),
+            utilization_percent: self.tokens.percent_used().max(self.requests.percent_used()),
         }
     }
 }
@@ -297,6 +311,26 @@ mod tests {
         assert!(
             matches!(limits.admit(t0 + secs(10), 1), Admission::Admitted(s) if s.remaining_requests == 4)
         );
+    }
+
+    #[test]
+    fn utilization_is_the_fuller_window_rounded_up() {
+        let t0 = Instant::now();
+        let mut limits = DeploymentLimits::new(1000, 60); // 10 requests per 10 s
+        assert_eq!(limits.snapshot(t0).utilization_percent, 0);
+        let Admission::Admitted(s) = limits.admit(t0, 1) else {
+            panic!("rejected")
+        };
+        // 1 token in 1,000 rounds up to 1%; 1 request in 10 is 10%.
+        assert_eq!(s.utilization_percent, 10);
+        let Admission::Admitted(s) = limits.admit(t0, 994) else {
+            panic!("rejected")
+        };
+        assert_eq!(s.utilization_percent, 100, "995 of 1,000 tokens");
+        let Admission::Rejected(r) = limits.admit(t0, 10) else {
+            panic!("admitted")
+        };
+        assert_eq!(r.snapshot.utilization_percent, 100);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use simulator::{DeploymentConfig, Fault, RegionConfig};
+use simulator::{DeploymentConfig, DoneEnding, Fault, RegionConfig, ResetFormat};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
@@ -24,7 +24,24 @@ OPTIONS:
     --token-delay-ms N       delay before each streamed token [default: 0]
     --seed N                 seed for fault percentages and generated text [default: 0]
     --fault JSON             start-up fault (repeatable), e.g. '{\"kind\":\"status\",\"status\":503,\"percent\":10}'
+    --ptu NAME               mark deployment NAME as provisioned (repeatable): every answer
+                             carries azure-openai-deployment-utilization, e.g. `87%`
     -h, --help               print this help
+
+VARIANTS (how real backends differ from Azure's documented answers; all off by default):
+    --spaced-json            JSON with a space after every `:` and `,` (Python's json.dumps), in
+                             answers, stream chunks and error bodies
+    --seconds-only-429       no retry-after-ms anywhere: a 429 says when to come back only in
+                             retry-after (whole seconds) and x-ratelimit-reset-*
+    --reset-format FORMAT    x-ratelimit-reset-* as `seconds` (`6`) or `duration` (`250ms`,
+                             `1.5s`, `1m30s`) [default: seconds]
+    --ignore-include-usage   streams carry no usage chunk, even with stream_options.include_usage
+    --no-stream-content-type streams are sent without a content-type header
+    --done-ending ENDING     how the final `data: [DONE]` ends: `blank-line` (`\\n\\n`),
+                             `newline` (`\\n`) or `bare` (nothing) [default: blank-line]
+
+x-ratelimit-remaining-requests counts the 10-second request window down to 0 on the last request
+it admits; the next one gets a 429.
 
 ADMIN API (no auth):
     POST /sim/faults (one fault or an array; replaces)   DELETE /sim/faults
@@ -94,6 +111,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut token_delay = Duration::ZERO;
     let mut seed = 0;
     let mut faults = Vec::new();
+    let mut ptu = Vec::new();
+    let mut variants = simulator::Variants::default();
 
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -106,6 +125,10 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
                 (flag.to_owned(), Some(value.to_owned()))
             }
             _ => (arg.clone(), None),
+        };
+        let switch = || match &inline {
+            Some(_) => Err(format!("{flag} takes no value")),
+            None => Ok(true),
         };
         let mut value = || {
             inline
@@ -139,6 +162,34 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
                 fault.validate().map_err(|e| format!("--fault {v}: {e}"))?;
                 faults.push(fault);
             }
+            "--ptu" => ptu.push(value()?),
+            "--spaced-json" => variants.spaced_json = switch()?,
+            "--seconds-only-429" => variants.seconds_only_429 = switch()?,
+            "--ignore-include-usage" => variants.ignore_include_usage = switch()?,
+            "--no-stream-content-type" => variants.omit_stream_content_type = switch()?,
+            "--reset-format" => {
+                variants.reset_format = match value()?.as_str() {
+                    "seconds" => ResetFormat::Seconds,
+                    "duration" => ResetFormat::Duration,
+                    other => {
+                        return Err(format!(
+                            "--reset-format {other}: expected `seconds` or `duration`"
+                        ));
+                    }
+                };
+            }
+            "--done-ending" => {
+                variants.done_ending = match value()?.as_str() {
+                    "blank-line" => DoneEnding::BlankLine,
+                    "newline" => DoneEnding::Newline,
+                    "bare" => DoneEnding::Bare,
+                    other => {
+                        return Err(format!(
+                            "--done-ending {other}: expected `blank-line`, `newline` or `bare`"
+                        ));
+                    }
+                };
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -150,12 +201,20 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     if keys.is_empty() {
         keys.push("sim-key".to_owned());
     }
+    for name in &ptu {
+        let deployment = deployments
+            .iter_mut()
+            .find(|d| &d.name == name)
+            .ok_or_else(|| format!("--ptu {name}: no deployment of that name"))?;
+        deployment.ptu = true;
+    }
     let mut config = RegionConfig::new(region, keys.remove(0))
         .token_delay(token_delay)
         .seed(seed);
     config.api_keys.extend(keys);
     config.deployments = deployments;
     config.faults = faults;
+    config.variants = variants;
     Ok(Some(Args { listen, config }))
 }
 
@@ -226,6 +285,44 @@ mod tests {
         assert_eq!(c.token_delay, Duration::from_millis(20));
         assert_eq!(c.seed, 7);
         assert_eq!(c.faults, vec![Fault::drop_connection().percent(5.0)]);
+        assert_eq!(c.variants, simulator::Variants::default());
+        assert!(c.deployments.iter().all(|d| !d.ptu));
+    }
+
+    #[test]
+    fn parses_variants() {
+        let c = args(&[
+            "--deployment",
+            "gpt-4o-ptu=1000",
+            "--deployment",
+            "gpt-4o=1000",
+            "--ptu",
+            "gpt-4o-ptu",
+            "--spaced-json",
+            "--seconds-only-429",
+            "--reset-format",
+            "duration",
+            "--ignore-include-usage",
+            "--no-stream-content-type",
+            "--done-ending=bare",
+        ])
+        .unwrap()
+        .unwrap()
+        .config;
+        assert!(c.deployments[0].ptu);
+        assert!(!c.deployments[1].ptu);
+        let v = c.variants;
+        assert!(v.spaced_json && v.seconds_only_429);
+        assert!(v.ignore_include_usage && v.omit_stream_content_type);
+        assert_eq!(v.reset_format, ResetFormat::Duration);
+        assert_eq!(v.done_ending, DoneEnding::Bare);
+
+        assert!(args(&["--ptu", "nope"]).is_err());
+        assert!(args(&["--spaced-json=yes"]).is_err());
+        assert!(args(&["--reset-format", "hours"]).is_err());
+        assert!(args(&["--done-ending", "crlf"]).is_err());
+        let newline = args(&["--done-ending", "newline"]).unwrap().unwrap();
+        assert_eq!(newline.config.variants.done_ending, DoneEnding::Newline);
     }
 
     #[test]

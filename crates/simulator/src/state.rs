@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use serde_json::{Value, json};
 
-use crate::config::{DeploymentConfig, RegionConfig};
+use crate::config::{DeploymentConfig, RegionConfig, Variants};
 use crate::faults::{Fault, FaultState};
 use crate::limits::DeploymentLimits;
 use crate::tokens::fnv;
@@ -33,6 +33,7 @@ pub(crate) struct Shared {
     pub(crate) token_delay: Duration,
     pub(crate) seed: u64,
     pub(crate) faults: FaultState,
+    pub(crate) variants: Variants,
     request_count: AtomicU64,
     recent: Mutex<VecDeque<Recorded>>,
 }
@@ -97,6 +98,7 @@ impl Shared {
             token_delay: config.token_delay,
             seed: config.seed,
             faults: FaultState::new(config.seed, config.faults),
+            variants: config.variants,
             request_count: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REQUESTS)),
         }

@@ -3,7 +3,10 @@
 //! A chat stream is: a prompt-annotation frame (empty `id`, `model` and `object`, `choices: []`,
 //! `prompt_filter_results`); per choice a first chunk with `delta {role, content: ""}`, one chunk per
 //! token and a finish chunk (`delta {}`, `finish_reason`); a usage chunk (`choices: []`) when
-//! `stream_options.include_usage` is set; then `data: [DONE]`.
+//! `stream_options.include_usage` is set; then `data: [DONE]`. A region's [`Variants`] may space
+//! the JSON, leave the usage chunk out, or end `[DONE]` without its blank line.
+//!
+//! [`Variants`]: crate::Variants
 
 use std::io;
 use std::time::Duration;
@@ -13,7 +16,8 @@ use bytes::Bytes;
 use futures_util::stream;
 use serde_json::{Value, json};
 
-use crate::azure::prompt_filter_results;
+use crate::azure::{prompt_filter_results, spaced};
+use crate::config::DoneEnding;
 use crate::tokens::Generated;
 
 /// SSE events written back to back into one buffer, with the end of each event.
@@ -22,6 +26,8 @@ pub(crate) struct Frames {
     buf: Vec<u8>,
     /// End offset of each event, and whether to sleep the token delay before sending it.
     ends: Vec<(usize, bool)>,
+    /// Re-write each event's JSON with Python's spacing.
+    spaced: bool,
 }
 
 /// Identity of a streamed completion, repeated in every chunk.
@@ -32,6 +38,10 @@ pub(crate) struct StreamMeta<'a> {
     pub(crate) system_fingerprint: &'a str,
     pub(crate) include_usage: bool,
     pub(crate) usage: Value,
+    /// JSON written with a space after every `:` and `,`.
+    pub(crate) spaced: bool,
+    /// How the final `data: [DONE]` ends.
+    pub(crate) done: DoneEnding,
 }
 
 /// `content_filter_results` of a harmless token, pre-serialised (keys sorted like serde_json's).
@@ -40,10 +50,11 @@ const SAFE_FILTER: &str = r#"{"hate":{"filtered":false,"severity":"safe"},"self_
 // === impl Frames ===
 
 impl Frames {
-    fn with_capacity(events: usize) -> Self {
+    fn with_capacity(events: usize, spaced: bool) -> Self {
         Self {
             buf: Vec::with_capacity(events * 320),
             ends: Vec::with_capacity(events),
+            spaced,
         }
     }
 
@@ -65,12 +76,24 @@ impl Frames {
         self.end(paced);
     }
 
-    fn push_done(&mut self) {
+    fn push_done(&mut self, ending: DoneEnding) {
         self.buf.extend_from_slice(b"data: [DONE]");
-        self.end(false);
+        self.buf.extend_from_slice(match ending {
+            DoneEnding::BlankLine => b"\n\n".as_slice(),
+            DoneEnding::Newline => b"\n",
+            DoneEnding::Bare => b"",
+        });
+        self.ends.push((self.buf.len(), false));
     }
 
     fn end(&mut self, paced: bool) {
+        if self.spaced {
+            // The event's JSON starts after the previous event and its `data: `.
+            let start = self.ends.last().map_or(0, |&(end, _)| end) + b"data: ".len();
+            let json = spaced(&self.buf[start..]);
+            self.buf.truncate(start);
+            self.buf.extend_from_slice(&json);
+        }
         self.buf.extend_from_slice(b"\n\n");
         self.ends.push((self.buf.len(), paced));
     }
@@ -121,7 +144,7 @@ pub(crate) fn chat_frames(meta: &StreamMeta<'_>, choices: &[Generated]) -> Frame
     let object = "chat.completion.chunk";
     let tail = chunk_tail(meta, object);
     let tokens: usize = choices.iter().map(|c| c.pieces.len()).sum();
-    let mut frames = Frames::with_capacity(tokens + 3 * choices.len() + 3);
+    let mut frames = Frames::with_capacity(tokens + 3 * choices.len() + 3, meta.spaced);
     annotation(&mut frames);
     let head =
         format!(r#"{{"choices":[{{"content_filter_results":{SAFE_FILTER},"delta":{{"content":"#);
@@ -163,7 +186,7 @@ pub(crate) fn completion_frames(meta: &StreamMeta<'_>, choices: &[Generated]) ->
     let object = "text_completion";
     let tail = chunk_tail(meta, object);
     let tokens: usize = choices.iter().map(|c| c.pieces.len()).sum();
-    let mut frames = Frames::with_capacity(tokens + choices.len() + 3);
+    let mut frames = Frames::with_capacity(tokens + choices.len() + 3, meta.spaced);
     annotation(&mut frames);
     let head = format!(
         r#"{{"choices":[{{"content_filter_results":{SAFE_FILTER},"finish_reason":null,"index":"#
@@ -205,7 +228,7 @@ fn push_usage_and_done(frames: &mut Frames, meta: &StreamMeta<'_>, object: &str)
             false,
         );
     }
-    frames.push_done();
+    frames.push_done(meta.done);
 }
 
 /// A body made of the first half of `full` that then breaks (a non-streaming answer cut by
@@ -214,6 +237,7 @@ pub(crate) fn truncated_body(full: &[u8]) -> Body {
     let frames = Frames {
         buf: full[..full.len() / 2].to_vec(),
         ends: vec![(full.len() / 2, false)],
+        spaced: false,
     };
     body(frames, Duration::ZERO, Some(1))
 }
