@@ -190,7 +190,7 @@ async fn a_stream_is_charged_its_usage_and_the_unrequested_usage_chunk_is_hidden
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stream_the_client_drops_is_charged_at_least_its_reservation() {
+async fn a_stream_the_client_drops_is_charged_its_prompt_and_what_was_generated() {
     let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
     let (reply, tx) = stream_reply();
     let gw = gateway(layer.clone(), reply, Seen::default());
@@ -201,8 +201,12 @@ async fn a_stream_the_client_drops_is_charged_at_least_its_reservation() {
     assert!(body.frame().await.is_some());
     drop(body);
     layer.settled().await;
-    // A usage chunk never came: the prompt plus one chunk is below the reservation, which stands.
-    assert_eq!(used(&layer).await.tokens_this_minute, reserved(STREAM));
+    // A usage chunk never came: the prompt and the one token generated, not the max_tokens that
+    // was reserved and never produced.
+    let prompt =
+        tokens::estimate(Operation::ChatCompletions, "gpt-4o", STREAM.as_bytes(), 16).prompt;
+    assert_eq!(used(&layer).await.tokens_this_minute, prompt + 1);
+    assert!(prompt + 1 < reserved(STREAM));
 }
 
 #[tokio::test(start_paused = true)]

@@ -273,16 +273,8 @@ where
     }
     if is_event_stream(&parts.headers) {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
-        let reserved = reservation.as_ref().map_or(0, |r| r.tokens);
         let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
-        let body = UsageBody::sse(
-            body,
-            strip_usage,
-            estimate.prompt,
-            reserved,
-            record,
-            reconcile,
-        );
+        let body = UsageBody::sse(body, strip_usage, estimate.prompt, record, reconcile);
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
