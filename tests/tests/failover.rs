@@ -614,3 +614,100 @@ async fn an_unreachable_backend_is_not_named_to_the_client() {
     );
     gw.stop().await;
 }
+
+// === bounded bodies, against a backend that is no simulator ===
+
+/// A backend that answers its one connection with `head` (status line and headers) and `first`,
+/// then a space every `every` (or nothing more), for at most 30 s. It reports whether the gateway
+/// hung up before that.
+async fn slow_backend(
+    head: &'static str,
+    first: &'static [u8],
+    every: Option<Duration>,
+) -> (String, tokio::sync::oneshot::Receiver<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let (mut rd, mut wr) = socket.into_split();
+        wr.write_all(head.as_bytes()).await.unwrap();
+        wr.write_all(first).await.unwrap();
+        let give_up = tokio::time::sleep(Duration::from_secs(30));
+        tokio::pin!(give_up);
+        let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+        tick.tick().await;
+        let mut buf = [0u8; 4096];
+        let hung_up = loop {
+            tokio::select! {
+                read = rd.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break true,
+                    Ok(_) => continue,
+                },
+                _ = tick.tick(), if every.is_some() => {
+                    if wr.write_all(b" ").await.is_err() {
+                        break true;
+                    }
+                }
+                () = &mut give_up => break false,
+            }
+        };
+        let _ = tx.send(hung_up);
+    });
+    (url, rx)
+}
+
+/// A gateway whose only backend, `slow` in "Slow Region", is at `url`; a 1.5 s deadline and a 1 s
+/// idle timeout.
+async fn gateway_over(url: &str, failover: &str) -> Gateway {
+    let backend = format!(
+        "[[backends]]\nname = \"slow\"\nregion = \"Slow Region\"\nendpoint = \"{url}\"\napi_key = \"env:{}\"\n[backends.deployments]\n\"gpt-4o\" = \"gpt-4o\"\n",
+        env_name("Slow Region")
+    );
+    let extra = format!(
+        "[failover]\ndeadline_ms = 1500\nresponse_header_timeout_ms = 1000\nstream_idle_timeout_ms = 1000\n{failover}"
+    );
+    gateway(&policy(&["gpt-4o"], &[backend], &extra), &["Slow Region"]).await
+}
+
+#[tokio::test]
+async fn a_json_answer_dribbled_past_the_deadline_is_a_504() {
+    // The headers promise 64 bytes; a space comes every 500 ms, inside the idle timeout.
+    let (url, hung_up) = slow_backend(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 64\r\n\r\n",
+        b"{",
+        Some(Duration::from_millis(500)),
+    )
+    .await;
+    let gw = gateway_over(&url, "").await;
+
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 504);
+    assert_eq!(served_by(&res), "gateway");
+    let (code, message) = azure_error(res).await;
+    assert_eq!(code, "GatewayTimeout");
+    assert!(!message.contains("127.0.0.1"), "{message}");
+    assert!(hung_up.await.unwrap(), "the gateway let go of the backend");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn azures_last_5xx_passed_through_is_cut_when_its_body_goes_silent() {
+    // The headers promise 64 bytes; after the first few the backend says nothing, and keeps the
+    // connection open.
+    let (url, hung_up) = slow_backend(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 64\r\n\r\n",
+        b"{\"error\":",
+        None,
+    )
+    .await;
+    let gw = gateway_over(&url, "max_attempts = 1\n").await;
+
+    let res = gw.chat("gpt-4o", &chat("hi")).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(served_by(&res), "slow (Slow Region)");
+    assert!(res.bytes().await.is_err(), "the body is visibly cut short");
+    assert!(hung_up.await.unwrap(), "the gateway let go of the backend");
+    gw.stop().await;
+}

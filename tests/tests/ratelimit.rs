@@ -190,6 +190,29 @@ async fn read_stream(res: reqwest::Response) -> String {
     text
 }
 
+/// What the gateway counts as generated in a stream it saw without usage, from the same text the
+/// client got: a token per four bytes of content, at least one per chunk with content.
+fn generated(text: &str) -> u64 {
+    let (mut chunks, mut bytes) = (0u64, 0u64);
+    for data in text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        let n: u64 = v["choices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["delta"]["content"].as_str())
+            .map(|s| s.len() as u64)
+            .sum();
+        if n > 0 {
+            chunks += 1;
+            bytes += n;
+        }
+    }
+    chunks.max(bytes.div_ceil(4))
+}
+
 fn usage_chunks(text: &str) -> usize {
     text.split("\n\n")
         .filter_map(|e| e.strip_prefix("data: "))
@@ -351,7 +374,7 @@ async fn a_request_that_can_never_fit_is_a_400_not_an_endless_429() {
 }
 
 #[tokio::test]
-async fn a_client_hanging_up_mid_stream_pays_at_least_its_reservation() {
+async fn a_client_hanging_up_mid_stream_pays_its_prompt_and_what_was_generated() {
     let (_sim, gw) = limited_with("[consumers.limits]\ntokens_per_minute = 100000\n", |c| {
         c.token_delay(Duration::from_millis(50))
     })
@@ -359,30 +382,51 @@ async fn a_client_hanging_up_mid_stream_pays_at_least_its_reservation() {
     let body = json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300, "stream": true});
     let res = gw.chat("gpt-4o", &body).await;
     let reserved = 100_000 - header(&res, "x-ratelimit-remaining-tokens");
+    let prompt = reserved - 300;
+    // Read until some text came (the gateway saw it too), then hang up.
     let mut stream = res.bytes_stream();
-    while !std::str::from_utf8(&stream.next().await.unwrap().unwrap())
-        .unwrap()
-        .contains("chat.completion.chunk")
-    {}
+    let mut text = String::new();
+    while generated(&text) == 0 {
+        text.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+    }
     drop(stream);
     stream_let_go(&gw).await;
 
-    let next = gw
-        .chat(
-            "gpt-4o",
-            &json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300}),
-        )
-        .await;
-    let used_before = 100_000 - header(&next, "x-ratelimit-remaining-tokens") - reserved;
+    // Some tokens were generated, far fewer than the 300 reserved (they take 15 s to generate).
+    let charged = tokens_this_minute(&gw).await;
     assert!(
-        used_before >= reserved,
-        "charged {used_before}, reserved {reserved}"
+        charged > prompt && charged < reserved,
+        "charged {charged}, prompt {prompt}, reserved {reserved}"
     );
     gw.stop().await;
 }
 
 #[tokio::test]
-async fn an_old_api_version_gets_no_stream_options_and_keeps_its_reservation() {
+async fn a_stream_that_breaks_is_charged_its_prompt_and_what_it_generated() {
+    let (sim, gw) = limited("[consumers.limits]\ntokens_per_minute = 100000\n").await;
+    sim.handle().set_faults(vec![Fault::abort_stream(3)]);
+    let body = json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300, "stream": true});
+    let res = gw.chat("gpt-4o", &body).await;
+    assert_eq!(res.status(), 200);
+    let reserved = 100_000 - header(&res, "x-ratelimit-remaining-tokens");
+    let mut text = String::new();
+    let mut stream = res.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.contains("upstream_stream_broken"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    stream_let_go(&gw).await;
+
+    // The prompt and the text that came before the break; not the 300 tokens reserved.
+    let generated = generated(&text);
+    assert!(generated > 0, "{text}");
+    assert_eq!(tokens_this_minute(&gw).await, reserved - 300 + generated);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_old_api_version_gets_no_stream_options_and_is_charged_what_it_generated() {
     let (sim, gw) = limited("[consumers.limits]\ntokens_per_minute = 100000\n").await;
     let url = gw.url("/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01");
     let res = client()
@@ -399,13 +443,10 @@ async fn an_old_api_version_gets_no_stream_options_and_keeps_its_reservation() {
     assert!(sent.get("stream_options").is_none(), "{sent}");
     // The client read the stream to its end: once the gateway let go of it, await its accounting.
     stream_let_go(&gw).await;
-    let next = gw
-        .chat(
-            "gpt-4o",
-            &json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 300}),
-        )
-        .await;
-    // No usage chunk: the stream keeps its whole reservation (at least).
-    assert!(100_000 - header(&next, "x-ratelimit-remaining-tokens") >= 2 * reserved);
+    // No usage chunk: the prompt and the text the stream carried, measured as the gateway does.
+    assert_eq!(
+        tokens_this_minute(&gw).await,
+        reserved - 300 + generated(&text)
+    );
     gw.stop().await;
 }

@@ -52,6 +52,9 @@ enum Reply {
     Hang,
     /// Answers an SSE stream whose events come from a channel (taken by the first attempt).
     Stream(Arc<Mutex<Option<mpsc::Receiver<Bytes>>>>),
+    /// Answers this status with a JSON body whose bytes come from a channel (taken by the first
+    /// attempt).
+    Dribble(u16, Arc<Mutex<Option<mpsc::Receiver<Bytes>>>>),
     /// Says it was called, waits to be released, then answers 200.
     Held {
         called: Arc<Notify>,
@@ -97,6 +100,14 @@ impl Reply {
                 let mut res = Response::new(ChannelBody(rx).boxed());
                 res.headers_mut()
                     .insert("content-type", "text/event-stream".parse()?);
+                Ok(res)
+            }
+            Reply::Dribble(status, rx) => {
+                let rx = rx.lock().unwrap().take().ok_or("body already taken")?;
+                let mut res = Response::new(ChannelBody(rx).boxed());
+                *res.status_mut() = StatusCode::from_u16(status)?;
+                res.headers_mut()
+                    .insert("content-type", "application/json".parse()?);
                 Ok(res)
             }
             Reply::Held { called, release } => {
@@ -761,6 +772,125 @@ async fn a_stream_that_keeps_talking_is_not_cut() {
     let ptu = status(&pool, "ptu");
     assert_eq!(ptu.window_failures, 0);
     assert_eq!(ptu.in_flight, 0);
+}
+
+/// A body answer whose bytes come from the returned sender.
+fn dribble(status: u16) -> (Reply, mpsc::Sender<Bytes>) {
+    let (tx, rx) = mpsc::channel(16);
+    (Reply::Dribble(status, Arc::new(Mutex::new(Some(rx)))), tx)
+}
+
+/// Whether a body error is the failover layer's timeout (what the rate-limit layer turns into 504).
+fn timed_out(err: &BoxError) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+#[tokio::test(start_paused = true)]
+async fn azures_last_5xx_passed_through_is_cut_when_its_body_goes_silent() {
+    let upstream = Upstream::default();
+    let (reply, tx) = dribble(503);
+    upstream.set("a", reply);
+    let idle = Duration::from_secs(5);
+    let gw = gateway(
+        FailoverLayer::new(pool(&[("a", 1)], PoolSettings::default())).stream_idle_timeout(idle),
+        &upstream,
+    );
+    tx.send(Bytes::from_static(b"{\"error\":")).await.unwrap();
+
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(header(&res, "x-served-by"), "a (Test)");
+    let mut body = Box::pin(res.into_body());
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "{\"error\":");
+
+    // The backend says nothing more and keeps the connection: the body is cut, not left hanging.
+    let start = Instant::now();
+    let next = tokio::time::timeout(10 * idle, body.frame()).await;
+    let err = next.expect("the body must not hang").unwrap().unwrap_err();
+    assert!(timed_out(&err), "{err}");
+    assert_eq!(start.elapsed(), idle);
+    assert!(body.frame().await.is_none());
+    drop(tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_json_body_still_arriving_at_the_deadline_is_cut_and_charged_to_the_backend() {
+    let upstream = Upstream::default();
+    let (reply, tx) = dribble(200);
+    upstream.set("ptu", reply);
+    let pool = two_backends();
+    let deadline = Duration::from_secs(10);
+    let gw = gateway(
+        FailoverLayer::new(pool.clone())
+            .deadline(deadline)
+            .stream_idle_timeout(Duration::from_secs(5)),
+        &upstream,
+    );
+    // A byte every 4 s: never silent for the idle timeout, never done.
+    let backend = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            if tx.send(Bytes::from_static(b" ")).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let start = Instant::now();
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 200);
+    let mut body = Box::pin(res.into_body());
+    let read = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return err,
+                None => panic!("the body must end with an error, not complete"),
+            }
+        }
+    };
+    let err = tokio::time::timeout(deadline * 10, read)
+        .await
+        .expect("the body must be cut at the deadline");
+    assert!(timed_out(&err), "{err}");
+    assert_eq!(start.elapsed(), deadline);
+    drop(body);
+    let ptu = status(&pool, "ptu");
+    assert_eq!(ptu.window_failures, 1);
+    assert_eq!(ptu.in_flight, 0);
+    backend.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_may_outlast_the_deadline_while_it_keeps_talking() {
+    let (tx, rx) = mpsc::channel(4);
+    let upstream = Upstream::default();
+    upstream.set("ptu", Reply::Stream(Arc::new(Mutex::new(Some(rx)))));
+    let pool = two_backends();
+    let gw = gateway(
+        FailoverLayer::new(pool.clone())
+            .deadline(Duration::from_secs(10))
+            .stream_idle_timeout(Duration::from_secs(5)),
+        &upstream,
+    );
+
+    let start = Instant::now();
+    let res = call(&gw).await;
+    let mut body = Box::pin(res.into_body());
+    // Generation takes as long as it takes: the deadline bounds the wait for headers only.
+    for i in 0..6 {
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let event = Bytes::from(format!("data: {i}\n\n"));
+        tx.send(event.clone()).await.unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), event);
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(24));
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    assert_eq!(status(&pool, "ptu").window_failures, 0);
 }
 
 // === stacking and policies ===

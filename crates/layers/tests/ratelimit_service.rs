@@ -13,8 +13,10 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitStore, Limits, MemoryStore, Reservation, StoreError, Usage,
 };
 use gateway_core::operation::Operation;
+use gateway_core::pool::{Backend, BackendPool, PoolSettings};
 use gateway_core::tokens;
 use gateway_layers::BoxError;
+use gateway_layers::FailoverLayer;
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::context::RequestContext;
 use gateway_layers::ratelimit::{ConsumerLimits, OnStoreError, RateLimitLayer};
@@ -24,6 +26,7 @@ use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use common::ChannelBody;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
@@ -187,7 +190,7 @@ async fn a_stream_is_charged_its_usage_and_the_unrequested_usage_chunk_is_hidden
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stream_the_client_drops_is_charged_at_least_its_reservation() {
+async fn a_stream_the_client_drops_is_charged_its_prompt_and_what_was_generated() {
     let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
     let (reply, tx) = stream_reply();
     let gw = gateway(layer.clone(), reply, Seen::default());
@@ -198,8 +201,12 @@ async fn a_stream_the_client_drops_is_charged_at_least_its_reservation() {
     assert!(body.frame().await.is_some());
     drop(body);
     layer.settled().await;
-    // A usage chunk never came: the prompt plus one chunk is below the reservation, which stands.
-    assert_eq!(used(&layer).await.tokens_this_minute, reserved(STREAM));
+    // A usage chunk never came: the prompt and the one token generated, not the max_tokens that
+    // was reserved and never produced.
+    let prompt =
+        tokens::estimate(Operation::ChatCompletions, "gpt-4o", STREAM.as_bytes(), 16).prompt;
+    assert_eq!(used(&layer).await.tokens_this_minute, prompt + 1);
+    assert!(prompt + 1 < reserved(STREAM));
 }
 
 #[tokio::test(start_paused = true)]
@@ -267,4 +274,68 @@ async fn a_failing_store_refuses_with_503_under_fail_closed() {
 
     let res = gw.oneshot(chat(CHAT)).await.unwrap();
     assert_eq!(res.status(), 503);
+}
+
+// === over the failover layer ===
+
+#[tokio::test(start_paused = true)]
+async fn a_json_answer_dribbled_past_the_deadline_is_a_504_and_releases_its_reservation() {
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1000, 10));
+    let answer = r#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let upstream = service_fn(move |_: Request<Full<Bytes>>| {
+        let rx = rx.lock().unwrap().take();
+        async move {
+            let rx = rx.ok_or("called twice")?;
+            // Headers at once, promising the whole answer; the body comes a byte at a time.
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-length", answer.len())
+                .body(ChannelBody(rx).boxed())
+                .map_err(BoxError::from)
+        }
+    });
+    let backend = Backend {
+        name: "east".to_owned(),
+        region: "Test".to_owned(),
+        endpoint: "http://east.test".to_owned(),
+        priority: 1,
+        weight: 1,
+        deployments: [("gpt-4o".to_owned(), "gpt-4o".to_owned())].into(),
+        credential: None,
+    };
+    let pool = Arc::new(BackendPool::new(vec![backend], PoolSettings::default()));
+    let keys = Arc::new(ConsumerKeys::new().consumer("app", ["k"], None));
+    let gw = ServiceBuilder::new()
+        .layer(RequestContextLayer::new(1 << 20))
+        .layer(ConsumerAuthLayer::new(keys))
+        .layer(layer.clone())
+        .layer(
+            FailoverLayer::new(pool)
+                .deadline(Duration::from_secs(10))
+                .stream_idle_timeout(Duration::from_secs(5)),
+        )
+        .service(upstream);
+    // A byte every 4 s: never silent for the idle timeout, never done before the deadline.
+    let backend = tokio::spawn(async move {
+        for byte in answer.bytes() {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            if tx.send(Bytes::from(vec![byte])).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let start = Instant::now();
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let body = std::str::from_utf8(&body).unwrap();
+    assert!(body.contains(r#""code":"GatewayTimeout""#), "{body}");
+    assert!(!body.contains("east.test"), "{body}");
+    let u = used(&layer).await;
+    assert_eq!((u.tokens_this_minute, u.requests_this_minute), (0, 1));
+    backend.abort();
 }

@@ -102,7 +102,9 @@ impl<P> FailoverLayer<P> {
     }
 
     /// Overall time until response headers, across attempts (default 120 s). It starts when the
-    /// layer is called, so a slow upload does not eat the upstreams' time.
+    /// layer is called, so a slow upload does not eat the upstreams' time. A body that is not a
+    /// stream (a JSON answer, an error passed through) must also have arrived by then, or it is
+    /// broken off; a stream's generation is bounded by the idle timeout instead.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.config.deadline = deadline;
         self
@@ -115,8 +117,9 @@ impl<P> FailoverLayer<P> {
         self
     }
 
-    /// Longest silence allowed inside a response body (default 120 s); then the body is broken off
-    /// (an SSE stream gets an `event: error`) and the backend is charged with a failure.
+    /// Longest silence allowed inside any upstream response body, errors passed through included
+    /// (default 120 s); then the body is broken off (an SSE stream gets an `event: error`) and, if
+    /// the backend served it, the backend is charged with a failure.
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.stream_idle_timeout = timeout;
         self

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use super::body::StreamWatch;
+use super::body::{BodyLimits, StreamWatch};
 use super::{
     Attempt, AttemptOutcome, AzurePolicy, Decision, FailoverBody, FailoverLayer, FailoverPolicy,
     FailoverReport, ServedBy, Shared,
@@ -282,15 +282,22 @@ where
                 record(Some(status.as_u16()), AttemptOutcome::Served);
                 report.served_by = Some(id);
                 let sse = is_event_stream(res.headers());
+                // A stream's generation may outlast the deadline for its headers; an answer that
+                // is not a stream was complete when its headers came, so it must arrive by then.
+                // Some backends send streams without a content type: the request says it too.
+                let stream = sse || ctx.stream();
+                let limits = BodyLimits {
+                    idle: config.stream_idle_timeout,
+                    deadline: (!stream).then_some(deadline),
+                    sse,
+                };
                 let watch = StreamWatch {
                     pool: pool.clone(),
                     id,
                     deployment: deployment.to_owned(),
-                    sse,
-                    idle_timeout: config.stream_idle_timeout,
                     _in_flight: in_flight,
                 };
-                let res = res.map(|b| FailoverBody::upstream(b, Some(watch)));
+                let res = res.map(|b| FailoverBody::upstream(b, limits, Some(watch)));
                 return served(res, up.served_by.clone(), report);
             }
             Decision::FailOver {
@@ -362,7 +369,7 @@ where
     }
 
     let now = Instant::now().into_std();
-    give_up(&shared, deployment, exhausted, last, report, now)
+    give_up(&shared, deployment, exhausted, last, report, now, deadline)
 }
 
 /// The answer when no [`RequestContext`] came with the request: the stack is assembled wrong, which
@@ -547,6 +554,7 @@ fn give_up<B>(
     last: Option<LastFailure<B>>,
     mut report: FailoverReport,
     now: std::time::Instant,
+    deadline: Instant,
 ) -> Response<FailoverBody<B>> {
     // Every candidate cools down after throttling: tell the client when to come back.
     if let Some(wait) = exhausted.as_ref().and_then(|e| e.shortest_cooldown) {
@@ -566,7 +574,13 @@ fn give_up<B>(
         // Azure's own 5xx is more useful to the client than a summary of it.
         Some(LastFailure::Response(id, res)) => {
             let up = &shared.upstreams[id.0];
-            let res = res.map(|b| FailoverBody::upstream(b, None));
+            // An error answer is no stream: bounded by the deadline as well as the idle timeout.
+            let limits = BodyLimits {
+                idle: shared.config.stream_idle_timeout,
+                deadline: Some(deadline),
+                sse: is_event_stream(res.headers()),
+            };
+            let res = res.map(|b| FailoverBody::upstream(b, limits, None));
             report.served_by = Some(id);
             return served(res, up.served_by.clone(), report);
         }

@@ -1,3 +1,5 @@
+use std::fmt;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -6,6 +8,8 @@ use bytes::Bytes;
 use gateway_core::tokens::{self, Usage};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::BoxError;
 use crate::body::MaybeFull;
@@ -32,12 +36,11 @@ pub(crate) struct SseWatch {
     pending: Vec<u8>,
     strip_usage: bool,
     usage: Option<Usage>,
-    /// Chunks that carried generated text: about one token each, the consumption of a stream that
-    /// ends without its usage chunk.
+    /// Events that carried generated text: at least one token each.
     content_chunks: u64,
+    /// Bytes of generated text (content, tool-call arguments, Responses deltas), decoded from JSON.
+    generated_bytes: u64,
     prompt_estimate: u64,
-    /// Tokens reserved: the least a stream that never told its usage is charged.
-    reserved: u64,
     /// Set when an event grew past [`MAX_PENDING`]: the stream is passed on without being read.
     gave_up: bool,
     /// Where the backend's usage goes, for observers.
@@ -84,7 +87,6 @@ impl<B> UsageBody<B> {
         inner: B,
         strip_usage: bool,
         prompt_estimate: u64,
-        reserved: u64,
         record: Option<Arc<Record>>,
         reconcile: Option<Reconcile>,
     ) -> Self {
@@ -95,8 +97,8 @@ impl<B> UsageBody<B> {
                 strip_usage,
                 usage: None,
                 content_chunks: 0,
+                generated_bytes: 0,
                 prompt_estimate,
-                reserved,
                 gave_up: false,
                 record,
                 reconcile,
@@ -202,8 +204,8 @@ impl SseWatch {
         let mut start = 0;
         while let Some(end) = find_event_end(&self.pending[start..]) {
             let event = &self.pending[start..start + end];
-            let (usage, content) = inspect(event);
-            self.note(usage, content);
+            let (usage, generated) = inspect(event);
+            self.note(usage, generated);
             start += end;
         }
         self.pending.drain(..start);
@@ -222,11 +224,11 @@ impl SseWatch {
         let mut start = 0;
         while let Some(end) = find_event_end(&self.pending[start..]) {
             let event = &self.pending[start..start + end];
-            let (usage, content) = inspect(event);
+            let (usage, generated) = inspect(event);
             if usage.is_none() {
                 out.extend_from_slice(event);
             }
-            self.note(usage, content);
+            self.note(usage, generated);
             start += end;
         }
         self.pending.drain(..start);
@@ -243,7 +245,7 @@ impl SseWatch {
         self.gave_up = true;
     }
 
-    fn note(&mut self, usage: Option<Usage>, content: bool) {
+    fn note(&mut self, usage: Option<Usage>, generated: usize) {
         if let Some(usage) = usage {
             self.usage = Some(usage);
             // At once: observers may see the response end before this body is polled to its end.
@@ -251,19 +253,22 @@ impl SseWatch {
                 record.set_usage(usage);
             }
         }
-        if content {
+        if generated > 0 {
             self.content_chunks += 1;
+            self.generated_bytes += generated as u64;
         }
     }
 
+    /// Tokens generated so far, by the text streamed: a token per four bytes (the rough measure the
+    /// estimate uses too), and never less than one per event that carried text.
+    fn generated(&self) -> u64 {
+        self.content_chunks.max(self.generated_bytes.div_ceil(4))
+    }
+
     fn finish(&mut self) {
-        let counted = Usage {
-            prompt: self.prompt_estimate,
-            completion: self.content_chunks,
-            total: self.prompt_estimate + self.content_chunks,
-        };
-        // Without the backend's own figure the chunk count is a floor (chunks may hold several
-        // tokens, tool calls, other fields): never charge less than was reserved.
+        // Without the backend's own figure (a stream that broke, that the client left, or whose
+        // api-version has no usage chunk) the charge is what Azure bills for it: the prompt and
+        // what was generated before it ended, not the `max_tokens` that was never produced.
         let consumed = match self.usage {
             Some(usage) => {
                 // Only what the backend said is usage; outer layers show the estimate otherwise.
@@ -272,7 +277,7 @@ impl SseWatch {
                 }
                 usage.total
             }
-            None => counted.total.max(self.reserved),
+            None => self.prompt_estimate.saturating_add(self.generated()),
         };
         if let Some(reconcile) = self.reconcile.as_mut() {
             reconcile.fire(consumed);
@@ -298,25 +303,184 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// The usage total if this event is a final usage chunk, and whether it carried generated text.
-fn inspect(event: &[u8]) -> (Option<Usage>, bool) {
+/// The usage if this event is a final usage chunk, and the bytes of text it generated.
+fn inspect(event: &[u8]) -> (Option<Usage>, usize) {
     let Ok(text) = std::str::from_utf8(event) else {
-        return (None, false);
+        return (None, 0);
     };
     let mut usage = None;
-    let mut content = false;
+    let mut generated = 0;
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data:") else {
             continue;
         };
         let data = data.trim_start();
-        // Parsed as JSON, whatever its spacing; frames without the word `usage` are skipped unparsed.
-        usage = tokens::usage_from_sse_data(data).or(usage);
-        if data.contains("\"content\":\"") && !data.contains("\"content\":\"\"") {
-            content = true;
+        if !data.starts_with('{') {
+            continue;
+        }
+        // Parsed as JSON, whatever its spacing. An event with text is no usage chunk (that one has
+        // no choices), so the usage parse is spared on the stream's ordinary events.
+        let text = serde_json::from_str::<Generated>(data).map_or(0, |g| g.bytes());
+        if text > 0 {
+            generated += text;
+        } else {
+            usage = tokens::usage_from_sse_data(data).or(usage);
         }
     }
-    (usage, content)
+    (usage, generated)
+}
+
+// === generated text ===
+
+/// The generated text of one streamed event, measured as it is parsed and never copied: chat and
+/// completions `choices[].delta.content`, `delta.refusal`, `delta.tool_calls[].function.arguments`
+/// and `choices[].text`; a Responses event's `delta`.
+#[derive(Deserialize)]
+struct Generated {
+    #[serde(default)]
+    choices: Sum<Choice>,
+    #[serde(default)]
+    delta: TextLen,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: TextLen,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: TextLen,
+    #[serde(default)]
+    refusal: TextLen,
+    #[serde(default)]
+    tool_calls: Sum<ToolCall>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall {
+    #[serde(default)]
+    function: Option<Function>,
+}
+
+#[derive(Deserialize)]
+struct Function {
+    #[serde(default)]
+    arguments: TextLen,
+}
+
+/// Something with a length of generated text.
+trait TextBytes {
+    fn bytes(&self) -> usize;
+}
+
+/// The length in bytes of a JSON string; any other value (null, an object) counts nothing.
+#[derive(Default)]
+struct TextLen(usize);
+
+/// The summed lengths of the elements of a JSON array (null counts nothing), without keeping them.
+struct Sum<T>(usize, PhantomData<T>);
+
+impl Generated {
+    fn bytes(&self) -> usize {
+        self.choices.0 + self.delta.0
+    }
+}
+
+impl TextBytes for Choice {
+    fn bytes(&self) -> usize {
+        self.text.0 + self.delta.as_ref().map_or(0, TextBytes::bytes)
+    }
+}
+
+impl TextBytes for Delta {
+    fn bytes(&self) -> usize {
+        self.content.0 + self.refusal.0 + self.tool_calls.0
+    }
+}
+
+impl TextBytes for ToolCall {
+    fn bytes(&self) -> usize {
+        self.function.as_ref().map_or(0, |f| f.arguments.0)
+    }
+}
+
+impl<T> Default for Sum<T> {
+    fn default() -> Self {
+        Sum(0, PhantomData)
+    }
+}
+
+impl<'de> Deserialize<'de> for TextLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TextLen;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<TextLen, E> {
+                Ok(TextLen(v.len()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_unit<E>(self) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_none<E>(self) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextLen, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TextLen(0))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextLen, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(TextLen(0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de, T: Deserialize<'de> + TextBytes> Deserialize<'de> for Sum<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de> + TextBytes> Visitor<'de> for V<T> {
+            type Value = Sum<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array or null")
+            }
+            fn visit_unit<E>(self) -> Result<Sum<T>, E> {
+                Ok(Sum::default())
+            }
+            fn visit_none<E>(self) -> Result<Sum<T>, E> {
+                Ok(Sum::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Sum<T>, A::Error> {
+                let mut total = 0;
+                while let Some(item) = seq.next_element::<T>()? {
+                    total += item.bytes();
+                }
+                Ok(Sum(total, PhantomData))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 #[cfg(test)]
@@ -333,8 +497,8 @@ mod tests {
                 strip_usage: strip,
                 usage: None,
                 content_chunks: 0,
+                generated_bytes: 0,
                 prompt_estimate: 10,
-                reserved: 0,
                 gave_up: false,
                 record: Some(Arc::new(Record::new(
                     http::HeaderValue::from_static("t"),
@@ -381,12 +545,36 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_dropped_without_usage_pays_at_least_its_reservation() {
+    fn a_stream_dropped_without_usage_pays_its_prompt_and_what_was_generated() {
         let (mut w, seen) = watch(false);
-        w.reserved = 100;
+        w.read(CHUNK.as_bytes());
         w.read(CHUNK.as_bytes());
         drop(w);
-        assert_eq!(*seen.lock().unwrap(), Some(100));
+        // The prompt (10) and two one-token chunks; never the max_tokens that was not produced.
+        assert_eq!(*seen.lock().unwrap(), Some(12));
+    }
+
+    #[test]
+    fn generated_text_is_measured_whatever_its_shape() {
+        // Azure's content filter sends text in batches: 40 bytes are about 10 tokens, not 1.
+        let batched = "data: {\"choices\": [{\"delta\": {\"content\": \"0123456789012345678901234567890123456789\"}, \"index\": 0}], \"usage\": null}\n\n";
+        let tool = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},\"index\":0}]}\n\n";
+        let legacy = "data: {\"choices\":[{\"text\":\"Hello\",\"index\":0}]}\n\n";
+        let responses = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi!\"}\n\n";
+        let nothing = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"index\":0}],\"prompt_filter_results\":[]}\n\n";
+        assert_eq!(inspect(batched.as_bytes()), (None, 40));
+        assert_eq!(inspect(tool.as_bytes()), (None, 16));
+        assert_eq!(inspect(legacy.as_bytes()), (None, 5));
+        assert_eq!(inspect(responses.as_bytes()), (None, 3));
+        assert_eq!(inspect(nothing.as_bytes()), (None, 0));
+        assert_eq!(inspect(DONE.as_bytes()), (None, 0));
+        assert_eq!(inspect(USAGE.as_bytes()).1, 0);
+
+        let (mut w, seen) = watch(false);
+        w.read(format!("{batched}{CHUNK}{nothing}").as_bytes());
+        w.finish();
+        // 10 + 42 bytes / 4, rounded up: a token per four bytes beats a token per chunk here.
+        assert_eq!(*seen.lock().unwrap(), Some(10 + 11));
     }
 
     #[test]

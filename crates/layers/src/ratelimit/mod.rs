@@ -10,7 +10,10 @@
 //! - **After the call** the reservation is reconciled with the real `usage`: from the JSON body, or for
 //!   streams from the final usage chunk, which the layer asks for (`stream_options.include_usage`) when
 //!   the api-version supports it and removes from the stream when the client did not ask for it. A
-//!   failed call releases its reservation; an aborted stream keeps what was really generated.
+//!   failed call releases its reservation; a stream that ends without usage is charged its prompt
+//!   and what it generated, measured from the streamed text. A JSON answer is read whole before it
+//!   is sent, bounded by the body below it (the [`FailoverLayer`](crate::FailoverLayer)'s idle
+//!   timeout and deadline): one that is not complete in time is a 504 `GatewayTimeout`.
 //! - The consumer's `x-ratelimit-remaining-tokens`, `x-ratelimit-remaining-requests`,
 //!   `x-ratelimit-limit-*` and the tokens consumed go back in response headers (names configurable).
 //!

@@ -273,16 +273,8 @@ where
     }
     if is_event_stream(&parts.headers) {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
-        let reserved = reservation.as_ref().map_or(0, |r| r.tokens);
         let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
-        let body = UsageBody::sse(
-            body,
-            strip_usage,
-            estimate.prompt,
-            reserved,
-            record,
-            reconcile,
-        );
+        let body = UsageBody::sse(body, strip_usage, estimate.prompt, record, reconcile);
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
@@ -292,6 +284,8 @@ where
     }
     // A JSON answer arrives whole once generation is done: reading it adds no latency worth the
     // name, and gives the tokens-consumed header and an exact reconciliation before the next call.
+    // The read is bounded by the body below, not here: the failover layer's body ends one that is
+    // silent too long or late for the request's deadline, the one place that deadline is known.
     match body.collect().await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
@@ -313,6 +307,18 @@ where
         }
         Err(err) => {
             let err: BoxError = err.into();
+            if timed_out(&*err) {
+                // The body below (the failover layer's) ran into its idle timeout or the request's
+                // deadline, and said so in its log. Nothing was sent yet: the client gets a 504,
+                // and as for any failed call, the reservation is released.
+                tracing::debug!(error = %err, "upstream answer not complete in time");
+                settle(&shared, reservation.as_ref(), 0).await;
+                return Ok(azure_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "GatewayTimeout",
+                    "The backend's answer did not arrive in time.",
+                ));
+            }
             tracing::warn!(error = %err, "upstream answer broke while being read");
             settle(&shared, reservation.as_ref(), estimate.prompt).await;
             Ok(azure_error(
@@ -322,6 +328,23 @@ where
             ))
         }
     }
+}
+
+/// Whether a body broke because it took too long: an [`std::io::Error`] of kind `TimedOut` anywhere
+/// in its chain, as the failover layer's body ends one that is silent too long or late for the
+/// request's deadline.
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// What routing needs: no tokenizer, the body's length over four plus the output limit.
