@@ -281,14 +281,14 @@ where
                 pool.record(id, deployment, Outcome::Success, Instant::now().into_std());
                 record(Some(status.as_u16()), AttemptOutcome::Served);
                 report.served_by = Some(id);
-                let sse = is_event_stream(res.headers());
                 // A stream's generation may outlast the deadline for its headers; an answer that
                 // is not a stream was complete when its headers came, so it must arrive by then.
-                // Some backends send streams without a content type: the request says it too.
-                let stream = sse || ctx.stream();
+                // Some backends send streams without a content type: the request says it too, and
+                // a broken one then ends with an error event all the same.
+                let sse = is_event_stream(res.headers()) || ctx.stream();
                 let limits = BodyLimits {
                     idle: config.stream_idle_timeout,
-                    deadline: (!stream).then_some(deadline),
+                    deadline: (!sse).then_some(deadline),
                     sse,
                 };
                 let watch = StreamWatch {

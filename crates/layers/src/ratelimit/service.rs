@@ -152,7 +152,8 @@ where
         exact(ctx, config)
     };
     // Chat only: whether Azure's legacy Completions accept `stream_options` is not documented.
-    let streaming_chat = ctx.stream() && ctx.operation == Operation::ChatCompletions;
+    let stream_requested = ctx.stream();
+    let streaming_chat = stream_requested && ctx.operation == Operation::ChatCompletions;
     let v1 = ctx.deployment_source == DeploymentSource::Body;
     let wants_usage_chunk = streaming_chat
         && tokens::supports_stream_usage(ctx.api_version.as_deref(), v1)
@@ -271,7 +272,8 @@ where
         settle(&shared, reservation.as_ref(), 0).await;
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
-    if is_event_stream(&parts.headers) {
+    // Some backends send a stream without its content type: the request says it is one too.
+    if is_event_stream(&parts.headers) || stream_requested {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
         let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
         let body = UsageBody::sse(body, strip_usage, estimate.prompt, record, reconcile);
