@@ -147,6 +147,38 @@ impl Gateway {
         self.rate_limit.settled().await;
     }
 
+    /// Waits until no stream is in flight anywhere (polled: the server lets go of a body, or notices
+    /// a closed connection, on its own time; the rate-limit layer starts a stream's accounting
+    /// before the backend's count goes down), then until that accounting has reached the store
+    /// (awaited).
+    pub async fn stream_let_go(&self) {
+        eventually("the gateway letting go of the stream", || async {
+            let status = self.status().await;
+            let in_flight: u64 = status["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["in_flight"].as_u64().unwrap())
+                .sum();
+            (in_flight == 0).then_some(())
+        })
+        .await;
+        self.settled().await;
+    }
+
+    /// A consumer's tokens this minute, as its limit store holds them.
+    pub async fn tokens_this_minute(&self, consumer: &str) -> u64 {
+        let status = self.status().await;
+        let found = status["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == consumer)
+            .cloned()
+            .unwrap_or_else(|| panic!("no consumer {consumer} on the status page"));
+        found["usage"]["tokens_this_minute"].as_u64().unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

@@ -26,38 +26,6 @@ async fn limited_with(
     started
 }
 
-/// The consumer's usage this minute as the gateway's status shows it: what its limit store holds.
-async fn tokens_this_minute(gw: &Gateway) -> u64 {
-    let status = gw.status().await;
-    let tester = status["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "tester")
-        .cloned()
-        .unwrap();
-    tester["usage"]["tokens_this_minute"].as_u64().unwrap()
-}
-
-/// Waits until a stream is no longer in flight anywhere (the server lets go of a body, or notices a
-/// closed connection, on its own time: that is polled; the rate-limit layer starts the stream's
-/// accounting before the backend's count goes down), then until that accounting has reached the
-/// store (that is awaited).
-async fn stream_let_go(gw: &Gateway) {
-    eventually("the gateway letting go of the dropped stream", || async {
-        let status = gw.status().await;
-        let in_flight: u64 = status["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["in_flight"].as_u64().unwrap())
-            .sum();
-        (in_flight == 0).then_some(())
-    })
-    .await;
-    gw.settled().await;
-}
-
 fn header(res: &reqwest::Response, name: &str) -> u64 {
     res.headers()[name].to_str().unwrap().parse().unwrap()
 }
@@ -260,8 +228,8 @@ async fn streams_are_reconciled_from_a_usage_chunk_the_client_does_not_see() {
     // it, check the store no longer holds the reservation, then make the same call without
     // streaming, which reserves the same amount again.
     let reserved = 100_000 - remaining_during;
-    stream_let_go(&gw).await;
-    assert_ne!(tokens_this_minute(&gw).await, reserved);
+    gw.stream_let_go().await;
+    assert_ne!(gw.tokens_this_minute("tester").await, reserved);
     let next = gw
         .chat(
             "gpt-4o",
@@ -390,10 +358,10 @@ async fn a_client_hanging_up_mid_stream_pays_its_prompt_and_what_was_generated()
         text.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
     }
     drop(stream);
-    stream_let_go(&gw).await;
+    gw.stream_let_go().await;
 
     // Some tokens were generated, far fewer than the 300 reserved (they take 15 s to generate).
-    let charged = tokens_this_minute(&gw).await;
+    let charged = gw.tokens_this_minute("tester").await;
     assert!(
         charged > prompt && charged < reserved,
         "charged {charged}, prompt {prompt}, reserved {reserved}"
@@ -416,12 +384,15 @@ async fn a_stream_that_breaks_is_charged_its_prompt_and_what_it_generated() {
     }
     assert!(text.contains("upstream_stream_broken"), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
-    stream_let_go(&gw).await;
+    gw.stream_let_go().await;
 
     // The prompt and the text that came before the break; not the 300 tokens reserved.
     let generated = generated(&text);
     assert!(generated > 0, "{text}");
-    assert_eq!(tokens_this_minute(&gw).await, reserved - 300 + generated);
+    assert_eq!(
+        gw.tokens_this_minute("tester").await,
+        reserved - 300 + generated
+    );
     gw.stop().await;
 }
 
@@ -442,10 +413,10 @@ async fn an_old_api_version_gets_no_stream_options_and_is_charged_what_it_genera
     let sent: Value = serde_json::from_slice(&sim.handle().recent_requests()[0].body).unwrap();
     assert!(sent.get("stream_options").is_none(), "{sent}");
     // The client read the stream to its end: once the gateway let go of it, await its accounting.
-    stream_let_go(&gw).await;
+    gw.stream_let_go().await;
     // No usage chunk: the prompt and the text the stream carried, measured as the gateway does.
     assert_eq!(
-        tokens_this_minute(&gw).await,
+        gw.tokens_this_minute("tester").await,
         reserved - 300 + generated(&text)
     );
     gw.stop().await;

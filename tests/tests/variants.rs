@@ -27,36 +27,6 @@ async fn sweden_as(adjust: impl FnOnce(RegionConfig) -> RegionConfig) -> (Runnin
     started
 }
 
-/// The consumer's tokens this minute, as its limit store holds them.
-async fn tokens_this_minute(gw: &Gateway) -> u64 {
-    let status = gw.status().await;
-    let tester = status["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "tester")
-        .cloned()
-        .unwrap();
-    tester["usage"]["tokens_this_minute"].as_u64().unwrap()
-}
-
-/// Waits until no stream is in flight (polled: the server lets go of a body on its own time), then
-/// until its accounting has reached the store (awaited).
-async fn stream_let_go(gw: &Gateway) {
-    eventually("the gateway letting go of the stream", || async {
-        let status = gw.status().await;
-        let in_flight: u64 = status["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["in_flight"].as_u64().unwrap())
-            .sum();
-        (in_flight == 0).then_some(())
-    })
-    .await;
-    gw.settled().await;
-}
-
 fn header(res: &reqwest::Response, name: &str) -> u64 {
     res.headers()[name].to_str().unwrap().parse().unwrap()
 }
@@ -127,7 +97,7 @@ fn story(include_usage: bool) -> Value {
 
 /// Streams `story` through the gateway: the client's text and the reservation it held.
 async fn stream_story(gw: &Gateway, include_usage: bool) -> (String, u64) {
-    let before = tokens_this_minute(gw).await;
+    let before = gw.tokens_this_minute("tester").await;
     let res = gw.chat("gpt-4o", &story(include_usage)).await;
     assert_eq!(res.status(), 200);
     let reserved = 100_000 - header(&res, "x-ratelimit-remaining-tokens") - before;
@@ -142,8 +112,8 @@ async fn usage_is_accounted_and_hidden(gw: &Gateway, sim: &RunningRegion) {
     let shown = usage_chunks(&text);
     assert_eq!(shown.len(), 1, "{text}");
     let reported = shown[0]["usage"]["total_tokens"].as_u64().unwrap();
-    stream_let_go(gw).await;
-    assert_eq!(tokens_this_minute(gw).await, reported);
+    gw.stream_let_go().await;
+    assert_eq!(gw.tokens_this_minute("tester").await, reported);
 
     // A client that did not ask never sees it, and is charged the same real usage, not its
     // reservation (prompt + 400) or an estimate.
@@ -151,8 +121,8 @@ async fn usage_is_accounted_and_hidden(gw: &Gateway, sim: &RunningRegion) {
     assert!(reserved > reported, "{reserved} vs {reported}");
     assert_eq!(usage_chunks(&text), Vec::<Value>::new(), "{text}");
     assert!(!content(&text).is_empty());
-    stream_let_go(gw).await;
-    assert_eq!(tokens_this_minute(gw).await, 2 * reported);
+    gw.stream_let_go().await;
+    assert_eq!(gw.tokens_this_minute("tester").await, 2 * reported);
     // The gateway did ask the region for it.
     let sent = sim
         .handle()
@@ -185,7 +155,7 @@ async fn a_spaced_json_answer_is_accounted_with_its_usage() {
     );
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(consumed, v["usage"]["total_tokens"].as_u64().unwrap());
-    assert_eq!(tokens_this_minute(&gw).await, consumed);
+    assert_eq!(gw.tokens_this_minute("tester").await, consumed);
     gw.stop().await;
 }
 
@@ -201,10 +171,10 @@ async fn a_stream_without_usage_is_charged_what_it_generated_and_never_shown_a_u
             chunks(&text).iter().all(|c| !c["usage"].is_object()),
             "include_usage {include_usage}: {text}"
         );
-        stream_let_go(&gw).await;
+        gw.stream_let_go().await;
         // No usage from the region: the prompt plus what was generated (at least a token per four
         // bytes of streamed text), not the whole reservation.
-        let now = tokens_this_minute(&gw).await;
+        let now = gw.tokens_this_minute("tester").await;
         let generated = (content(&text).len() as u64).div_ceil(4);
         assert!(
             now - charged > generated && now - charged < reserved,
@@ -345,7 +315,7 @@ async fn a_stream_ending_in_a_bare_done_passes_through_intact() {
             !through.ends_with(&format!("{tail}\n")),
             "{ending:?}: {through:?}"
         );
-        stream_let_go(&gw).await;
+        gw.stream_let_go().await;
 
         // Filtered (the usage chunk removed): the last event still reaches the client as it was.
         let (through, _) = stream_story(&gw, false).await;
@@ -358,7 +328,7 @@ async fn a_stream_ending_in_a_bare_done_passes_through_intact() {
             "{ending:?}: {through:?}"
         );
         assert_eq!(usage_chunks(&through), Vec::<Value>::new());
-        stream_let_go(&gw).await;
+        gw.stream_let_go().await;
         gw.stop().await;
     }
 }
