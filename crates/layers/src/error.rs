@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 use crate::headers::RETRY_AFTER_MS;
 
@@ -50,15 +50,36 @@ pub fn azure_error<B: From<Bytes>>(status: StatusCode, code: &str, message: &str
 /// assert!(std::str::from_utf8(res.body()).unwrap().ends_with("Please retry after 2 seconds.\"}}"));
 /// ```
 pub fn too_many_requests<B: From<Bytes>>(message: &str, wait: Duration) -> Response<B> {
-    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-    let secs = ms.div_ceil(1000);
+    let (secs, _) = retry_after_values(wait);
     let mut res = azure_error(
         StatusCode::TOO_MANY_REQUESTS,
         "429",
         &format!("{message} Please retry after {secs} seconds."),
     );
-    let h = res.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    h.insert(RETRY_AFTER_MS.clone(), HeaderValue::from(ms));
+    set_retry_after(res.headers_mut(), wait);
     res
+}
+
+/// Sets `retry-after` (whole seconds, rounded up) and `retry-after-ms` to `wait` (at least 1 ms), as
+/// Azure's own answers carry them: on any answer that knows when to come back (a 429, or a 503 when
+/// a circuit reopens or a store rests), so SDKs wait that long rather than guess.
+///
+/// ```
+/// use std::time::Duration;
+/// use gateway_layers::error::set_retry_after;
+///
+/// let mut headers = http::HeaderMap::new();
+/// set_retry_after(&mut headers, Duration::from_millis(2500));
+/// assert_eq!(headers["retry-after"], "3");
+/// assert_eq!(headers["retry-after-ms"], "2500");
+/// ```
+pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    let (secs, ms) = retry_after_values(wait);
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    headers.insert(RETRY_AFTER_MS.clone(), HeaderValue::from(ms));
+}
+
+fn retry_after_values(wait: Duration) -> (u64, u64) {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    (ms.div_ceil(1000), ms)
 }

@@ -638,6 +638,43 @@ async fn a_budget_spent_on_throttles_is_the_gateways_429_with_the_shortest_wait(
 // === the circuit breaker ===
 
 #[tokio::test(start_paused = true)]
+async fn a_503_when_every_circuit_is_open_says_when_the_first_reopens() {
+    let trip = Duration::from_secs(30);
+    let settings = PoolSettings {
+        circuit: CircuitSettings {
+            failures: 1,
+            interval: Duration::from_secs(10),
+            trip,
+        },
+        ..PoolSettings::default()
+    };
+    let pool = pool(&[("ptu", 1), ("paygo", 2)], settings);
+    let upstream = Upstream::default();
+    upstream.set("ptu", Reply::status(503));
+    upstream.set("paygo", Reply::status(503));
+    let gw = gateway(FailoverLayer::new(pool.clone()), &upstream);
+
+    // One failure each opens both circuits; Azure's last 503 is passed through as it is.
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(header(&res, "x-served-by"), "paygo (Test)");
+    assert_eq!(
+        header(&res, "retry-after-ms"),
+        "",
+        "Azure's own answer said nothing"
+    );
+
+    // Ten seconds on, nothing can be tried: the gateway's 503 says when the first circuit reopens.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(header(&res, "x-served-by"), "gateway");
+    assert_eq!(header(&res, "retry-after-ms"), "20000");
+    assert_eq!(header(&res, "retry-after"), "20");
+    assert_eq!(upstream.calls("ptu") + upstream.calls("paygo"), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_circuit_opens_then_lets_one_probe_through_which_reopens_or_closes_it() {
     let trip = Duration::from_secs(30);
     let settings = PoolSettings {

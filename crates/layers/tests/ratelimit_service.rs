@@ -272,8 +272,16 @@ async fn a_failing_store_refuses_with_503_under_fail_closed() {
         .on_store_error(OnStoreError::FailClosed);
     let gw = gateway(layer, Reply::Json(200, "{}"), Seen::default());
 
+    // The store failed: it rests a second, and the 503 says to come back then.
+    let res = gw.clone().oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after-ms"], "1000");
+    assert_eq!(res.headers()["retry-after"], "1");
+
+    tokio::time::advance(Duration::from_millis(400)).await;
     let res = gw.oneshot(chat(CHAT)).await.unwrap();
     assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after-ms"], "600");
 }
 
 // === over the failover layer ===

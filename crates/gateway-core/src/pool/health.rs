@@ -143,6 +143,27 @@ impl Health {
         }
     }
 
+    /// How long until this backend can take a request for `deployment` again, when it cannot now for
+    /// a reason that passes with time: an open circuit, a probe out, a cooldown.
+    pub(super) fn recovers_in(
+        &self,
+        deployment: &str,
+        now: Instant,
+        settings: &PoolSettings,
+    ) -> Option<Duration> {
+        match self.availability(deployment, now, settings) {
+            Availability::CoolingDown(left, _) => Some(left),
+            Availability::CircuitOpen => match (self.open_until, self.probe_started) {
+                (Some(until), _) if now < until => Some(until - now),
+                // Half-open with a probe out: the slot frees when the probe times out at the latest.
+                (_, Some(started)) => Some(settings.probe_timeout.saturating_sub(now - started))
+                    .filter(|d| !d.is_zero()),
+                _ => None,
+            },
+            Availability::Ready | Availability::Probe | Availability::NotFound => None,
+        }
+    }
+
     /// Re-checks availability under the same lock and, for a half-open backend, takes the probe slot.
     /// `false` when another thread changed the state since the scan.
     pub(super) fn claim(

@@ -509,6 +509,21 @@ impl BackendPool {
             .min()
     }
 
+    /// The least time until a backend serving `deployment` that is out of service (its circuit open,
+    /// a probe out, or resting after a failure) takes traffic again, if any is: what a client refused
+    /// with 503 should wait.
+    pub fn shortest_recovery(&self, deployment: &str, now: Instant) -> Option<Duration> {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.deployments.contains_key(deployment))
+            .filter_map(|(i, _)| {
+                self.lock(BackendId(i))
+                    .recovers_in(deployment, now, &self.settings)
+            })
+            .min()
+    }
+
     /// The id of the backend named `name`.
     pub fn id_of(&self, name: &str) -> Option<BackendId> {
         self.backends

@@ -28,7 +28,7 @@ use super::{
 use crate::BoxError;
 use crate::client::{Chain, ErrorCause};
 use crate::context::{DeploymentSource, RequestContext};
-use crate::error::{azure_error, too_many_requests};
+use crate::error::{azure_error, set_retry_after, too_many_requests};
 use crate::headers::{
     X_GATEWAY_ATTEMPTS, X_GATEWAY_THROTTLED, X_RATELIMIT_REMAINING_REQUESTS,
     X_RATELIMIT_REMAINING_TOKENS, X_SERVED_BY, is_event_stream, never_forwarded,
@@ -637,13 +637,18 @@ fn give_up<B>(
         ),
         None => {
             let open = exhausted.as_ref().map_or(0, |e| e.circuit_open);
-            azure_error(
+            let mut res: Response<FailoverBody<B>> = azure_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
                 &format!(
                     "No backend for deployment '{deployment}' is available ({open} with an open circuit). Retry later."
                 ),
-            )
+            );
+            // When the first backend comes back is known: tell the client, as a 429 does.
+            if let Some(wait) = shared.pool.shortest_recovery(deployment, now) {
+                set_retry_after(res.headers_mut(), wait);
+            }
+            res
         }
     };
     gateway_answer(res, report)

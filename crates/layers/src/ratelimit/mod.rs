@@ -164,6 +164,12 @@ impl<St> Shared<St> {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// What is left of the store's rest after a failure (zero when it is not resting).
+    fn store_rest_left(&self) -> Duration {
+        let until = self.store_rest_until.load(Ordering::Relaxed);
+        Duration::from_millis(until.saturating_sub(self.now_ms()))
+    }
+
     fn store_resting(&self) -> bool {
         self.now_ms() < self.store_rest_until.load(Ordering::Relaxed)
     }

@@ -21,7 +21,7 @@ use super::{OnStoreError, Shared};
 use crate::BoxError;
 use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
-use crate::error::{azure_error, too_many_requests};
+use crate::error::{azure_error, set_retry_after, too_many_requests};
 use crate::headers::{X_GATEWAY_LIMIT, content_length, is_event_stream};
 use crate::record::{Limit, Record};
 
@@ -235,11 +235,14 @@ where
                     metrics::gauge!("gateway_limit_store_up").set(0.0);
                 }
                 if config.on_store_error == OnStoreError::FailClosed {
-                    return Ok(azure_error(
+                    let mut res = azure_error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "ServiceUnavailable",
                         "The gateway cannot check rate limits right now. Please retry later.",
-                    ));
+                    );
+                    // The store is not asked again before its rest is over: come back then.
+                    set_retry_after(res.headers_mut(), shared.store_rest_left());
+                    return Ok(res);
                 }
                 (None, Remaining::default())
             }
