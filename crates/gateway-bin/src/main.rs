@@ -84,9 +84,32 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
         }
     };
     if !skip_secrets {
-        if let Err(errors) = policy.resolve_secrets(&SystemSecrets, None) {
-            eprintln!("{errors}");
-            eprintln!("(use --skip-secrets to check a policy on a machine without its secrets)");
+        let secrets = match policy.resolve_secrets(&SystemSecrets, None) {
+            Ok(secrets) => secrets,
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!(
+                    "(use --skip-secrets to check a policy on a machine without its secrets)"
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        // Build what `serve` builds, so `check` refuses what `serve` would (a Redis URL the client
+        // cannot use, a credential that cannot be a header value...). Nothing is served or
+        // connected to: stores connect lazily.
+        let built = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))
+            .and_then(|rt| {
+                rt.block_on(async {
+                    app::build(&policy, &secrets)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+            });
+        if let Err(msg) = built {
+            eprintln!("{}: {msg}", path.display());
             return ExitCode::FAILURE;
         }
     }

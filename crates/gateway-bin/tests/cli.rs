@@ -63,6 +63,58 @@ fn check_reports_unresolvable_secrets_with_their_location() {
 }
 
 #[test]
+fn check_refuses_what_serve_would_refuse() {
+    let dir = common::temp_dir();
+    let file = dir.join("p.toml");
+    let policy = |extra: &str| {
+        format!(
+            "[[deployments]]\nname = \"gpt-4o\"\n\n[[backends]]\nname = \"a\"\nregion = \"r\"\nendpoint = \"https://a.openai.azure.com\"\napi_key = \"env:CHECK_KEY\"\ndeployments = {{ gpt-4o = \"g\" }}\n\n[[consumers]]\nname = \"app\"\nkeys = [\"env:CHECK_CLIENT\"]\n{extra}"
+        )
+    };
+    let check = |env: &[(&str, &str)]| {
+        let mut command = Command::new(GATEWAY);
+        command.args(["check", "--policy"]).arg(&file);
+        command
+            .env("CHECK_KEY", "backend-key")
+            .env("CHECK_CLIENT", "client-key");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+
+    std::fs::write(&file, policy("")).unwrap();
+    let out = check(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A backend key with a newline inside: `serve` cannot send it as a header.
+    let out = check(&[("CHECK_KEY", "abc\ndef")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("backends `a`"), "{stderr}");
+    assert!(
+        !stderr.contains("abc"),
+        "the key itself is never shown: {stderr}"
+    );
+
+    // A Redis URL the client cannot use.
+    std::fs::write(
+        &file,
+        policy("\n[rate_limit]\nstore = \"redis\"\nredis_url = \"env:CHECK_REDIS\"\n"),
+    )
+    .unwrap();
+    let out = check(&[("CHECK_REDIS", "not a url")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rate_limit.redis_url"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn check_reports_policy_errors_precisely() {
     let dir = common::temp_dir();
     let file = dir.join("bad.toml");
