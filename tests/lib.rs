@@ -251,6 +251,38 @@ pub fn client() -> reqwest::Client {
 }
 
 /// A small chat request body.
+/// After region A (backend `a`, preferred) was throttled at `throttled`, calls `gpt-4o` until A serves
+/// again: until then every call must go to region B (backend `b`) in one attempt and A must receive
+/// nothing; A must not serve sooner than `rest` after its 429. Counts calls at both regions, which
+/// start at one each.
+pub async fn until_a_serves_again(
+    gw: &Gateway,
+    a: &RunningRegion,
+    b: &RunningRegion,
+    throttled: std::time::Instant,
+    rest: Duration,
+) {
+    let count = |sim: &RunningRegion| sim.handle().request_count();
+    let served_by =
+        |res: &reqwest::Response| res.headers()["x-served-by"].to_str().unwrap().to_owned();
+    let mut poll = Poller::new("region A serving again after its cooldown");
+    let mut served_by_b = 1;
+    loop {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        if served_by(&res) == "a (Region A)" {
+            let rested = throttled.elapsed();
+            assert!(rested >= rest, "A served again {rested:?} after its 429");
+            break;
+        }
+        assert_eq!(served_by(&res), "b (Region B)");
+        assert_eq!(res.headers()["x-gateway-attempts"], "1", "A is resting");
+        served_by_b += 1;
+        assert_eq!((count(a), count(b)), (1, served_by_b));
+        poll.wait().await;
+    }
+    assert_eq!(count(a), 2);
+}
+
 pub fn chat(content: &str) -> Value {
     json!({"messages": [{"role": "user", "content": content}], "max_tokens": 20})
 }

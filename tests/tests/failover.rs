@@ -81,22 +81,7 @@ async fn throttled_region_rests_until_its_retry_after_ms_then_serves_again() {
 
     // While A cools down it receives nothing, though it is the preferred region: every call goes
     // to B in one attempt until A serves again, and that is not before its retry-after-ms.
-    let mut poll = Poller::new("region A serving again after its cooldown");
-    let mut served_by_b = 1;
-    loop {
-        let res = gw.chat("gpt-4o", &chat("hi")).await;
-        if served_by(&res) == "a (Region A)" {
-            let rested = throttled.elapsed();
-            assert!(rested >= rest, "A served again {rested:?} after its 429");
-            break;
-        }
-        assert_eq!(served_by(&res), "b (Region B)");
-        assert_eq!(attempts(&res), 1);
-        served_by_b += 1;
-        assert_eq!((count(&a), count(&b)), (1, served_by_b));
-        poll.wait().await;
-    }
-    assert_eq!(count(&a), 2);
+    until_a_serves_again(&gw, &a, &b, throttled, rest).await;
     gw.stop().await;
 }
 

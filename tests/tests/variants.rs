@@ -224,22 +224,7 @@ async fn a_seconds_only_429_cools_the_backend_down_that_long_and_fails_over() {
     assert_eq!(res.headers()["x-gateway-attempts"], "2");
     assert_eq!((count(&a), count(&b)), (1, 1));
 
-    let mut poll = Poller::new("region A serving again after its whole-second cooldown");
-    let mut served_by_b = 1;
-    loop {
-        let res = gw.chat("gpt-4o", &chat("hi")).await;
-        if served_by(&res) == "a (Region A)" {
-            let rested = throttled.elapsed();
-            assert!(rested >= rest, "A served again {rested:?} after its 429");
-            break;
-        }
-        assert_eq!(served_by(&res), "b (Region B)");
-        assert_eq!(res.headers()["x-gateway-attempts"], "1", "A is resting");
-        served_by_b += 1;
-        assert_eq!((count(&a), count(&b)), (1, served_by_b));
-        poll.wait().await;
-    }
-    assert_eq!(count(&a), 2);
+    until_a_serves_again(&gw, &a, &b, throttled, rest).await;
     assert_eq!(a.handle().recent_requests()[0].status, 429);
     gw.stop().await;
 }

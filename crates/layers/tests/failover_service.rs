@@ -637,18 +637,22 @@ async fn a_budget_spent_on_throttles_is_the_gateways_429_with_the_shortest_wait(
 
 // === the circuit breaker ===
 
-#[tokio::test(start_paused = true)]
-async fn a_503_when_every_circuit_is_open_says_when_the_first_reopens() {
-    let trip = Duration::from_secs(30);
-    let settings = PoolSettings {
+/// Pool settings whose circuit opens after `failures` within 10 s, for `trip`.
+fn circuit(failures: u32, trip: Duration) -> PoolSettings {
+    PoolSettings {
         circuit: CircuitSettings {
-            failures: 1,
+            failures,
             interval: Duration::from_secs(10),
             trip,
         },
         ..PoolSettings::default()
-    };
-    let pool = pool(&[("ptu", 1), ("paygo", 2)], settings);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_when_every_circuit_is_open_says_when_the_first_reopens() {
+    let trip = Duration::from_secs(30);
+    let pool = pool(&[("ptu", 1), ("paygo", 2)], circuit(1, trip));
     let upstream = Upstream::default();
     upstream.set("ptu", Reply::status(503));
     upstream.set("paygo", Reply::status(503));
@@ -677,15 +681,7 @@ async fn a_503_when_every_circuit_is_open_says_when_the_first_reopens() {
 #[tokio::test(start_paused = true)]
 async fn the_circuit_opens_then_lets_one_probe_through_which_reopens_or_closes_it() {
     let trip = Duration::from_secs(30);
-    let settings = PoolSettings {
-        circuit: CircuitSettings {
-            failures: 3,
-            interval: Duration::from_secs(10),
-            trip,
-        },
-        ..PoolSettings::default()
-    };
-    let pool = pool(&[("ptu", 1), ("paygo", 2)], settings);
+    let pool = pool(&[("ptu", 1), ("paygo", 2)], circuit(3, trip));
     let upstream = Upstream::default();
     upstream.set("ptu", Reply::status(503));
     let gw = gateway(FailoverLayer::new(pool.clone()), &upstream);
