@@ -2,6 +2,7 @@
 //! the fixtures and bounded waits the `gateway` binary's own tests share with them.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod azure_stub;
 mod poll;
 mod regions;
 
@@ -111,6 +112,47 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
         shutdown: Some(tx),
         task,
     }
+}
+
+/// Starts a gateway whose identity and secrets come from `env` alone (e.g. [`azure_stub::AzureStub::env`]
+/// plus the policy's `env:` references), reading `keyvault:` references and fetching Entra ID tokens
+/// as `gateway serve` does, and keeping them fresh. `Err` is the start-up error `serve` would print.
+pub async fn gateway_with_identity(
+    policy_toml: &str,
+    env: &[(String, String)],
+) -> Result<Gateway, String> {
+    let policy = Policy::from_toml_str(policy_toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    let secrets = env
+        .iter()
+        .fold(MapSecrets::with_fallback(NoSecrets), |s, (k, v)| {
+            s.with_env(k.clone(), v.clone())
+        });
+    let (resolved, identity) = gateway_bin::identity::resolve_secrets(&policy, &secrets).await?;
+    if let Some(identity) = &identity {
+        let refresh = Duration::from_secs(policy.key_vault.refresh_seconds);
+        gateway_bin::identity::keep_fresh(identity, &resolved, refresh).await?;
+    }
+    let gw = app::build(&policy, &resolved).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pool = gw.pool.clone();
+    let rate_limit = gw.rate_limit.clone();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(serve::serve(
+        listener,
+        gw,
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    Ok(Gateway {
+        addr,
+        pool,
+        rate_limit,
+        shutdown: Some(tx),
+        task,
+    })
 }
 
 /// A policy with the given deployments, backends and extra tables, and one consumer using [`CLIENT_KEY`].

@@ -206,7 +206,9 @@ fn backends(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Vec<Backend>, 
     let mut backends = Vec::with_capacity(policy.backends.len());
     for (spec, credential) in policy.backends.iter().zip(&secrets.backends) {
         // A credential that cannot be a header value would silently go unsent: refuse it at start-up.
-        let value = credential.secret().expose();
+        // (An Entra ID token not fetched yet has no value to check.)
+        let value = credential.current();
+        let value = value.as_ref().map_or("x", |v| v.expose());
         if value.is_empty() || value.bytes().any(|b| b.is_ascii_control()) {
             return Err(BuildError(format!(
                 "backends `{}`: its credential holds characters that cannot be sent in a header",

@@ -42,7 +42,9 @@ pub async fn start() -> Result<Demo, String> {
 
     let mut regions = Vec::new();
     for (backend, credential) in policy.backends.iter_mut().zip(&resolved.backends) {
-        let mut config = RegionConfig::new(backend.region.clone(), credential.secret().expose());
+        let key = credential.current();
+        let key = key.as_ref().map_or("", |s| s.expose());
+        let mut config = RegionConfig::new(backend.region.clone(), key);
         // Slow enough to watch a stream arrive token by token.
         config.token_delay = Duration::from_millis(30);
         for own_name in backend.deployments.values() {

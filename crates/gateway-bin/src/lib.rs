@@ -6,6 +6,7 @@
 //! - [`serve`] serves it with graceful shutdown.
 //! - `demo` runs the gateway in front of three simulated regions, for a first contact (feature
 //!   `demo`).
+//! - [`identity`] is the gateway's Entra ID identity: tokens for backends, `keyvault:` references.
 //! - [`store`] picks the limit store (memory or Redis) and shares backend cooldowns.
 //! - [`cli`] parses the command line.
 //! - [`observe`] records Prometheus metrics and writes the access log for every request.
@@ -23,6 +24,7 @@ pub mod app;
 pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod identity;
 pub mod observe;
 pub mod serve;
 pub mod store;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use gateway_bin::cli::{self, Command};
-use gateway_bin::{app, serve, telemetry};
+use gateway_bin::{app, identity, serve, telemetry};
 use gateway_policy::Policy;
 use gateway_policy::secret::SystemSecrets;
 
@@ -84,8 +84,19 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
         }
     };
     if !skip_secrets {
-        let secrets = match policy.resolve_secrets(&SystemSecrets, None) {
-            Ok(secrets) => secrets,
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // `keyvault:` references are read with the gateway's identity, as `serve` reads them.
+        let secrets = match rt.block_on(identity::resolve_secrets(&policy, &SystemSecrets)) {
+            Ok((secrets, _)) => secrets,
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!(
@@ -97,17 +108,11 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
         // Build what `serve` builds, so `check` refuses what `serve` would (a Redis URL the client
         // cannot use, a credential that cannot be a header value...). Nothing is served or
         // connected to: stores connect lazily.
-        let built = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the runtime: {e}"))
-            .and_then(|rt| {
-                rt.block_on(async {
-                    app::build(&policy, &secrets)
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                })
-            });
+        let built = rt.block_on(async {
+            app::build(&policy, &secrets)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
         if let Err(msg) = built {
             eprintln!("{}: {msg}", path.display());
             return ExitCode::FAILURE;
@@ -132,9 +137,13 @@ async fn serve_policy(
 }
 
 async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> Result<(), String> {
-    let secrets = policy
-        .resolve_secrets(&SystemSecrets, None)
+    let (secrets, identity) = identity::resolve_secrets(policy, &SystemSecrets)
+        .await
         .map_err(|e| format!("cannot resolve secrets\n{e}"))?;
+    if let Some(identity) = &identity {
+        let refresh = std::time::Duration::from_secs(policy.key_vault.refresh_seconds);
+        identity::keep_fresh(identity, &secrets, refresh).await?;
+    }
     let gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
     let addr = listen.unwrap_or(gateway.listen);
     let listener = tokio::net::TcpListener::bind(addr)

@@ -33,7 +33,7 @@
 //!
 //! let secrets = MapSecrets::with_fallback(NoSecrets).with_env("SWEDEN_KEY", "k");
 //! let resolved = policy.resolve_secrets(&secrets, None).unwrap();
-//! assert_eq!(resolved.backends[0].secret().expose(), "k");
+//! assert_eq!(resolved.backends[0].current().unwrap().expose(), "k");
 //!
 //! let errors = Policy::from_toml_str(&text.replace("api_key", "apikey"), "policy.toml").unwrap_err();
 //! assert_eq!(
@@ -94,6 +94,9 @@ pub struct Policy {
     /// The operator endpoints: `/metrics`, `/admin/status`, `/admin`.
     #[serde(default)]
     pub admin: AdminSettings,
+    /// How often `keyvault:` references are read again.
+    #[serde(default)]
+    pub key_vault: KeyVaultSettings,
     /// Where the policy was read from: names the file in errors found after loading, and is the
     /// base for relative `file:` secrets. Not part of the TOML.
     #[serde(skip)]
@@ -134,6 +137,9 @@ pub struct BackendSpec {
     /// Secret reference for an `Authorization: Bearer` token.
     #[serde(default)]
     pub bearer_token: Option<String>,
+    /// `[backends.entra]`: authenticate with the gateway's Entra ID identity instead of a key.
+    #[serde(default)]
+    pub entra: Option<EntraSpec>,
     /// Logical deployment name -> this backend's own deployment name.
     pub deployments: BTreeMap<String, String>,
     /// Known tokens-per-minute limit of this backend, if any.
@@ -142,6 +148,24 @@ pub struct BackendSpec {
     /// Known requests-per-minute limit of this backend, if any.
     #[serde(default)]
     pub rpm: Option<u64>,
+}
+
+/// `[backends.entra]`: the backend is called with an Entra ID access token of the gateway's own
+/// identity (workload identity, managed identity or service principal; see the README).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntraSpec {
+    /// The token's scope; [`EntraSpec::DEFAULT_SCOPE`] when absent.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+/// `[key_vault]`: how `keyvault:` references are kept fresh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyVaultSettings {
+    /// Seconds between two reads of each referenced secret (1 to 86400; default 300).
+    pub refresh_seconds: u64,
 }
 
 /// `[[deployments]]`: a logical deployment clients call by name.
@@ -403,6 +427,28 @@ impl BackendSpec {
     /// The backend's deployment name for logical deployment `logical`, if it serves it.
     pub fn deployment_for(&self, logical: &str) -> Option<&str> {
         self.deployments.get(logical).map(String::as_str)
+    }
+}
+
+// === impl EntraSpec ===
+
+impl EntraSpec {
+    /// Azure OpenAI's scope, used when `scope` is absent.
+    pub const DEFAULT_SCOPE: &'static str = "https://cognitiveservices.azure.com/.default";
+
+    /// The scope tokens are requested for.
+    pub fn scope(&self) -> &str {
+        self.scope.as_deref().unwrap_or(Self::DEFAULT_SCOPE)
+    }
+}
+
+// === impl KeyVaultSettings ===
+
+impl Default for KeyVaultSettings {
+    fn default() -> Self {
+        Self {
+            refresh_seconds: 300,
+        }
     }
 }
 

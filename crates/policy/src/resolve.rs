@@ -1,10 +1,15 @@
 //! Resolving a policy's secret references into the credentials and keys the gateway uses.
+//!
+//! A backend credential that changes while the gateway runs (a `keyvault:` reference, an Entra ID
+//! token) resolves to a [`LiveCredential`] listed in [`ResolvedSecrets`], for the binary to keep
+//! fresh; everything else is read once.
 
 use std::path::Path;
 
 use super::locate::{Locator, field, index};
 use super::{Policy, PolicyErrors};
-use crate::secret::{Credential, Secret, SecretRef, SecretSource};
+use crate::secret::{Credential, KeyVaultRef, Secret, SecretRef, SecretSource};
+use gateway_core::secret::{CredentialKind, LiveCredential};
 
 /// The secrets a policy refers to, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +22,12 @@ pub struct ResolvedSecrets {
     pub redis_url: Option<Secret>,
     /// `admin.key`, resolved.
     pub admin_key: Option<Secret>,
+    /// The Entra ID tokens the backends need, one per scope, still empty: whoever holds the
+    /// gateway's identity fetches them and keeps them renewed. Backends with the same scope share
+    /// one credential.
+    pub entra: Vec<(String, LiveCredential)>,
+    /// Backend credentials read from Key Vault, to be read again periodically (rotation).
+    pub key_vault: Vec<(KeyVaultRef, LiveCredential)>,
 }
 
 // === impl Policy ===
@@ -43,16 +54,46 @@ impl Policy {
         };
 
         let mut backends = Vec::with_capacity(self.backends.len());
+        let mut entra: Vec<(String, LiveCredential)> = Vec::new();
+        let mut key_vault = Vec::new();
+        // A `keyvault:` credential is live: it is read again while the gateway runs.
+        let mut backend_secret = |path: &str, reference: &str, kind: CredentialKind| {
+            let secret = resolve(path, reference)?;
+            Ok(match SecretRef::parse(reference) {
+                Ok(SecretRef::KeyVault(vault)) => {
+                    let live = LiveCredential::new(kind, Some(secret));
+                    key_vault.push((vault, live.clone()));
+                    Credential::Live(live)
+                }
+                _ if kind == CredentialKind::ApiKey => Credential::ApiKey(secret),
+                _ => Credential::Bearer(secret),
+            })
+        };
         for (i, backend) in self.backends.iter().enumerate() {
             let path = index("backends", i);
-            let credential = match (&backend.api_key, &backend.bearer_token) {
-                (Some(api_key), None) => {
-                    resolve(&field(&path, "api_key"), api_key).map(Credential::ApiKey)
+            let credential = match (&backend.api_key, &backend.bearer_token, &backend.entra) {
+                (Some(api_key), None, None) => {
+                    backend_secret(&field(&path, "api_key"), api_key, CredentialKind::ApiKey)
                 }
-                (None, Some(token)) => {
-                    resolve(&field(&path, "bearer_token"), token).map(Credential::Bearer)
+                (None, Some(token), None) => {
+                    backend_secret(&field(&path, "bearer_token"), token, CredentialKind::Bearer)
                 }
-                _ => Err(locator.at_value(&path, "set exactly one of `api_key` or `bearer_token`")),
+                (None, None, Some(spec)) => {
+                    let scope = spec.scope();
+                    let live = match entra.iter().find(|(s, _)| s == scope) {
+                        Some((_, live)) => live.clone(),
+                        None => {
+                            let live = LiveCredential::new(CredentialKind::Bearer, None);
+                            entra.push((scope.to_owned(), live.clone()));
+                            live
+                        }
+                    };
+                    Ok(Credential::Live(live))
+                }
+                _ => Err(locator.at_value(
+                    &path,
+                    "set exactly one of `api_key`, `bearer_token` or `[backends.entra]`",
+                )),
             };
             match credential {
                 Ok(credential) => backends.push(credential),
@@ -74,7 +115,11 @@ impl Policy {
         }
 
         let redis_url = match &self.rate_limit.redis_url {
-            Some(url) if url.starts_with("env:") || url.starts_with("file:") => {
+            Some(url)
+                if url.starts_with("env:")
+                    || url.starts_with("file:")
+                    || url.starts_with("keyvault:") =>
+            {
                 match resolve("rate_limit.redis_url", url) {
                     Ok(secret) => Some(secret),
                     Err(error) => {
@@ -104,6 +149,8 @@ impl Policy {
                 consumers,
                 redis_url,
                 admin_key,
+                entra,
+                key_vault,
             })
         } else {
             errors.sort_by_key(|error| (error.line, error.column));

@@ -1,9 +1,12 @@
-//! Secret references (`env:NAME`, `file:PATH`) and their resolution into the engine's [`Secret`]s.
+//! Secret references (`env:NAME`, `file:PATH`, `keyvault:URL`) and their resolution into the
+//! engine's [`Secret`]s.
 //!
 //! Policy files never hold a secret literally; they hold a reference resolved once at start-up
 //! through a [`SecretSource`]: [`SystemSecrets`] reads the process environment and the file
 //! system, [`MapSecrets`] overlays fixed values on another source (for in-process demos and tests,
-//! since `std::env::set_var` is unsafe in edition 2024).
+//! since `std::env::set_var` is unsafe in edition 2024). Reading Key Vault takes HTTP and an Entra
+//! ID identity, which this crate does not have: the `gateway` binary fetches the referenced secrets
+//! first and answers [`SecretSource::key_vault`] from what it fetched.
 //!
 //! ```
 //! use gateway_policy::secret::{MapSecrets, NoSecrets, SecretRef};
@@ -13,6 +16,11 @@
 //! let secret = reference.resolve(&source, None).unwrap();
 //! assert_eq!(secret.expose(), "k-123");
 //! assert!("sk-literal-key".parse::<SecretRef>().is_err());
+//!
+//! let vault: SecretRef = "keyvault:https://my-vault.vault.azure.net/secrets/sweden-key".parse().unwrap();
+//! let SecretRef::KeyVault(reference) = vault else { unreachable!() };
+//! assert_eq!(reference.url(), "https://my-vault.vault.azure.net/secrets/sweden-key");
+//! assert!("keyvault:https://evil.example.com/secrets/k".parse::<SecretRef>().is_err());
 //! ```
 
 use std::collections::BTreeMap;
@@ -33,7 +41,28 @@ pub enum SecretRef {
     Env(String),
     /// `file:PATH`: a file's contents; a relative path is relative to the policy file's directory.
     File(PathBuf),
+    /// `keyvault:https://VAULT.vault.azure.net/secrets/NAME[/VERSION]`: a Key Vault secret.
+    KeyVault(KeyVaultRef),
 }
+
+/// A Key Vault secret: `https://VAULT.vault.azure.net/secrets/NAME`, optionally `/VERSION`.
+///
+/// Only `https://` URLs on a Key Vault host (`*.vault.azure.net` and the sovereign clouds'
+/// equivalents) are accepted, so a policy cannot send the gateway's identity token elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyVaultRef {
+    vault: String,
+    name: String,
+    version: Option<String>,
+}
+
+/// DNS suffixes of Key Vault in Azure's public and sovereign clouds.
+const KEY_VAULT_SUFFIXES: &[&str] = &[
+    ".vault.azure.net",
+    ".vault.azure.cn",
+    ".vault.usgovcloudapi.net",
+    ".vault.microsoftazure.de",
+];
 
 /// Why a reference is malformed or could not be resolved. Never contains a secret value.
 #[derive(Debug)]
@@ -41,8 +70,15 @@ pub enum SecretRef {
 pub enum SecretError {
     /// Not `env:` or `file:` (a literal key, an unknown scheme, or empty).
     NotAReference,
-    /// A `keyvault:` reference; not supported yet.
-    KeyVaultUnsupported,
+    /// A `keyvault:` reference that is not `https://VAULT.vault.azure.net/secrets/NAME[/VERSION]`.
+    InvalidKeyVault(&'static str),
+    /// The Key Vault secret could not be read.
+    KeyVault {
+        /// The secret's URL, as written.
+        url: String,
+        /// Why (never the value).
+        error: String,
+    },
     /// `env:` followed by something that is not a variable name.
     InvalidEnvName,
     /// `file:` with no path.
@@ -75,6 +111,12 @@ pub trait SecretSource {
     fn env(&self, name: &str) -> Option<String>;
     /// The contents of the file at `path`.
     fn read_file(&self, path: &Path) -> io::Result<String>;
+    /// The value of a Key Vault secret, or why it could not be read. A source that cannot reach
+    /// Key Vault (the default) says so.
+    fn key_vault(&self, reference: &KeyVaultRef) -> Result<String, String> {
+        let _ = reference;
+        Err("this program cannot read Key Vault".to_owned())
+    }
 }
 
 /// The real process environment and file system.
@@ -95,7 +137,7 @@ pub struct MapSecrets<S = SystemSecrets> {
     fallback: S,
 }
 
-const ACCEPTED_FORMS: &str = "`env:NAME` (an environment variable) or `file:PATH` (a file, relative to the policy file's directory)";
+const ACCEPTED_FORMS: &str = "`env:NAME` (an environment variable), `file:PATH` (a file, relative to the policy file's directory) or `keyvault:https://VAULT.vault.azure.net/secrets/NAME` (a Key Vault secret)";
 
 // === impl SecretRef ===
 
@@ -120,8 +162,8 @@ impl SecretRef {
             } else {
                 Ok(Self::File(PathBuf::from(path)))
             }
-        } else if reference.starts_with("keyvault:") {
-            Err(SecretError::KeyVaultUnsupported)
+        } else if let Some(url) = reference.strip_prefix("keyvault:") {
+            KeyVaultRef::parse(url).map(Self::KeyVault)
         } else {
             Err(SecretError::NotAReference)
         }
@@ -170,6 +212,95 @@ impl SecretRef {
                 }
                 Ok(Secret::new(value))
             }
+            Self::KeyVault(reference) => {
+                let value = source
+                    .key_vault(reference)
+                    .map_err(|error| SecretError::KeyVault {
+                        url: reference.url(),
+                        error,
+                    })?;
+                if value.trim_end().is_empty() {
+                    return Err(SecretError::KeyVault {
+                        url: reference.url(),
+                        error: "the secret is empty".to_owned(),
+                    });
+                }
+                Ok(Secret::new(value.trim_end()))
+            }
+        }
+    }
+}
+
+// === impl KeyVaultRef ===
+
+impl KeyVaultRef {
+    /// Parses `https://VAULT.vault.azure.net/secrets/NAME[/VERSION]`.
+    pub fn parse(url: &str) -> Result<Self, SecretError> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or(SecretError::InvalidKeyVault("must start with `https://`"))?;
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = host.to_ascii_lowercase();
+        let label = KEY_VAULT_SUFFIXES
+            .iter()
+            .find_map(|suffix| host.strip_suffix(suffix))
+            .ok_or(SecretError::InvalidKeyVault(
+                "the host must be a Key Vault (`VAULT.vault.azure.net`)",
+            ))?;
+        if label.is_empty()
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(SecretError::InvalidKeyVault(
+                "the vault name must be letters, digits and `-`",
+            ));
+        }
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 127
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let mut segments = path.trim_end_matches('/').split('/');
+        let (Some("secrets"), Some(name)) = (segments.next(), segments.next()) else {
+            return Err(SecretError::InvalidKeyVault(
+                "the path must be `/secrets/NAME` or `/secrets/NAME/VERSION`",
+            ));
+        };
+        let version = segments.next();
+        if !segment_ok(name) || version.is_some_and(|v| !segment_ok(v)) || segments.next().is_some()
+        {
+            return Err(SecretError::InvalidKeyVault(
+                "the path must be `/secrets/NAME` or `/secrets/NAME/VERSION` (letters, digits and `-`)",
+            ));
+        }
+        Ok(Self {
+            vault: format!("https://{host}"),
+            name: name.to_owned(),
+            version: version.map(str::to_owned),
+        })
+    }
+
+    /// The vault's base URL, `https://VAULT.vault.azure.net`.
+    pub fn vault(&self) -> &str {
+        &self.vault
+    }
+
+    /// The secret's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pinned version, if any; the latest version otherwise.
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+
+    /// The secret's URL as written: `{vault}/secrets/{name}[/{version}]`.
+    pub fn url(&self) -> String {
+        match &self.version {
+            Some(version) => format!("{}/secrets/{}/{version}", self.vault, self.name),
+            None => format!("{}/secrets/{}", self.vault, self.name),
         }
     }
 }
@@ -187,6 +318,7 @@ impl fmt::Display for SecretRef {
         match self {
             Self::Env(name) => write!(f, "env:{name}"),
             Self::File(path) => write!(f, "file:{}", path.display()),
+            Self::KeyVault(reference) => write!(f, "keyvault:{}", reference.url()),
         }
     }
 }
@@ -198,12 +330,15 @@ impl fmt::Display for SecretError {
         match self {
             Self::NotAReference => write!(
                 f,
-                "secrets must be references, not values: expected {ACCEPTED_FORMS} (`keyvault:` is not supported yet)"
+                "secrets must be references, not values: expected {ACCEPTED_FORMS}"
             ),
-            Self::KeyVaultUnsupported => write!(
+            Self::InvalidKeyVault(why) => write!(
                 f,
-                "`keyvault:` references are not supported yet: use {ACCEPTED_FORMS}"
+                "`keyvault:` must be followed by `https://VAULT.vault.azure.net/secrets/NAME[/VERSION]`: {why}"
             ),
+            Self::KeyVault { url, error } => {
+                write!(f, "cannot read Key Vault secret `{url}`: {error}")
+            }
             Self::InvalidEnvName => f.write_str(
                 "`env:` must be followed by an environment variable name matching [A-Za-z_][A-Za-z0-9_]*",
             ),
@@ -252,6 +387,10 @@ impl<T: SecretSource + ?Sized> SecretSource for &T {
 
     fn read_file(&self, path: &Path) -> io::Result<String> {
         (**self).read_file(path)
+    }
+
+    fn key_vault(&self, reference: &KeyVaultRef) -> Result<String, String> {
+        (**self).key_vault(reference)
     }
 }
 
@@ -328,6 +467,10 @@ impl<S: SecretSource> SecretSource for MapSecrets<S> {
             None => self.fallback.read_file(path),
         }
     }
+
+    fn key_vault(&self, reference: &KeyVaultRef) -> Result<String, String> {
+        self.fallback.key_vault(reference)
+    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for MapSecrets<S> {
@@ -368,16 +511,34 @@ mod tests {
     fn rejects_anything_else_without_echoing_it() {
         let literal = parse_err("0123456789abcdef0123456789abcdef");
         assert!(literal.starts_with("secrets must be references, not values"));
-        assert!(literal.contains("`keyvault:` is not supported yet"));
+        assert!(literal.contains("`keyvault:https://VAULT.vault.azure.net/secrets/NAME`"));
         assert!(!literal.contains("0123"));
         assert!(parse_err("env:1X").contains("[A-Za-z_][A-Za-z0-9_]*"));
         assert!(parse_err("env:").contains("[A-Za-z_][A-Za-z0-9_]*"));
         assert!(parse_err("env:sk-abc").contains("variable name"));
         assert_eq!(parse_err("file:"), "`file:` must be followed by a path");
-        assert!(
-            parse_err("keyvault:vault/secret")
-                .starts_with("`keyvault:` references are not supported yet")
-        );
+        for bad in [
+            "keyvault:vault/secret",
+            "keyvault:http://v.vault.azure.net/secrets/k",
+            "keyvault:https://v.vault.azure.net.evil.com/secrets/k",
+            "keyvault:https://127.0.0.1/secrets/k",
+            "keyvault:https://v.vault.azure.net/keys/k",
+            "keyvault:https://v.vault.azure.net/secrets/",
+            "keyvault:https://v.vault.azure.net/secrets/k/v/x",
+            "keyvault:https://v.vault.azure.net/secrets/k?x=1",
+        ] {
+            assert!(
+                parse_err(bad).starts_with("`keyvault:` must be followed by"),
+                "{bad}"
+            );
+        }
+        let SecretRef::KeyVault(pinned) =
+            SecretRef::parse("keyvault:https://My-Vault.vault.azure.net/secrets/k-1/0a1b").unwrap()
+        else {
+            panic!("not a Key Vault reference")
+        };
+        assert_eq!(pinned.vault(), "https://my-vault.vault.azure.net");
+        assert_eq!((pinned.name(), pinned.version()), ("k-1", Some("0a1b")));
         assert!(parse_err("ENV:X").starts_with("secrets must be references"));
     }
 
@@ -430,6 +591,12 @@ mod tests {
         assert_eq!(
             format!("{:?}", Credential::ApiKey(Secret::new("hunter2"))),
             "ApiKey(Secret(***))"
+        );
+        let vault = SecretRef::parse("keyvault:https://v.vault.azure.net/secrets/k").unwrap();
+        let error = vault.resolve(&source, None).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "cannot read Key Vault secret `https://v.vault.azure.net/secrets/k`: this program cannot read Key Vault"
         );
     }
 }

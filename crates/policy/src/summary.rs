@@ -117,11 +117,14 @@ fn write_backend(out: &mut String, backend: &BackendSpec) -> std::fmt::Result {
         backend.normalized_endpoint()
     )?;
     let mut details = vec![format!("weight {}", backend.weight)];
-    details.push(match (&backend.api_key, &backend.bearer_token) {
-        (Some(reference), None) => format!("api-key from {reference}"),
-        (None, Some(reference)) => format!("bearer token from {reference}"),
-        _ => "credential misconfigured".to_owned(),
-    });
+    details.push(
+        match (&backend.api_key, &backend.bearer_token, &backend.entra) {
+            (Some(reference), None, None) => format!("api-key from {reference}"),
+            (None, Some(reference), None) => format!("bearer token from {reference}"),
+            (None, None, Some(entra)) => format!("Entra ID token for {}", entra.scope()),
+            _ => "credential misconfigured".to_owned(),
+        },
+    );
     details.extend(backend.tpm.map(|tpm| format!("tpm {tpm}")));
     details.extend(backend.rpm.map(|rpm| format!("rpm {rpm}")));
     writeln!(out, "      {}", details.join(", "))?;

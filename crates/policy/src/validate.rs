@@ -41,6 +41,7 @@ impl Policy {
         check.headers(self);
         check.rate_limit(self);
         check.telemetry(self);
+        check.key_vault(self);
         if check.errors.is_empty() {
             return Ok(());
         }
@@ -322,16 +323,24 @@ impl Checker<'_> {
             let message = range_message(backend.weight, *WEIGHT.start(), *WEIGHT.end());
             self.at_value(&field(path, "weight"), message);
         }
-        match (&backend.api_key, &backend.bearer_token) {
-            (Some(api_key), None) => self.secret_ref(&field(path, "api_key"), api_key),
-            (None, Some(token)) => self.secret_ref(&field(path, "bearer_token"), token),
-            (Some(_), Some(_)) => self.at_key(
-                &field(path, "bearer_token"),
-                "set exactly one of `api_key` or `bearer_token`, not both (Azure rejects requests carrying both)",
-            ),
-            (None, None) => self.at_value(
+        match (&backend.api_key, &backend.bearer_token, &backend.entra) {
+            (Some(api_key), None, None) => self.secret_ref(&field(path, "api_key"), api_key),
+            (None, Some(token), None) => self.secret_ref(&field(path, "bearer_token"), token),
+            (None, None, Some(entra)) => {
+                if !valid_scope(entra.scope()) {
+                    self.at_value(
+                        &field(&field(path, "entra"), "scope"),
+                        "must be a scope such as `https://cognitiveservices.azure.com/.default` (a URL ending in `/.default`)",
+                    );
+                }
+            }
+            (None, None, None) => self.at_value(
                 path,
-                "missing credential: set exactly one of `api_key` or `bearer_token`",
+                "missing credential: set exactly one of `api_key`, `bearer_token` or `[backends.entra]`",
+            ),
+            (_, _, entra) => self.at_key(
+                &field(path, if entra.is_some() { "entra" } else { "bearer_token" }),
+                "set exactly one of `api_key`, `bearer_token` or `[backends.entra]`, not two (Azure rejects requests carrying both)",
             ),
         }
         let mapping = field(path, "deployments");
@@ -522,7 +531,8 @@ impl Checker<'_> {
             ),
             (Some(url), _) => {
                 let at = field(path, "redis_url");
-                if url.starts_with("env:") || url.starts_with("file:") {
+                if url.starts_with("env:") || url.starts_with("file:") || url.starts_with("keyvault:")
+                {
                     self.secret_ref(&at, url);
                 } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     self.at_value(
@@ -565,6 +575,14 @@ impl Checker<'_> {
             if !is_header_name(name) {
                 self.at_value(&field(path, key), format!("`{name}` is not a header name"));
             }
+        }
+    }
+
+    fn key_vault(&mut self, policy: &Policy) {
+        let refresh = policy.key_vault.refresh_seconds;
+        if !(1..=86_400).contains(&refresh) {
+            let message = range_message(refresh, 1, 86_400);
+            self.at_value("key_vault.refresh_seconds", message);
         }
     }
 
@@ -700,4 +718,15 @@ mod tests {
             assert!(forbidden_status(status).is_some(), "{status}");
         }
     }
+}
+
+/// An Entra ID scope for the client credentials flow: `https://...` or `api://...`, ending in
+/// `/.default`.
+fn valid_scope(scope: &str) -> bool {
+    (scope.starts_with("https://") || scope.starts_with("api://"))
+        && scope.len() > "https:///.default".len()
+        && scope.ends_with("/.default")
+        && !scope
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
 }

@@ -452,6 +452,7 @@ fn resolves_secrets_from_env_and_files_relative_to_the_policy() {
         .map(|c| match c {
             Credential::ApiKey(s) => ("api-key", s.expose()),
             Credential::Bearer(s) => ("bearer", s.expose()),
+            Credential::Live(_) => ("live", ""),
         })
         .collect();
     assert_eq!(
@@ -478,7 +479,10 @@ fn resolves_secrets_from_env_and_files_relative_to_the_policy() {
     let resolved = policy
         .resolve_secrets(&secrets, Some(&elsewhere.0))
         .unwrap();
-    assert_eq!(resolved.backends[2].secret().expose(), "other-token");
+    assert_eq!(
+        resolved.backends[2].current().unwrap().expose(),
+        "other-token"
+    );
 }
 
 #[test]

@@ -103,7 +103,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::pool::BackendId;
-use gateway_core::secret::Credential;
+use gateway_core::secret::{Credential, CredentialKind, LiveCredential, Secret};
 use http::{HeaderName, HeaderValue};
 
 use self::layer::Shared;
@@ -167,9 +167,18 @@ pub struct FailoverReport {
 #[derive(Clone, Debug)]
 struct Upstream {
     base: String,
-    credential: Option<(HeaderName, HeaderValue)>,
+    credential: UpstreamCredential,
     served_by: HeaderValue,
     name: Arc<str>,
+}
+
+/// A backend's credential header: built once when it never changes, read per attempt when it is
+/// renewed while the gateway runs.
+#[derive(Clone, Debug)]
+enum UpstreamCredential {
+    None,
+    Fixed(HeaderName, HeaderValue),
+    Live(LiveCredential),
 }
 
 // === impl AttemptOutcome ===
@@ -193,21 +202,16 @@ impl AttemptOutcome {
 
 impl Upstream {
     fn new(b: &gateway_core::pool::Backend) -> Self {
-        let credential = b.credential.as_ref().and_then(|c| {
-            let (name, value) = match c {
-                Credential::ApiKey(s) => (
-                    HeaderName::from_static("api-key"),
-                    HeaderValue::from_str(s.expose()),
-                ),
-                Credential::Bearer(s) => (
-                    http::header::AUTHORIZATION,
-                    HeaderValue::from_str(&format!("Bearer {}", s.expose())),
-                ),
-            };
-            let mut value = value.ok()?;
-            value.set_sensitive(true);
-            Some((name, value))
-        });
+        let credential = match &b.credential {
+            None => UpstreamCredential::None,
+            Some(Credential::Live(live)) => UpstreamCredential::Live(live.clone()),
+            Some(fixed) => fixed
+                .current()
+                .and_then(|secret| credential_header(fixed.kind(), &secret))
+                .map_or(UpstreamCredential::None, |(name, value)| {
+                    UpstreamCredential::Fixed(name, value)
+                }),
+        };
         let served_by = HeaderValue::from_str(&format!("{} ({})", b.name, b.region))
             .unwrap_or_else(|_| HeaderValue::from_static("backend"));
         Self {
@@ -217,4 +221,40 @@ impl Upstream {
             name: Arc::from(b.name.as_str()),
         }
     }
+}
+
+// === impl UpstreamCredential ===
+
+impl UpstreamCredential {
+    /// The header to send now. `Err` when a live credential has no value: the backend cannot be
+    /// called, just as if it had refused the gateway's credential.
+    fn header(&self) -> Result<Option<(HeaderName, HeaderValue)>, ()> {
+        match self {
+            Self::None => Ok(None),
+            Self::Fixed(name, value) => Ok(Some((name.clone(), value.clone()))),
+            Self::Live(live) => live
+                .current()
+                .and_then(|secret| credential_header(live.kind(), &secret))
+                .map(Some)
+                .ok_or(()),
+        }
+    }
+}
+
+/// `api-key: value` or `authorization: Bearer value`, marked sensitive so that no debug output of
+/// the request shows it; `None` when the value cannot be a header.
+fn credential_header(kind: CredentialKind, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+    let (name, value) = match kind {
+        CredentialKind::ApiKey => (
+            HeaderName::from_static("api-key"),
+            HeaderValue::from_str(secret.expose()),
+        ),
+        CredentialKind::Bearer => (
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", secret.expose())),
+        ),
+    };
+    let mut value = value.ok()?;
+    value.set_sensitive(true);
+    Some((name, value))
 }

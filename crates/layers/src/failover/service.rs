@@ -208,7 +208,28 @@ where
         tried.push(id);
         let in_flight = pool.begin(id);
         let up = &shared.upstreams[id.0];
-        let req = match build_attempt(&parts, &ctx, up, pool.get(id).deployment_name(deployment)) {
+        let Ok(credential) = up.credential.header() else {
+            // Its token expired before it could be renewed (the renewal logs why): the backend
+            // would refuse the gateway, so it is skipped the way a 401 from it would be.
+            tracing::debug!(backend = %up.name, "no valid credential for this backend; failing over");
+            pool.record(
+                id,
+                deployment,
+                Outcome::AuthFailure { hint: None },
+                now.into_std(),
+            );
+            report.attempts.push(Attempt {
+                backend: id,
+                backend_name: up.name.clone(),
+                status: None,
+                outcome: AttemptOutcome::AuthFailure,
+                elapsed: Duration::ZERO,
+            });
+            last = Some(LastFailure::Rejected);
+            continue;
+        };
+        let mapped = pool.get(id).deployment_name(deployment);
+        let req = match build_attempt(&parts, &ctx, up, credential, mapped) {
             Ok(req) => req,
             Err(msg) => {
                 tracing::error!(backend = %up.name, %msg, "could not build upstream request");
@@ -483,6 +504,7 @@ fn build_attempt(
     parts: &Parts,
     ctx: &RequestContext,
     up: &super::Upstream,
+    credential: Option<(http::HeaderName, HeaderValue)>,
     mapped: Option<&str>,
 ) -> Result<Request<Full<Bytes>>, String> {
     let logical = ctx.deployment.as_deref().unwrap_or_default();
@@ -520,8 +542,8 @@ fn build_attempt(
                 headers.append(name.clone(), value.clone());
             }
         }
-        if let Some((name, value)) = &up.credential {
-            headers.insert(name.clone(), value.clone());
+        if let Some((name, value)) = credential {
+            headers.insert(name, value);
         }
     }
     builder

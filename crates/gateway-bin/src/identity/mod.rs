@@ -1,0 +1,381 @@
+//! The gateway's own Entra ID identity: tokens for backends that use `[backends.entra]`, and the
+//! `keyvault:` references of the policy, read at start-up and kept fresh in the background.
+//!
+//! Built on the documented REST calls (the token endpoints of Entra ID, App Service and the instance
+//! metadata service, and Key Vault's `GET {vault}/secrets/{name}/{version}?api-version=7.4`) with the
+//! `reqwest` client the gateway already has, rather than the Azure SDK crates: those refuse bearer
+//! tokens over `http://` and check that a vault's challenge names a real Key Vault host, so they
+//! cannot be pointed at the loopback stand-ins the tests serve.
+//!
+//! - [`resolve_secrets`] reads every `keyvault:` reference the policy makes (start-up fails, naming
+//!   the policy location, when one cannot be read), then resolves the policy's secrets.
+//! - [`keep_fresh`] fetches the first Entra ID token of each scope the backends need (start-up fails
+//!   when it cannot) and spawns the renewals: tokens are renewed in the background before they
+//!   expire (5 minutes before, or at half their life when shorter), never per request; Key Vault
+//!   secrets are read again every `[key_vault] refresh_seconds`. A failure keeps the last good value
+//!   (a token until it expires, after which its backends fail over as on a 401), is logged once per
+//!   outage and counted in `gateway_credential_refresh_failures_total{kind}`.
+//!
+//! Nothing here runs unless the policy uses Entra ID or Key Vault, so no other test or deployment
+//! ever reaches an identity endpoint.
+
+mod keyvault;
+mod sources;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_core::secret::LiveCredential;
+use gateway_policy::secret::{KeyVaultRef, SecretRef, SecretSource};
+use gateway_policy::{Policy, ResolvedSecrets};
+use tokio::time::Instant;
+
+use self::keyvault::Vault;
+use self::sources::{AccessToken, TokenSource};
+
+/// Failed renewals of Entra ID tokens (`kind="entra_token"`) and Key Vault reads
+/// (`kind="key_vault"`).
+pub const REFRESH_FAILURES: &str = "gateway_credential_refresh_failures_total";
+
+/// The gateway's identity: where its tokens come from, and the client that fetches them.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    source: Arc<TokenSource>,
+    client: reqwest::Client,
+    vault: Vault,
+}
+
+/// The Key Vault secrets a policy refers to, read once, answering [`SecretSource::key_vault`] over
+/// another source.
+struct Fetched<'a> {
+    values: BTreeMap<KeyVaultRef, Result<String, String>>,
+    inner: &'a dyn SecretSource,
+}
+
+// === impl Identity ===
+
+impl Identity {
+    /// The identity the environment (read through `env`) configures; see the README for the
+    /// variables. Nothing is fetched yet.
+    pub fn from_env(env: &dyn SecretSource) -> Result<Self, String> {
+        let source = TokenSource::from_env(env)?;
+        let vault = Vault::from_env(env)?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("cannot build the identity's HTTP client: {e}"))?;
+        Ok(Self {
+            source: Arc::new(source),
+            client,
+            vault,
+        })
+    }
+
+    async fn token(&self, scope: &str) -> Result<AccessToken, String> {
+        self.source.fetch(&self.client, scope).await
+    }
+}
+
+/// Resolves `policy`'s secrets through `src`, reading its `keyvault:` references first with the
+/// identity `src`'s environment configures. `Ok((secrets, None))` when the policy needs no identity.
+pub async fn resolve_secrets(
+    policy: &Policy,
+    src: &dyn SecretSource,
+) -> Result<(ResolvedSecrets, Option<Identity>), String> {
+    let references = key_vault_references(policy);
+    let identity = if references.is_empty() && !policy.backends.iter().any(|b| b.entra.is_some()) {
+        None
+    } else {
+        Some(Identity::from_env(src)?)
+    };
+    let mut values = BTreeMap::new();
+    if let Some(identity) = identity.as_ref().filter(|_| !references.is_empty()) {
+        let tokens = vault_tokens(identity, &references).await;
+        for reference in references {
+            let token = tokens
+                .get(Vault::scope(&reference))
+                .cloned()
+                .unwrap_or_else(|| Err("no token".to_owned()));
+            let value = match token {
+                Ok(token) => identity
+                    .vault
+                    .read(&identity.client, &reference, &token.token)
+                    .await
+                    .map(|s| s.expose().to_owned()),
+                Err(error) => Err(format!("no Entra ID token for Key Vault: {error}")),
+            };
+            values.insert(reference, value);
+        }
+    }
+    let fetched = Fetched { values, inner: src };
+    let secrets = policy
+        .resolve_secrets(&fetched, None)
+        .map_err(|e| e.to_string())?;
+    Ok((secrets, identity))
+}
+
+/// Fetches the first token of every Entra ID scope in `secrets` (an error names the scope), then
+/// spawns the background renewals of those tokens and of the Key Vault values, on the current
+/// runtime, for as long as it runs.
+pub async fn keep_fresh(
+    identity: &Identity,
+    secrets: &ResolvedSecrets,
+    key_vault_refresh: Duration,
+) -> Result<(), String> {
+    for (scope, live) in &secrets.entra {
+        let token = identity.token(scope).await.map_err(|e| {
+            format!("cannot get an Entra ID token for the backends (scope `{scope}`): {e}")
+        })?;
+        live.set(token.token);
+        tracing::info!(source = identity.source.name(), %scope, "Entra ID token for the backends");
+        tokio::spawn(renew_token(
+            identity.clone(),
+            scope.clone(),
+            live.clone(),
+            token.expires_at,
+        ));
+    }
+    let mut by_reference: BTreeMap<KeyVaultRef, Vec<LiveCredential>> = BTreeMap::new();
+    for (reference, live) in &secrets.key_vault {
+        by_reference
+            .entry(reference.clone())
+            .or_default()
+            .push(live.clone());
+    }
+    for (reference, lives) in by_reference {
+        tokio::spawn(refresh_secret(
+            identity.clone(),
+            reference,
+            lives,
+            key_vault_refresh,
+        ));
+    }
+    Ok(())
+}
+
+/// Every `keyvault:` reference in the policy, once each.
+fn key_vault_references(policy: &Policy) -> Vec<KeyVaultRef> {
+    let backends = policy
+        .backends
+        .iter()
+        .flat_map(|b| b.api_key.iter().chain(&b.bearer_token));
+    let consumers = policy.consumers.iter().flat_map(|c| &c.keys);
+    let others = policy.admin.key.iter().chain(&policy.rate_limit.redis_url);
+    let mut references: Vec<KeyVaultRef> = backends
+        .chain(consumers)
+        .chain(others)
+        .filter_map(|r| match SecretRef::parse(r) {
+            Ok(SecretRef::KeyVault(reference)) => Some(reference),
+            _ => None,
+        })
+        .collect();
+    references.sort();
+    references.dedup();
+    references
+}
+
+/// One token per Key Vault scope the references need (one cloud, in practice).
+async fn vault_tokens(
+    identity: &Identity,
+    references: &[KeyVaultRef],
+) -> BTreeMap<&'static str, Result<Arc<AccessToken>, String>> {
+    let mut tokens = BTreeMap::new();
+    for reference in references {
+        let scope = Vault::scope(reference);
+        if !tokens.contains_key(scope) {
+            tokens.insert(scope, identity.token(scope).await.map(Arc::new));
+        }
+    }
+    tokens
+}
+
+/// When to renew a token that is valid for `left`: 5 minutes before it expires, or at half its
+/// remaining life when that is shorter than 10 minutes (never sooner than 50 ms, so a token
+/// endpoint that hands out nearly-expired tokens is not hammered).
+fn renew_after(left: Duration) -> Duration {
+    const AHEAD: Duration = Duration::from_secs(300);
+    let after = if left > 2 * AHEAD {
+        left - AHEAD
+    } else {
+        left / 2
+    };
+    after.max(Duration::from_millis(50))
+}
+
+/// When to try again after a failed renewal: a quarter of the token's remaining life, between
+/// 100 ms and 30 s, and never after it expires; every 5 s once it has.
+fn retry_after(left: Duration) -> Duration {
+    if left.is_zero() {
+        return Duration::from_secs(5);
+    }
+    (left / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(30))
+        .min(left)
+}
+
+/// Keeps `live` holding a valid token for `scope`, renewing ahead of expiry.
+async fn renew_token(identity: Identity, scope: String, live: LiveCredential, expires: Instant) {
+    let mut expires_at = expires;
+    let mut outage = Outage::new("entra_token");
+    loop {
+        let left = expires_at.saturating_duration_since(Instant::now());
+        let wait = if outage.failing {
+            retry_after(left)
+        } else {
+            renew_after(left)
+        };
+        tokio::time::sleep(wait).await;
+        if Instant::now() >= expires_at && live.current().is_some() {
+            live.clear();
+            tracing::error!(%scope, "the Entra ID token expired before it could be renewed; its backends fail over until it is");
+        }
+        match identity.token(&scope).await {
+            Ok(token) => {
+                live.set(token.token);
+                expires_at = token.expires_at;
+                outage.ended(&scope);
+            }
+            Err(error) => outage.failed(&scope, &error),
+        }
+    }
+}
+
+/// Reads `reference` again every `every`, swapping a rotated value into `lives`.
+async fn refresh_secret(
+    identity: Identity,
+    reference: KeyVaultRef,
+    lives: Vec<LiveCredential>,
+    every: Duration,
+) {
+    let scope = Vault::scope(&reference);
+    let url = reference.url();
+    let mut token: Option<AccessToken> = None;
+    let mut outage = Outage::new("key_vault");
+    loop {
+        tokio::time::sleep(every).await;
+        // The vault's token is kept here and renewed when a read finds it near expiry: reads are
+        // minutes apart, so there is nothing to gain from a renewal task of its own.
+        let fresh = token
+            .as_ref()
+            .is_some_and(|t| t.expires_at.saturating_duration_since(Instant::now()) > every * 2);
+        if !fresh {
+            match identity.token(scope).await {
+                Ok(new) => token = Some(new),
+                Err(error) => {
+                    outage.failed(&url, &format!("no Entra ID token for Key Vault: {error}"));
+                    continue;
+                }
+            }
+        }
+        let Some(bearer) = token.as_ref().map(|t| t.token.clone()) else {
+            continue;
+        };
+        match identity
+            .vault
+            .read(&identity.client, &reference, &bearer)
+            .await
+        {
+            Ok(value) => {
+                let rotated = lives
+                    .iter()
+                    .any(|live| live.current().as_ref() != Some(&value));
+                if rotated {
+                    for live in &lives {
+                        live.set(value.clone());
+                    }
+                    tracing::info!(secret = %url, "Key Vault secret rotated; the new value is in use");
+                }
+                outage.ended(&url);
+            }
+            Err(error) => {
+                // A refused token may simply be stale: fetch a new one next time.
+                token = None;
+                outage.failed(&url, &error);
+            }
+        }
+    }
+}
+
+/// Logs a refresh outage once, when it starts and when it ends, and counts every failure.
+struct Outage {
+    kind: &'static str,
+    failing: bool,
+}
+
+impl Outage {
+    fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            failing: false,
+        }
+    }
+
+    fn failed(&mut self, what: &str, error: &str) {
+        metrics::counter!(REFRESH_FAILURES, "kind" => self.kind).increment(1);
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!(kind = self.kind, %what, %error, "credential refresh failed; keeping the last good value");
+        }
+    }
+
+    fn ended(&mut self, what: &str) {
+        if self.failing {
+            self.failing = false;
+            tracing::info!(kind = self.kind, %what, "credential refresh works again");
+        }
+    }
+}
+
+// === impl Fetched ===
+
+impl SecretSource for Fetched<'_> {
+    fn env(&self, name: &str) -> Option<String> {
+        self.inner.env(name)
+    }
+
+    fn read_file(&self, path: &std::path::Path) -> std::io::Result<String> {
+        self.inner.read_file(path)
+    }
+
+    fn key_vault(&self, reference: &KeyVaultRef) -> Result<String, String> {
+        match self.values.get(reference) {
+            Some(value) => value.clone(),
+            None => self.inner.key_vault(reference),
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message stops at "error sending request").
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_ahead_of_expiry() {
+        let s = Duration::from_secs;
+        assert_eq!(renew_after(s(3600)), s(3300));
+        assert_eq!(renew_after(s(600)), s(300));
+        assert_eq!(renew_after(s(4)), s(2));
+        assert_eq!(renew_after(Duration::ZERO), Duration::from_millis(50));
+        assert_eq!(retry_after(s(400)), s(30));
+        assert_eq!(retry_after(s(2)), Duration::from_millis(500));
+        assert_eq!(
+            retry_after(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(retry_after(Duration::ZERO), s(5));
+    }
+}
