@@ -3,6 +3,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod azure_stub;
+pub mod leaks;
 mod poll;
 mod regions;
 
