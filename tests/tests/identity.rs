@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use gateway_e2e::azure_stub::{AOAI_SCOPE, AzureStub, VAULT_SCOPE};
+use gateway_e2e::azure_stub::{AOAI_SCOPE, AzureStub, CLIENT_ID, TENANT, VAULT_SCOPE};
 use gateway_e2e::{CLIENT_KEY, Gateway, Poller, chat, eventually, gateway_with_identity, policy};
 
 const VAULT_REF: &str = "keyvault:https://stub-vault.vault.azure.net/secrets";
@@ -149,7 +149,7 @@ async fn a_token_that_cannot_be_renewed_serves_until_it_expires_then_fails_over(
 }
 
 #[tokio::test]
-async fn managed_identity_endpoints_serve_tokens() {
+async fn workload_identity_and_managed_identity_endpoints_serve_tokens() {
     let stub = AzureStub::start(Duration::from_secs(3600)).await;
     let toml = policy(
         &["gpt-4o"],
@@ -160,8 +160,21 @@ async fn managed_identity_endpoints_serve_tokens() {
         )],
         "",
     );
-    // App Service / Container Apps, then a VM's instance metadata service (here, not 169.254.169.254).
-    for stub_env in [stub.app_service_env(), stub.safe_env()] {
+    // AKS workload identity: the federated token file is the client assertion.
+    let token_file = std::env::temp_dir().join(format!("gw-federated-{}", std::process::id()));
+    std::fs::write(&token_file, "federated-assertion-1\n").unwrap();
+    let mut workload = stub.safe_env();
+    workload.extend(
+        [
+            ("AZURE_TENANT_ID", TENANT),
+            ("AZURE_CLIENT_ID", CLIENT_ID),
+            ("AZURE_FEDERATED_TOKEN_FILE", token_file.to_str().unwrap()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    // Then App Service / Container Apps, then a VM's instance metadata service (here, not
+    // 169.254.169.254).
+    for stub_env in [workload, stub.app_service_env(), stub.safe_env()] {
         let before = stub.token_fetches(AOAI_SCOPE);
         let gw = gateway_with_identity(&toml, &env(stub_env, &[]))
             .await
@@ -171,6 +184,7 @@ async fn managed_identity_endpoints_serve_tokens() {
         gw.stop().await;
     }
     assert_eq!(stub.refused(), 0);
+    std::fs::remove_file(token_file).unwrap();
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@
 //! assert_eq!(
 //!     errors.to_string(),
 //!     "policy.toml:9:1: backends[0].apikey: unknown field `apikey`, expected one of \
-//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`"
+//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `entra`, `deployments`, `tpm`, `rpm`"
 //! );
 //! ```
 

@@ -113,7 +113,7 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:8:1: backends[0].weigth: unknown field `weigth`, expected one of `name`, `region`, \
-         `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`"
+         `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `entra`, `deployments`, `tpm`, `rpm`"
     );
     let text = format!("{BASE}\n[failover]\nmax_attempt = 3\n");
     assert_eq!(
@@ -126,7 +126,7 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:1:1: listen: unknown field `listen`, expected one of `gateway`, `backends`, \
-         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`"
+         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`, `key_vault`"
     );
 }
 
@@ -325,8 +325,8 @@ fn credentials() {
     assert_eq!(
         error(&text),
         "p.toml:8:11: backends[0].api_key: secrets must be references, not values: expected `env:NAME` \
-         (an environment variable) or `file:PATH` (a file, relative to the policy file's directory) \
-         (`keyvault:` is not supported yet)"
+         (an environment variable), `file:PATH` (a file, relative to the policy file's directory) \
+         or `keyvault:https://VAULT.vault.azure.net/secrets/NAME` (a Key Vault secret)"
     );
     assert!(!error(&text).contains("0123456789"));
     let text = BASE.replace("\"env:SWEDEN_KEY\"", "\"env:SWEDEN-KEY\"");
@@ -337,12 +337,76 @@ fn credentials() {
     let text = BASE.replace("api_key =", "bearer_token = \"env:TOKEN\"\napi_key =");
     assert_eq!(
         error(&text),
-        "p.toml:8:1: backends[0].bearer_token: set exactly one of `api_key` or `bearer_token`, not both (Azure rejects requests carrying both)"
+        "p.toml:8:1: backends[0].bearer_token: set exactly one of `api_key`, `bearer_token` or `[backends.entra]`, not two (Azure rejects requests carrying both)"
     );
     let text = BASE.replace("api_key = \"env:SWEDEN_KEY\"\n", "");
     assert_eq!(
         error(&text),
-        "p.toml:4:1: backends[0]: missing credential: set exactly one of `api_key` or `bearer_token`"
+        "p.toml:4:1: backends[0]: missing credential: set exactly one of `api_key`, `bearer_token` or `[backends.entra]`"
+    );
+}
+
+#[test]
+fn entra_and_key_vault_credentials() {
+    let entra = BASE.replace("api_key = \"env:SWEDEN_KEY\"\n", "entra = {}\n");
+    let policy = Policy::from_toml_str(&entra, "p.toml").unwrap();
+    let spec = policy.backends[0].entra.as_ref().unwrap();
+    assert_eq!(spec.scope(), "https://cognitiveservices.azure.com/.default");
+    assert_eq!(policy.key_vault.refresh_seconds, 300);
+    assert!(
+        policy
+            .summary()
+            .contains("Entra ID token for https://cognitiveservices.azure.com/.default")
+    );
+    // One credential per backend, with its own scope; the token is fetched by the binary.
+    let resolved = policy.resolve_secrets(&NoSecrets, None).unwrap();
+    assert_eq!(resolved.entra.len(), 1);
+    assert_eq!(
+        resolved.backends[0],
+        Credential::Live(resolved.entra[0].1.clone())
+    );
+    assert!(resolved.backends[0].current().is_none());
+
+    let scoped = BASE.replace(
+        "api_key = \"env:SWEDEN_KEY\"\n",
+        "entra = { scope = \"https://ai.azure.com/.default\" }\n",
+    );
+    let policy = Policy::from_toml_str(&scoped, "p.toml").unwrap();
+    assert_eq!(
+        policy.backends[0].entra.as_ref().unwrap().scope(),
+        "https://ai.azure.com/.default"
+    );
+    let bad_scope = BASE.replace(
+        "api_key = \"env:SWEDEN_KEY\"\n",
+        "entra = { scope = \"https://ai.azure.com\" }\n",
+    );
+    assert!(
+        error(&bad_scope).contains("backends[0].entra.scope: must be a scope such as `https://cognitiveservices.azure.com/.default`"),
+        "{}",
+        error(&bad_scope)
+    );
+    let both = BASE.replace("api_key =", "entra = {}\napi_key =");
+    assert!(error(&both).contains("backends[0].entra: set exactly one of `api_key`, `bearer_token` or `[backends.entra]`, not two"));
+
+    let vault = BASE.replace(
+        "\"env:SWEDEN_KEY\"",
+        "\"keyvault:https://kv.vault.azure.net/secrets/sweden\"",
+    );
+    let policy = Policy::from_toml_str(&vault, "p.toml").unwrap();
+    // Without a Key Vault client (the binary brings one) the reference cannot be read.
+    let unresolved = policy
+        .resolve_secrets(&NoSecrets, None)
+        .unwrap_err()
+        .to_string();
+    assert!(unresolved.contains("p.toml:8:11: backends[0].api_key: cannot read Key Vault secret `https://kv.vault.azure.net/secrets/sweden`"), "{unresolved}");
+    let far = BASE.replace(
+        "\"env:SWEDEN_KEY\"",
+        "\"keyvault:https://kv.example.com/secrets/sweden\"",
+    );
+    assert!(error(&far).contains("the host must be a Key Vault"));
+    let refresh = format!("{BASE}\n[key_vault]\nrefresh_seconds = 0\n");
+    assert!(
+        error(&refresh).contains("key_vault.refresh_seconds: must be between 1 and 86400, found 0")
     );
 }
 
@@ -355,7 +419,7 @@ fn consumer_keys() {
         errors(&text),
         [
             "p.toml:13:8: consumers[0].keys: a consumer needs at least one key reference, e.g. `keys = [\"env:APP_KEY\"]`",
-            "p.toml:17:19: consumers[1].keys[1]: `keyvault:` references are not supported yet: use `env:NAME` (an environment variable) or `file:PATH` (a file, relative to the policy file's directory)",
+            "p.toml:17:19: consumers[1].keys[1]: `keyvault:` must be followed by `https://VAULT.vault.azure.net/secrets/NAME[/VERSION]`: must start with `https://`",
         ]
     );
 }
