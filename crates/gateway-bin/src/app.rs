@@ -460,6 +460,7 @@ deployments = { gpt-4o = "gpt-4o-swc" }
             consumers: vec![],
             redis_url: None,
             admin_key: None,
+            ..ResolvedSecrets::default()
         };
         let built = backends(&policy, &secrets("k-1")).unwrap();
         assert_eq!(built[0].name, "swc");

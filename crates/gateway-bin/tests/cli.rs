@@ -45,21 +45,36 @@ fn every_policy_in_policies_checks() {
     );
 }
 
-#[test]
-fn check_reports_unresolvable_secrets_with_their_location() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_unresolvable_secrets_with_their_location() {
+    // The policy reads Key Vault with the gateway's identity: both are the test's stand-in, on
+    // 127.0.0.1, and nothing of the ambient environment is passed on.
+    let stub =
+        gateway_e2e::azure_stub::AzureStub::start(std::time::Duration::from_secs(3600)).await;
+    stub.put_secret("aoai-key-std-weu", "weu-key-12345");
     let out = Command::new(GATEWAY)
         .args(["check", "--policy"])
         .arg(policies_dir().join("azure-multi-region.toml"))
-        .env_remove("AOAI_KEY_WORKLOAD_SWC")
+        .env_clear()
+        .envs(stub.env())
+        .envs([
+            ("GATEWAY_KEY_SUPPORT_CHATBOT", "k1"),
+            ("GATEWAY_KEY_SEARCH_INDEXER", "k2"),
+            ("GATEWAY_KEY_SEARCH_INDEXER_NEXT", "k3"),
+            ("GATEWAY_ADMIN_KEY", "k4"),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("azure-multi-region.toml:31:11: backends[0].api_key:"),
+    assert_eq!(
+        stderr.lines().next().unwrap(),
+        "policies/azure-multi-region.toml:60:11: backends[2].api_key: cannot read Key Vault secret \
+         `https://contoso-aoai-kv.vault.azure.net/secrets/aoai-key-std-eus2`: Key Vault answered 404 Not Found (SecretNotFound)"
+            .replace("policies/", &format!("{}/", policies_dir().display())),
         "{stderr}"
     );
-    assert!(stderr.contains("AOAI_KEY_WORKLOAD_SWC"), "{stderr}");
+    assert!(!stderr.contains("weu-key-12345"), "{stderr}");
 }
 
 #[test]

@@ -127,6 +127,7 @@ async fn no_secret_appears_in_any_output() {
             "--policy",
         ])
         .arg(&policy_file)
+        .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::fs::File::create(&stdout_path).unwrap())
         .stderr(std::fs::File::create(&stderr_path).unwrap());
@@ -215,6 +216,7 @@ async fn no_secret_appears_in_any_output() {
     let check = Command::new(GATEWAY)
         .args(["check", "--policy"])
         .arg(&policy_file)
+        .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .output()

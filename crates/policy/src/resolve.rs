@@ -12,7 +12,7 @@ use crate::secret::{Credential, KeyVaultRef, Secret, SecretRef, SecretSource};
 use gateway_core::secret::{CredentialKind, LiveCredential};
 
 /// The secrets a policy refers to, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResolvedSecrets {
     /// Each backend's credential, parallel to [`Policy::backends`].
     pub backends: Vec<Credential>,

@@ -676,6 +676,17 @@ impl Checker<'_> {
     }
 }
 
+/// An Entra ID scope for the client credentials flow: `https://...` or `api://...`, ending in
+/// `/.default`.
+fn valid_scope(scope: &str) -> bool {
+    (scope.starts_with("https://") || scope.starts_with("api://"))
+        && scope.len() > "https:///.default".len()
+        && scope.ends_with("/.default")
+        && !scope
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,15 +729,4 @@ mod tests {
             assert!(forbidden_status(status).is_some(), "{status}");
         }
     }
-}
-
-/// An Entra ID scope for the client credentials flow: `https://...` or `api://...`, ending in
-/// `/.default`.
-fn valid_scope(scope: &str) -> bool {
-    (scope.starts_with("https://") || scope.starts_with("api://"))
-        && scope.len() > "https:///.default".len()
-        && scope.ends_with("/.default")
-        && !scope
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
 }

@@ -124,6 +124,10 @@ pub async fn keep_fresh(
     secrets: &ResolvedSecrets,
     key_vault_refresh: Duration,
 ) -> Result<(), String> {
+    metrics::describe_counter!(
+        REFRESH_FAILURES,
+        "Failed renewals of Entra ID tokens and failed Key Vault reads, by kind"
+    );
     for (scope, live) in &secrets.entra {
         let token = identity.token(scope).await.map_err(|e| {
             format!("cannot get an Entra ID token for the backends (scope `{scope}`): {e}")
