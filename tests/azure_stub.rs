@@ -281,7 +281,12 @@ async fn aad(
     let form = decode_form(&body);
     let field = |name: &str| form.get(name).map(String::as_str);
     let authenticated = field("client_secret") == Some(CLIENT_SECRET)
-        || field("client_assertion").is_some_and(|a| a.starts_with("federated-"));
+        || field("client_assertion").is_some_and(|a| {
+            a.starts_with("federated-")
+                || (field("client_assertion_type")
+                    == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                    && valid_certificate_assertion(a, &tenant))
+        });
     if tenant != TENANT
         || field("grant_type") != Some("client_credentials")
         || field("client_id") != Some(CLIENT_ID)
@@ -306,6 +311,71 @@ async fn aad(
         .into_response(),
         None => error(StatusCode::INTERNAL_SERVER_ERROR, "temporarily_unavailable"),
     }
+}
+
+/// The test certificate (`tests/fixtures/sp-cert.pem`: a throwaway self-signed certificate and its
+/// key, for these tests only): its SHA-1 thumbprint, base64url, and its RSA public key (PKCS#1 DER).
+pub const CERT_PEM_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/sp-cert.pem");
+const CERT_THUMBPRINT: &str = "k9Np9jnRkinY-LC42wjMLJLZ6dc";
+const CERT_PUBLIC_KEY: &[u8] = include_bytes!("fixtures/sp-cert.pub.der");
+
+/// An RS256 JWT signed by the test certificate's key, with its thumbprint as `x5t`, for this
+/// client at this tenant's token endpoint, and not expired.
+fn valid_certificate_assertion(jwt: &str, tenant: &str) -> bool {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [header, claims, signature] = parts[..] else {
+        return false;
+    };
+    let (Some(header_json), Some(claims_json), Some(signature)) = (
+        base64url_decode(header),
+        base64url_decode(claims),
+        base64url_decode(signature),
+    ) else {
+        return false;
+    };
+    let header: serde_json::Value = serde_json::from_slice(&header_json).unwrap_or_default();
+    let claims: serde_json::Value = serde_json::from_slice(&claims_json).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+        CERT_PUBLIC_KEY,
+    );
+    header["alg"] == "RS256"
+        && header["x5t"] == CERT_THUMBPRINT
+        && claims["iss"] == CLIENT_ID
+        && claims["sub"] == CLIENT_ID
+        && claims["aud"]
+            .as_str()
+            .is_some_and(|aud| aud.ends_with(&format!("/{tenant}/oauth2/v2.0/token")))
+        && claims["exp"].as_u64().is_some_and(|exp| exp > now)
+        && key
+            .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &signature)
+            .is_ok()
+}
+
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'-' => Some(62),
+        b'_' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes() {
+        acc = (acc << 6) | u32::from(value(c)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).unwrap());
+        }
+    }
+    Some(out)
 }
 
 /// Managed identity endpoints answer a resource; the token's scope is `{resource}/.default`.

@@ -125,7 +125,7 @@ pub async fn gateway_with_identity(
     let policy = Policy::from_toml_str(policy_toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let secrets = env
         .iter()
-        .fold(MapSecrets::with_fallback(NoSecrets), |s, (k, v)| {
+        .fold(MapSecrets::with_fallback(FilesOnly), |s, (k, v)| {
             s.with_env(k.clone(), v.clone())
         });
     let (resolved, identity) = gateway_bin::identity::resolve_secrets(&policy, &secrets).await?;
@@ -154,6 +154,19 @@ pub async fn gateway_with_identity(
         shutdown: Some(tx),
         task,
     })
+}
+
+/// The real file system and no environment: what [`gateway_with_identity`] reads beneath its `env`.
+struct FilesOnly;
+
+impl gateway_policy::secret::SecretSource for FilesOnly {
+    fn env(&self, _name: &str) -> Option<String> {
+        None
+    }
+
+    fn read_file(&self, path: &std::path::Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
 }
 
 /// A policy with the given deployments, backends and extra tables, and one consumer using [`CLIENT_KEY`].

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use gateway_e2e::azure_stub::{AOAI_SCOPE, AzureStub, CLIENT_ID, TENANT, VAULT_SCOPE};
+use gateway_e2e::azure_stub::{
+    AOAI_SCOPE, AzureStub, CERT_PEM_PATH, CLIENT_ID, TENANT, VAULT_SCOPE,
+};
 use gateway_e2e::{CLIENT_KEY, Gateway, Poller, chat, eventually, gateway_with_identity, policy};
 
 const VAULT_REF: &str = "keyvault:https://stub-vault.vault.azure.net/secrets";
@@ -149,7 +151,7 @@ async fn a_token_that_cannot_be_renewed_serves_until_it_expires_then_fails_over(
 }
 
 #[tokio::test]
-async fn workload_identity_and_managed_identity_endpoints_serve_tokens() {
+async fn workload_identity_certificate_and_managed_identity_endpoints_serve_tokens() {
     let stub = AzureStub::start(Duration::from_secs(3600)).await;
     let toml = policy(
         &["gpt-4o"],
@@ -172,9 +174,25 @@ async fn workload_identity_and_managed_identity_endpoints_serve_tokens() {
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
+    // A service principal with a certificate: a signed client assertion (the stand-in checks the
+    // signature, thumbprint, audience and expiry).
+    let mut certificate = stub.safe_env();
+    certificate.extend(
+        [
+            ("AZURE_TENANT_ID", TENANT),
+            ("AZURE_CLIENT_ID", CLIENT_ID),
+            ("AZURE_CLIENT_CERTIFICATE_PATH", CERT_PEM_PATH),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
     // Then App Service / Container Apps, then a VM's instance metadata service (here, not
     // 169.254.169.254).
-    for stub_env in [workload, stub.app_service_env(), stub.safe_env()] {
+    for stub_env in [
+        workload,
+        certificate,
+        stub.app_service_env(),
+        stub.safe_env(),
+    ] {
         let before = stub.token_fetches(AOAI_SCOPE);
         let gw = gateway_with_identity(&toml, &env(stub_env, &[]))
             .await

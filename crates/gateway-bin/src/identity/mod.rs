@@ -19,6 +19,7 @@
 //! Nothing here runs unless the policy uses Entra ID or Key Vault, so no other test or deployment
 //! ever reaches an identity endpoint.
 
+mod certificate;
 mod keyvault;
 mod sources;
 

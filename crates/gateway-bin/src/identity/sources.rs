@@ -1,12 +1,16 @@
 //! Where the gateway's Entra ID tokens come from, chosen from the environment in the order
 //! `DefaultAzureCredential` tries them, and the documented REST call of each.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_core::secret::Secret;
 use gateway_policy::secret::SecretSource;
 use serde::Deserialize;
 use tokio::time::Instant;
+
+use super::certificate::ClientCertificate;
 
 /// Microsoft Entra ID's public-cloud authority, unless `AZURE_AUTHORITY_HOST` says otherwise.
 const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
@@ -22,6 +26,13 @@ pub(crate) enum TokenSource {
         tenant: String,
         client_id: String,
         secret: Secret,
+    },
+    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_CERTIFICATE_PATH` (a PEM file).
+    ClientCertificate {
+        authority: String,
+        tenant: String,
+        client_id: String,
+        certificate: Arc<ClientCertificate>,
     },
     /// `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` (AKS workload identity).
     /// The file is read for each request: the kubelet rotates it.
@@ -89,8 +100,16 @@ impl TokenSource {
                     secret: Secret::new(secret),
                 });
             }
-            if var("AZURE_CLIENT_CERTIFICATE_PATH").is_some() {
-                return Err("AZURE_CLIENT_CERTIFICATE_PATH is set, but this gateway does not sign certificate assertions yet: use AZURE_CLIENT_SECRET, workload identity or a managed identity".to_owned());
+            if let Some(path) = var("AZURE_CLIENT_CERTIFICATE_PATH") {
+                let pem = env.read_file(Path::new(&path)).map_err(|e| {
+                    format!("cannot read AZURE_CLIENT_CERTIFICATE_PATH `{path}`: {e}")
+                })?;
+                return Ok(Self::ClientCertificate {
+                    authority,
+                    tenant: tenant.clone(),
+                    client_id: client_id.clone(),
+                    certificate: Arc::new(ClientCertificate::from_pem(pem.as_bytes())?),
+                });
             }
             if let Some(token_file) = var("AZURE_FEDERATED_TOKEN_FILE") {
                 return Ok(Self::WorkloadIdentity {
@@ -119,6 +138,7 @@ impl TokenSource {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::ClientSecret { .. } => "service principal (client secret)",
+            Self::ClientCertificate { .. } => "service principal (certificate)",
             Self::WorkloadIdentity { .. } => "workload identity",
             Self::AppService { .. } => "managed identity (identity endpoint)",
             Self::Imds { .. } => "managed identity (instance metadata service)",
@@ -149,6 +169,28 @@ impl TokenSource {
                     ("client_secret", secret.expose()),
                     ("scope", scope),
                 ])),
+            Self::ClientCertificate {
+                authority,
+                tenant,
+                client_id,
+                certificate,
+            } => {
+                let endpoint = format!("{authority}/{tenant}/oauth2/v2.0/token");
+                let assertion = certificate.assertion(client_id, &endpoint)?;
+                client
+                    .post(endpoint)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(form(&[
+                        ("grant_type", "client_credentials"),
+                        ("client_id", client_id),
+                        (
+                            "client_assertion_type",
+                            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                        ),
+                        ("client_assertion", &assertion),
+                        ("scope", scope),
+                    ]))
+            }
             Self::WorkloadIdentity {
                 authority,
                 tenant,
@@ -332,10 +374,10 @@ mod tests {
             source(&[
                 ("AZURE_TENANT_ID", "t"),
                 ("AZURE_CLIENT_ID", "c"),
-                ("AZURE_CLIENT_CERTIFICATE_PATH", "/cert.pem"),
+                ("AZURE_CLIENT_CERTIFICATE_PATH", "/nonexistent/cert.pem"),
             ])
             .unwrap_err()
-            .contains("AZURE_CLIENT_SECRET")
+            .starts_with("cannot read AZURE_CLIENT_CERTIFICATE_PATH `/nonexistent/cert.pem`")
         );
     }
 
