@@ -353,7 +353,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
                         ("kind", kind),
                         ("consumer", consumer),
                         ("deployment", "gpt-4o"),
-                        ("backend", backend)
+                        ("backend", backend),
+                        ("estimated", "false")
                     ]
                 ),
                 *n as f64,
@@ -464,7 +465,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
     assert_eq!(
         line["tokens"],
         json!({"prompt": failover_usage.0, "completion": failover_usage.1,
-               "total": failover_usage.0 + failover_usage.1, "estimated": false})
+               "total": failover_usage.0 + failover_usage.1, "cached_prompt": 0, "reasoning": 0,
+               "estimated": false})
     );
     let d = &line["durations"];
     let (ttfb, total, overhead) = (
@@ -547,10 +549,25 @@ async fn a_stream_the_client_drops_is_logged_and_counted_without_consumer_labels
     assert_eq!(line["status"], 200);
     assert_eq!(line["stream"], true);
     assert_eq!(line["backend"], "r0");
-    // The backend never told the usage: the line carries the gateway's estimate, marked so.
+    // The backend never told the usage: the line carries the gateway's estimate, marked so, and
+    // the metrics count that same figure, marked so too.
     assert_eq!(line["tokens"]["estimated"], true, "{line}");
 
     let m = gw.metrics().await;
+    for kind in ["prompt", "completion"] {
+        let labels = [
+            ("kind", kind),
+            ("consumer", "_"),
+            ("deployment", "gpt-4o"),
+            ("backend", "r0"),
+            ("estimated", "true"),
+        ];
+        assert_eq!(
+            m.value("gateway_tokens_total", &labels),
+            line["tokens"][kind].as_f64().unwrap(),
+            "{kind}: {line}"
+        );
+    }
     assert_eq!(
         m.value(
             "gateway_requests_total",

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | request id, operation, deployment, stream, `max_tokens` | the context layer ([`Record::request`]) |
 //! | the consumer | [`ConsumerAuthLayer`](crate::ConsumerAuthLayer) |
-//! | estimate, limit verdict, real usage | [`RateLimitLayer`](crate::RateLimitLayer) |
+//! | estimate, limit verdict, real usage, the tokens charged | [`RateLimitLayer`](crate::RateLimitLayer) |
 //! | who served, every attempt | [`FailoverLayer`](crate::FailoverLayer) |
 //!
 //! The context layer's response body, [`RecordBody`], is the one place that sees the end of the
@@ -68,7 +68,18 @@ pub struct Record {
     limit: OnceLock<Limit>,
     estimate: OnceLock<Estimate>,
     usage: OnceLock<Usage>,
+    estimated_usage: OnceLock<Usage>,
     end: Mutex<EndState>,
+}
+
+/// The tokens a request was charged: what the consumer's limits counted, what metrics and the
+/// access log show. See [`Record::charged`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// The tokens.
+    pub usage: Usage,
+    /// True when the backend never reported usage and the gateway measured it itself.
+    pub estimated: bool,
 }
 
 /// What observers need of the request: a few small values, not its body or its parse.
@@ -152,6 +163,7 @@ impl Record {
             limit: OnceLock::new(),
             estimate: OnceLock::new(),
             usage: OnceLock::new(),
+            estimated_usage: OnceLock::new(),
             end: Mutex::new(EndState::Open(Vec::new())),
         }
     }
@@ -216,6 +228,44 @@ impl Record {
     /// Records the backend's usage.
     pub fn set_usage(&self, usage: Usage) {
         let _ = self.usage.set(usage);
+    }
+
+    /// Records what the call was charged when the backend did not say (a stream without a usage
+    /// chunk, one cut short, a JSON answer without `usage`): the gateway's own measure. The first
+    /// call wins, and the backend's usage, when it is known, wins over it.
+    pub fn set_estimated_usage(&self, usage: Usage) {
+        let _ = self.estimated_usage.set(usage);
+    }
+
+    /// The tokens the call was charged: the backend's usage when it told, else the gateway's
+    /// estimate of what was consumed; `None` when nothing was charged (a refused or failed call, or
+    /// no rate-limit layer). The consumer's limits, metrics and the access log all use this figure.
+    ///
+    /// ```
+    /// use gateway_core::tokens::Usage;
+    /// use gateway_layers::record::{Charge, Record};
+    ///
+    /// let record = Record::new(http::HeaderValue::from_static("r"), None);
+    /// assert_eq!(record.charged(), None);
+    /// let measured = Usage { prompt: 9, completion: 3, total: 12, ..Usage::default() };
+    /// record.set_estimated_usage(measured);
+    /// assert_eq!(record.charged(), Some(Charge { usage: measured, estimated: true }));
+    /// let told = Usage { prompt: 9, completion: 4, total: 13, ..Usage::default() };
+    /// record.set_usage(told);
+    /// assert_eq!(record.charged(), Some(Charge { usage: told, estimated: false }));
+    /// ```
+    pub fn charged(&self) -> Option<Charge> {
+        match (self.usage.get(), self.estimated_usage.get()) {
+            (Some(&usage), _) => Some(Charge {
+                usage,
+                estimated: false,
+            }),
+            (None, Some(&usage)) => Some(Charge {
+                usage,
+                estimated: true,
+            }),
+            (None, None) => None,
+        }
     }
 
     /// Calls `hook` once when the response ends (at once if it already has).

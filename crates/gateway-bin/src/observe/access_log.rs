@@ -53,6 +53,10 @@ struct Tokens {
     prompt: u64,
     completion: u64,
     total: u64,
+    /// Of `prompt`, tokens served from the prompt cache (as the backend reported them).
+    cached_prompt: u64,
+    /// Of `completion`, tokens spent on reasoning (as the backend reported them).
+    reasoning: u64,
     /// True when the backend did not report usage and these are the gateway's estimate.
     estimated: bool,
 }
@@ -91,7 +95,7 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
                 .and_then(Record::failover)
                 .map_or(&[], |r| &r.attempts),
         ),
-        tokens: record.and_then(|r| tokens(r, obs.status)),
+        tokens: record.and_then(tokens),
         durations: Durations {
             ttfb_ms: ms(obs.ttfb),
             total_ms: ms(total),
@@ -147,24 +151,19 @@ impl Writer {
     }
 }
 
-/// The real usage when the backend told it; for a successful call that did not (yet), the estimate.
-fn tokens(record: &Record, status: u16) -> Option<Tokens> {
-    let estimate = record.estimate()?;
-    match record.usage() {
-        Some(u) => Some(Tokens {
-            prompt: u.prompt,
-            completion: u.completion,
-            total: u.total,
-            estimated: false,
-        }),
-        None if (200..300).contains(&status) => Some(Tokens {
-            prompt: estimate.prompt,
-            completion: estimate.completion,
-            total: estimate.total(),
-            estimated: true,
-        }),
-        None => None,
-    }
+/// What the call was charged (the figure the consumer's limits counted): the backend's usage, or the
+/// gateway's own measure when it never told.
+fn tokens(record: &Record) -> Option<Tokens> {
+    let charge = record.charged()?;
+    let u = charge.usage;
+    Some(Tokens {
+        prompt: u.prompt,
+        completion: u.completion,
+        total: u.total,
+        cached_prompt: u.cached_prompt,
+        reasoning: u.reasoning,
+        estimated: charge.estimated,
+    })
 }
 
 /// Milliseconds with microsecond precision.

@@ -22,8 +22,9 @@ pub const UPSTREAM_ATTEMPTS: &str = "gateway_upstream_attempts_total";
 pub const FAILOVERS: &str = "gateway_failovers_total";
 /// Time to response headers of each upstream attempt that got an answer, by `backend`.
 pub const UPSTREAM_TTFB: &str = "gateway_upstream_ttfb_seconds";
-/// Tokens reported by the backends, by `kind` (`prompt`, `completion`), `consumer`, `deployment` and
-/// `backend`.
+/// Tokens charged, by `kind` (`prompt`, `completion`, and the parts of them `cached_prompt` and
+/// `reasoning`), `consumer`, `deployment`, `backend` and `estimated` (`false`: the backend's usage;
+/// `true`: the gateway's count of a stream that reported none).
 pub const TOKENS: &str = "gateway_tokens_total";
 /// Requests refused by the gateway's own consumer limits, by `consumer` and `limit` (`tokens`,
 /// `requests`, `quota`).
@@ -130,7 +131,11 @@ fn describe() {
         Unit::Seconds,
         "Time to response headers of upstream attempts that got an answer."
     );
-    describe_counter!(TOKENS, Unit::Count, "Tokens reported by the backends.");
+    describe_counter!(
+        TOKENS,
+        Unit::Count,
+        "Tokens charged: the backends' usage, or the gateway's count when a stream reported none."
+    );
     describe_counter!(
         LIMIT_REJECTIONS,
         Unit::Count,

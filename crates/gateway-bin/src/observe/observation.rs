@@ -54,17 +54,33 @@ impl Observation {
             "status_class" => class,
         )
         .record(total.as_secs_f64());
-        if let Some(usage) = record.and_then(Record::usage) {
+        // What the call was charged, the figure the consumer's limits counted: the backend's usage,
+        // or the gateway's measure of a stream that never told it.
+        if let Some(charge) = record.and_then(Record::charged) {
             let backend = self
                 .served_by(record)
                 .map_or(SharedString::const_str(UNKNOWN), |b| b.name.clone());
-            for (kind, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+            let usage = charge.usage;
+            let estimated = if charge.estimated { "true" } else { "false" };
+            // Cached and reasoning tokens are parts of prompt and completion, split out as API
+            // Management does; only when the backend reported some.
+            let kinds = [
+                ("prompt", usage.prompt),
+                ("completion", usage.completion),
+                ("cached_prompt", usage.cached_prompt),
+                ("reasoning", usage.reasoning),
+            ];
+            for (i, (kind, n)) in kinds.into_iter().enumerate() {
+                if i >= 2 && n == 0 {
+                    continue;
+                }
                 counter!(
                     TOKENS,
                     "kind" => kind,
                     "consumer" => consumer.clone(),
                     "deployment" => self.deployment.clone(),
                     "backend" => backend.clone(),
+                    "estimated" => estimated,
                 )
                 .increment(n);
             }

@@ -10,13 +10,13 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitKind, LimitStore, Limits, Remaining, Reservation, StoreError,
 };
 use gateway_core::operation::Operation;
-use gateway_core::tokens::{self, Estimate};
+use gateway_core::tokens::{self, Encoding, Estimate, Usage};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower::Service;
 
-use super::body::{Reconcile, UsageBody};
+use super::body::{PromptTokens, Reconcile, UsageBody};
 use super::{OnStoreError, Shared};
 use crate::BoxError;
 use crate::auth::Consumer;
@@ -146,10 +146,22 @@ where
     };
     // Exact counting only where a limit needs an exact reservation: tokenizing a long prompt costs
     // more than everything else the gateway does for a request. Routing can do with a rough figure.
+    let encoding = model_encoding(ctx, config);
     let estimate = if checks.is_empty() {
         rough(ctx, config.default_completion_tokens)
     } else {
-        exact(ctx, config)
+        exact(ctx, encoding, config.default_completion_tokens)
+    };
+    // A stream that ends without usage is charged its prompt, counted exactly: now if the
+    // reservation needed it, else only then (most streams report usage and never need it).
+    let prompt = if checks.is_empty() && cfg!(feature = "tokenizer") && ctx.stream() {
+        let ctx = ctx.clone();
+        let default_completion = config.default_completion_tokens;
+        PromptTokens::Later(Box::new(move || {
+            exact(&ctx, encoding, default_completion).prompt
+        }))
+    } else {
+        PromptTokens::Counted(estimate.prompt)
     };
     // Chat only: whether Azure's legacy Completions accept `stream_options` is not documented.
     let stream_requested = ctx.stream();
@@ -279,12 +291,14 @@ where
     if is_event_stream(&parts.headers) || stream_requested {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
         let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
-        let body = UsageBody::sse(body, strip_usage, estimate.prompt, record, reconcile);
+        let counting = cfg!(feature = "tokenizer").then_some(encoding);
+        let body = UsageBody::sse(body, strip_usage, prompt, counting, record, reconcile);
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
     if size.is_none_or(|n| n > MAX_BUFFERED_ANSWER) {
         // Unknown or huge: stream it through and keep the estimate.
+        charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
     // A JSON answer arrives whole once generation is done: reading it adds no latency worth the
@@ -305,7 +319,10 @@ where
                     }
                     usage.total
                 }
-                None => estimate.total(),
+                None => {
+                    charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
+                    estimate.total()
+                }
             };
             settle(&shared, reservation.as_ref(), consumed).await;
             Ok(Response::from_parts(parts, UsageBody::full(bytes)))
@@ -325,6 +342,7 @@ where
                 ));
             }
             tracing::warn!(error = %err, "upstream answer broke while being read");
+            charged_estimate(record.as_deref(), estimate.prompt, 0);
             settle(&shared, reservation.as_ref(), estimate.prompt).await;
             Ok(azure_error(
                 StatusCode::BAD_GATEWAY,
@@ -363,30 +381,47 @@ fn rough(ctx: &RequestContext, default_completion: u64) -> Estimate {
     )
 }
 
-/// What a limit reserves: the prompt counted with the deployment's tokenizer, from the body's one
-/// parse. Without the `tokenizer` feature, the rough figure.
-#[cfg(feature = "tokenizer")]
-fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
-    let Some(json) = ctx.json() else {
-        return rough(ctx, config.default_completion_tokens);
-    };
+/// The tokenizer of the deployment's model (the deployment's own name when no model is set).
+fn model_encoding(ctx: &RequestContext, config: &super::RateLimitConfig) -> Encoding {
     let model = ctx
         .deployment
         .as_deref()
         .map(|d| config.models.get(d).map_or(d, String::as_str))
         .unwrap_or_default();
+    tokens::encoding_for_model(model)
+}
+
+/// Records what a call was charged when the backend did not say: the gateway's own figure.
+fn charged_estimate(record: Option<&Record>, prompt: u64, completion: u64) {
+    if let Some(record) = record {
+        record.set_estimated_usage(Usage {
+            prompt,
+            completion,
+            total: prompt.saturating_add(completion),
+            ..Usage::default()
+        });
+    }
+}
+
+/// What a limit reserves: the prompt counted with the deployment's tokenizer, from the body's one
+/// parse. Without the `tokenizer` feature, the rough figure.
+#[cfg(feature = "tokenizer")]
+fn exact(ctx: &RequestContext, encoding: Encoding, default_completion: u64) -> Estimate {
+    let Some(json) = ctx.json() else {
+        return rough(ctx, default_completion);
+    };
     tokens::estimate_parsed(
         ctx.operation,
-        tokens::encoding_for_model(model),
+        encoding,
         json,
         ctx.body(),
-        config.default_completion_tokens,
+        default_completion,
     )
 }
 
 #[cfg(not(feature = "tokenizer"))]
-fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
-    rough(ctx, config.default_completion_tokens)
+fn exact(ctx: &RequestContext, _: Encoding, default_completion: u64) -> Estimate {
+    rough(ctx, default_completion)
 }
 
 /// Reconciles now; a store error is logged, never shown to the client, whose call already happened.
