@@ -239,3 +239,150 @@ async fn a_spaced_usage_chunk_is_counted_as_reported_and_not_as_an_estimate() {
     assert_eq!(tokens(&gw, backend, "prompt", true).await, None);
     gw.stop().await;
 }
+
+/// Sends a Responses call through the gateway's v1 path.
+async fn respond(gw: &Gateway, body: &Value) -> reqwest::Response {
+    client()
+        .post(gw.url("/openai/v1/responses"))
+        .header("api-key", CLIENT_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` payloads of a stream whose events may be named (`event:` lines).
+fn payloads(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data:")))
+        .map(str::trim)
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|err| panic!("{err}: {d}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn responses_usage_is_counted_like_chat_usage_in_json_and_in_streams() {
+    let backend = "responses";
+    let (_sim, gw) = start(backend, LIMITS, |c| c.spaced_json(true)).await;
+    let input = "Tell me about gateways";
+
+    // A JSON answer: `input_tokens`/`output_tokens`.
+    let res = respond(
+        &gw,
+        &json!({"model": "gpt-4o", "input": input, "max_output_tokens": 200}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    let json_usage = v["usage"].clone();
+    assert_eq!(json_usage["input_tokens"], o200k(input));
+
+    // A stream: the usage of its `response.completed` event.
+    let body = json!({"model": "gpt-4o", "input": input, "max_output_tokens": 200, "stream": true});
+    let res = respond(&gw, &body).await;
+    assert_eq!(res.status(), 200);
+    let text = read_stream(res).await;
+    let events = payloads(&text);
+    let completed = events.last().unwrap();
+    assert_eq!(completed["type"], "response.completed", "{text}");
+    let stream_usage = completed["response"]["usage"].clone();
+    gw.stream_let_go().await;
+
+    let total = |u: &Value| u["total_tokens"].as_u64().unwrap();
+    assert_eq!(
+        gw.tokens_this_minute("tester").await,
+        total(&json_usage) + total(&stream_usage)
+    );
+    let sum = |key: &str| {
+        (json_usage[key].as_u64().unwrap() + stream_usage[key].as_u64().unwrap()) as f64
+    };
+    let want = (sum("input_tokens"), sum("output_tokens"));
+    eventually("the Responses tokens in the metrics", || async {
+        let seen = (
+            tokens(&gw, backend, "prompt", false).await?,
+            tokens(&gw, backend, "completion", false).await?,
+        );
+        (seen == want).then_some(())
+    })
+    .await;
+    assert_eq!(tokens(&gw, backend, "prompt", true).await, None);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_responses_stream_cut_short_is_charged_the_tokenizers_count_of_its_deltas() {
+    let backend = "responses_cut";
+    let (sim, gw) = start(backend, LIMITS, |c| c).await;
+    // Created, in progress, item and part added, then three deltas: then the connection breaks.
+    sim.handle()
+        .set_faults(vec![simulator::Fault::abort_stream(7)]);
+    let input = "Tell me about gateways";
+    let body = json!({"model": "gpt-4o", "input": input, "max_output_tokens": 200, "stream": true});
+    let res = respond(&gw, &body).await;
+    assert_eq!(res.status(), 200);
+    let mut text = String::new();
+    let mut stream = res.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let deltas: String = payloads(&text)
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!deltas.is_empty(), "{text}");
+    gw.stream_let_go().await;
+    // A string input is counted as plain text.
+    let (prompt, completion) = (o200k(input), o200k(&deltas));
+    assert_eq!(gw.tokens_this_minute("tester").await, prompt + completion);
+    let want = (prompt as f64, completion as f64);
+    eventually("the cut stream's tokens in the metrics", || async {
+        let seen = (
+            tokens(&gw, backend, "prompt", true).await?,
+            tokens(&gw, backend, "completion", true).await?,
+        );
+        (seen == want).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn cached_and_reasoning_tokens_are_counted_apart() {
+    let backend = "details";
+    let (_sim, gw) = start(backend, LIMITS, |mut c| {
+        c.deployments[0].reasoning = true;
+        c.prompt_cache(true)
+    })
+    .await;
+    let long = "gateway ".repeat(1100);
+    let body = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 50});
+    let (mut cached, mut reasoning, mut prompt) = (0, 0, 0);
+    for _ in 0..2 {
+        let res = gw.chat("gpt-4o", &body).await;
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        let usage = &v["usage"];
+        cached += usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        reasoning += usage["completion_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap();
+        prompt += usage["prompt_tokens"].as_u64().unwrap();
+    }
+    // The second call found the first one's prompt cached.
+    assert!(cached >= 1024 && reasoning > 0, "{cached} {reasoning}");
+    let want = (cached as f64, reasoning as f64, prompt as f64);
+    eventually("cached and reasoning tokens in the metrics", || async {
+        let seen = (
+            tokens(&gw, backend, "cached_prompt", false).await?,
+            tokens(&gw, backend, "reasoning", false).await?,
+            tokens(&gw, backend, "prompt", false).await?,
+        );
+        (seen == want).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}

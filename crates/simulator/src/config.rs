@@ -67,6 +67,11 @@ pub struct Variants {
     pub omit_stream_content_type: bool,
     /// What follows the final `data: [DONE]` of a stream.
     pub done_ending: DoneEnding,
+    /// Prompt caching as Azure does it: a prompt of 1,024 tokens or more that this region has seen
+    /// before reports `prompt_tokens_details.cached_tokens` (Responses:
+    /// `input_tokens_details.cached_tokens`), the prompt rounded down to 128 tokens. Off, every
+    /// answer reports 0 cached tokens.
+    pub prompt_cache: bool,
 }
 
 /// The format of `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` (the reference,
@@ -109,6 +114,10 @@ pub struct DeploymentConfig {
     pub dimensions: usize,
     /// A provisioned (PTU) deployment: every answer carries `azure-openai-deployment-utilization`.
     pub ptu: bool,
+    /// A reasoning model (o-series): it thinks as many tokens as it writes, reported in
+    /// `completion_tokens_details.reasoning_tokens` (Responses: `output_tokens_details`) and
+    /// counted in the completion tokens, never streamed.
+    pub reasoning: bool,
 }
 
 /// The operations a deployment serves.
@@ -201,6 +210,12 @@ impl RegionConfig {
         self.variants.done_ending = ending;
         self
     }
+
+    /// Reports cached prompt tokens for long prompts seen before ([`Variants::prompt_cache`]).
+    pub fn prompt_cache(mut self, on: bool) -> Self {
+        self.variants.prompt_cache = on;
+        self
+    }
 }
 
 // === impl DeploymentConfig ===
@@ -216,6 +231,7 @@ impl DeploymentConfig {
             rpm: None,
             dimensions: 0,
             ptu: false,
+            reasoning: false,
         }
     }
 
@@ -229,6 +245,7 @@ impl DeploymentConfig {
             rpm: None,
             dimensions: DEFAULT_DIMENSIONS,
             ptu: false,
+            reasoning: false,
         }
     }
 
@@ -254,6 +271,12 @@ impl DeploymentConfig {
     /// `azure-openai-deployment-utilization`, the share of its capacity in use, e.g. `87%`.
     pub fn ptu(mut self, on: bool) -> Self {
         self.ptu = on;
+        self
+    }
+
+    /// Makes the deployment a reasoning model ([`reasoning`](Self::reasoning)).
+    pub fn reasoning(mut self, on: bool) -> Self {
+        self.reasoning = on;
         self
     }
 

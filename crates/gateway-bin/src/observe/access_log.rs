@@ -228,6 +228,39 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway_core::tokens::Usage;
+
+    #[test]
+    fn tokens_are_what_was_charged_with_their_cached_and_reasoning_parts() {
+        let record = Record::new(http::HeaderValue::from_static("r"), None);
+        assert!(tokens(&record).is_none(), "nothing charged, no tokens");
+        let measured = Usage {
+            prompt: 12,
+            completion: 30,
+            total: 42,
+            ..Usage::default()
+        };
+        record.set_estimated_usage(measured);
+        let line = serde_json::to_value(tokens(&record)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"prompt": 12, "completion": 30, "total": 42, "cached_prompt": 0,
+                "reasoning": 0, "estimated": true})
+        );
+        record.set_usage(Usage {
+            prompt: 2000,
+            completion: 300,
+            total: 2300,
+            cached_prompt: 1920,
+            reasoning: 256,
+        });
+        let line = serde_json::to_value(tokens(&record)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"prompt": 2000, "completion": 300, "total": 2300,
+                "cached_prompt": 1920, "reasoning": 256, "estimated": false})
+        );
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
