@@ -386,3 +386,36 @@ async fn cached_and_reasoning_tokens_are_counted_apart() {
     .await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn priority_traffic_served_at_standard_shows_in_the_metrics() {
+    let backend = "tiers";
+    let (_sim, gw) = start(backend, "", |c| c.priority_as_default(true)).await;
+    let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+        "service_tier": "priority"});
+    let res = gw.chat("gpt-4o", &body).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        v["service_tier"], "default",
+        "passed through as the region said"
+    );
+    body["stream"] = json!(true);
+    let text = read_stream(gw.chat("gpt-4o", &body).await).await;
+    assert!(
+        chunks(&text)
+            .iter()
+            .all(|c| c["id"] == "" || c["service_tier"] == "default")
+    );
+    gw.stream_let_go().await;
+    let labels = [
+        ("deployment", "gpt-4o"),
+        ("requested", "priority"),
+        ("served", "default"),
+    ];
+    eventually("priority served at default, counted", || async {
+        (metric(&gw, "gateway_service_tier_total", &labels).await? == 2.0).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}

@@ -69,7 +69,24 @@ pub struct Record {
     estimate: OnceLock<Estimate>,
     usage: OnceLock<Usage>,
     estimated_usage: OnceLock<Usage>,
+    service_tier: OnceLock<ServiceTier>,
     end: Mutex<EndState>,
+}
+
+/// A `service_tier`, as requested or as served, among the values Azure documents; any other is
+/// [`Other`](ServiceTier::Other), so labels made of it stay few.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceTier {
+    /// `auto`.
+    Auto,
+    /// `default`: standard processing.
+    Default,
+    /// `flex`.
+    Flex,
+    /// `priority`.
+    Priority,
+    /// Any other value.
+    Other,
 }
 
 /// The tokens a request was charged: what the consumer's limits counted, what metrics and the
@@ -93,6 +110,8 @@ pub struct RequestSummary {
     pub stream: bool,
     /// The output limit the request named.
     pub max_tokens: Option<u64>,
+    /// The `service_tier` the request asked for, if it named one.
+    pub service_tier: Option<ServiceTier>,
 }
 
 /// Which of the consumer's limits the gateway answered with, on its own 429 or 403.
@@ -157,6 +176,10 @@ impl Record {
                 deployment: ctx.deployment.clone(),
                 stream: ctx.stream(),
                 max_tokens: ctx.max_tokens(),
+                service_tier: ctx
+                    .json()
+                    .and_then(|j| j.service_tier.as_deref())
+                    .map(ServiceTier::from_name),
             }),
             consumer: OnceLock::new(),
             failover: OnceLock::new(),
@@ -164,6 +187,7 @@ impl Record {
             estimate: OnceLock::new(),
             usage: OnceLock::new(),
             estimated_usage: OnceLock::new(),
+            service_tier: OnceLock::new(),
             end: Mutex::new(EndState::Open(Vec::new())),
         }
     }
@@ -268,6 +292,17 @@ impl Record {
         }
     }
 
+    /// The `service_tier` the answer said it was served at (for a stream, its last event naming
+    /// one), when it named one: `priority` traffic that Azure served at `default` shows here.
+    pub fn service_tier(&self) -> Option<ServiceTier> {
+        self.service_tier.get().copied()
+    }
+
+    /// Records the tier the answer was served at (the first call wins).
+    pub fn set_service_tier(&self, tier: ServiceTier) {
+        let _ = self.service_tier.set(tier);
+    }
+
     /// Calls `hook` once when the response ends (at once if it already has).
     pub fn on_end(&self, hook: impl FnOnce(&Record, End) + Send + 'static) {
         let mut state = self.end.lock().unwrap_or_else(PoisonError::into_inner);
@@ -320,6 +355,41 @@ impl Limit {
             Limit::Tokens => "tokens",
             Limit::Requests => "requests",
             Limit::Quota => "quota",
+        }
+    }
+}
+
+// === impl ServiceTier ===
+
+impl ServiceTier {
+    /// The tier named `name` (case-insensitive); [`Other`](ServiceTier::Other) when unknown.
+    ///
+    /// ```
+    /// use gateway_layers::record::ServiceTier;
+    ///
+    /// assert_eq!(ServiceTier::from_name("priority"), ServiceTier::Priority);
+    /// assert_eq!(ServiceTier::from_name("Default").as_str(), "default");
+    /// assert_eq!(ServiceTier::from_name("scale-9000").as_str(), "other");
+    /// ```
+    pub fn from_name(name: &str) -> Self {
+        let is = |known: &str| name.trim().eq_ignore_ascii_case(known);
+        match () {
+            _ if is("auto") => ServiceTier::Auto,
+            _ if is("default") => ServiceTier::Default,
+            _ if is("flex") => ServiceTier::Flex,
+            _ if is("priority") => ServiceTier::Priority,
+            _ => ServiceTier::Other,
+        }
+    }
+
+    /// The tier's name, as Azure writes it (`other` for an unknown one): a metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServiceTier::Auto => "auto",
+            ServiceTier::Default => "default",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+            ServiceTier::Other => "other",
         }
     }
 }

@@ -72,6 +72,9 @@ pub struct Variants {
     /// `input_tokens_details.cached_tokens`), the prompt rounded down to 128 tokens. Off, every
     /// answer reports 0 cached tokens.
     pub prompt_cache: bool,
+    /// A request for `service_tier: "priority"` is served at standard, and its answer says
+    /// `"service_tier": "default"`, as Azure does when priority traffic ramps up too fast.
+    pub priority_as_default: bool,
 }
 
 /// The format of `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` (the reference,
@@ -208,6 +211,12 @@ impl RegionConfig {
     /// Sets how a stream's `data: [DONE]` ends ([`Variants::done_ending`]).
     pub fn done_ending(mut self, ending: DoneEnding) -> Self {
         self.variants.done_ending = ending;
+        self
+    }
+
+    /// Serves priority requests at standard ([`Variants::priority_as_default`]).
+    pub fn priority_as_default(mut self, on: bool) -> Self {
+        self.variants.priority_as_default = on;
         self
     }
 

@@ -65,6 +65,8 @@ struct Plan {
     n: u64,
     stream: bool,
     include_usage: bool,
+    /// `service_tier` as requested.
+    service_tier: Option<String>,
 }
 
 /// Handles every request under `/openai/`.
@@ -285,6 +287,10 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
         .and_then(Value::as_bool)
         == Some(true);
     let n = uint("n").unwrap_or(1).clamp(1, 128);
+    let service_tier = request
+        .get("service_tier")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let required = |key: &str| format!("'{key}' is a required property");
     let plan = match op {
         Operation::Chat => {
@@ -296,6 +302,7 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n,
                 stream,
                 include_usage,
+                service_tier: service_tier.clone(),
             }
         }
         Operation::Completions => {
@@ -306,6 +313,7 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n,
                 stream,
                 include_usage,
+                service_tier: service_tier.clone(),
             }
         }
         Operation::Embeddings => {
@@ -316,6 +324,7 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n: 1,
                 stream: false,
                 include_usage: false,
+                service_tier: None,
             }
         }
         Operation::Responses => {
@@ -333,10 +342,21 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n: 1,
                 stream,
                 include_usage: false,
+                service_tier: service_tier.clone(),
             }
         }
     };
     Ok(plan)
+}
+
+/// The tier an answer says served it: the one asked for, `default` for `auto` or none, and
+/// `default` for `priority` when the region serves priority at standard.
+fn served_tier<'a>(shared: &Shared, plan: &'a Plan) -> &'a str {
+    match plan.service_tier.as_deref() {
+        None | Some("auto") => "default",
+        Some("priority") if shared.variants.priority_as_default => "default",
+        Some(tier) => tier,
+    }
 }
 
 fn generate(shared: &Shared, plan: &Plan, max_tokens: Option<u64>) -> Vec<Generated> {
@@ -401,6 +421,7 @@ fn chat(
             system_fingerprint: &deployment.system_fingerprint,
             include_usage: plan.include_usage && !shared.variants.ignore_include_usage,
             usage,
+            service_tier: served_tier(shared, plan),
             spaced: shared.variants.spaced_json,
             done: shared.variants.done_ending,
         };
@@ -432,6 +453,7 @@ fn chat(
             "model": deployment.config.model,
             "object": "chat.completion",
             "prompt_filter_results": prompt_filter_results(),
+            "service_tier": served_tier(shared, plan),
             "system_fingerprint": deployment.system_fingerprint,
             "usage": usage,
         }),
@@ -464,6 +486,7 @@ fn completions(
             system_fingerprint: &deployment.system_fingerprint,
             include_usage: plan.include_usage && !shared.variants.ignore_include_usage,
             usage,
+            service_tier: served_tier(shared, plan),
             spaced: shared.variants.spaced_json,
             done: shared.variants.done_ending,
         };
@@ -604,6 +627,7 @@ fn responses(
         }],
         "parallel_tool_calls": true,
         "previous_response_id": get("previous_response_id"),
+        "service_tier": served_tier(shared, plan),
         "temperature": 1.0,
         "tool_choice": "auto",
         "tools": [],

@@ -41,6 +41,8 @@ VARIANTS (how real backends differ from Azure's documented answers; all off by d
     --no-stream-content-type streams are sent without a content-type header
     --done-ending ENDING     how the final `data: [DONE]` ends: `blank-line` (`\\n\\n`),
                              `newline` (`\\n`) or `bare` (nothing) [default: blank-line]
+    --priority-as-default    requests for service_tier `priority` are served, and answered, at
+                             `default` (Azure's silent downgrade when priority traffic ramps)
     --prompt-cache           prompts of 1,024 tokens or more seen before report cached_tokens
                              (the prompt rounded down to 128), as Azure's prompt caching does
 
@@ -170,6 +172,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             "--ptu" => ptu.push(value()?),
             "--reasoning" => reasoning.push(value()?),
             "--prompt-cache" => variants.prompt_cache = switch()?,
+            "--priority-as-default" => variants.priority_as_default = switch()?,
             "--spaced-json" => variants.spaced_json = switch()?,
             "--seconds-only-429" => variants.seconds_only_429 = switch()?,
             "--ignore-include-usage" => variants.ignore_include_usage = switch()?,
@@ -322,6 +325,7 @@ mod tests {
             "--reasoning",
             "gpt-4o",
             "--prompt-cache",
+            "--priority-as-default",
         ])
         .unwrap()
         .unwrap()
@@ -330,7 +334,7 @@ mod tests {
         assert!(!c.deployments[1].ptu);
         assert!(!c.deployments[0].reasoning && c.deployments[1].reasoning);
         let v = c.variants;
-        assert!(v.prompt_cache);
+        assert!(v.prompt_cache && v.priority_as_default);
         assert!(v.spaced_json && v.seconds_only_429);
         assert!(v.ignore_include_usage && v.omit_stream_content_type);
         assert_eq!(v.reset_format, ResetFormat::Duration);

@@ -42,6 +42,8 @@ pub(crate) struct StreamMeta<'a> {
     pub(crate) system_fingerprint: &'a str,
     pub(crate) include_usage: bool,
     pub(crate) usage: Value,
+    /// The tier the answer says served it, in every chunk.
+    pub(crate) service_tier: &'a str,
     /// JSON written with a space after every `:` and `,`.
     pub(crate) spaced: bool,
     /// How the final `data: [DONE]` ends.
@@ -233,6 +235,7 @@ fn chunk_tail(meta: &StreamMeta<'_>, object: &str) -> String {
         "id": meta.id,
         "model": meta.model,
         "object": object,
+        "service_tier": meta.service_tier,
         "system_fingerprint": meta.system_fingerprint,
     });
     if meta.include_usage {
@@ -334,6 +337,7 @@ fn push_usage_and_done(frames: &mut Frames, meta: &StreamMeta<'_>, object: &str)
                 "id": meta.id,
                 "model": meta.model,
                 "object": object,
+                "service_tier": meta.service_tier,
                 "system_fingerprint": meta.system_fingerprint,
                 "usage": meta.usage,
             }),

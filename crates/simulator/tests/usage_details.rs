@@ -118,3 +118,47 @@ async fn a_long_prompt_seen_before_is_cached_in_steps_of_128_tokens() {
     }
     s.region.shutdown().await;
 }
+
+#[tokio::test]
+async fn answers_name_the_service_tier_that_served_them() {
+    let tier = |v: &Value| v["service_tier"].as_str().unwrap().to_owned();
+    let ask = |tier: Option<&str>| {
+        let mut body = user("hi");
+        if let Some(tier) = tier {
+            body["service_tier"] = json!(tier);
+        }
+        body
+    };
+    let s = start(config()).await;
+    for (asked, served) in [
+        (None, "default"),
+        (Some("auto"), "default"),
+        (Some("priority"), "priority"),
+        (Some("flex"), "flex"),
+    ] {
+        let (_, _, v) = s.chat(&ask(asked)).await;
+        assert_eq!(tier(&v), served, "{asked:?}");
+    }
+    s.region.shutdown().await;
+
+    // A region that serves priority at standard says so, in answers and in every stream chunk.
+    let s = start(config().priority_as_default(true)).await;
+    let (_, _, v) = s.chat(&ask(Some("priority"))).await;
+    assert_eq!(tier(&v), "default");
+    let mut body = ask(Some("priority"));
+    body["stream"] = json!(true);
+    let (events, error) = read_sse(s.post(&chat_path("gpt-4o"), &body).await).await;
+    assert!(error.is_none());
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .filter(|c: &Value| c["id"] != "")
+        .collect();
+    assert!(!chunks.is_empty());
+    assert!(chunks.iter().all(|c| c["service_tier"] == "default"));
+    let body = json!({"model": "gpt-4o", "input": "hi", "service_tier": "priority"});
+    let (_, _, v) = s.call("/openai/v1/responses", &body).await;
+    assert_eq!(tier(&v), "default");
+    s.region.shutdown().await;
+}

@@ -30,6 +30,9 @@ struct Line<'a> {
     region: Option<&'a str>,
     attempts: Attempts<'a>,
     tokens: Option<Tokens>,
+    /// The `service_tier` asked for and the one that served, when either was named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_tier: Option<Tiers>,
     durations: Durations,
     #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<&'a str>,
@@ -59,6 +62,12 @@ struct Tokens {
     reasoning: u64,
     /// True when the backend did not report usage and these are the gateway's estimate.
     estimated: bool,
+}
+
+#[derive(Serialize)]
+struct Tiers {
+    requested: &'static str,
+    served: &'static str,
 }
 
 #[derive(Serialize)]
@@ -96,6 +105,7 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
                 .map_or(&[], |r| &r.attempts),
         ),
         tokens: record.and_then(tokens),
+        service_tier: record.and_then(tiers),
         durations: Durations {
             ttfb_ms: ms(obs.ttfb),
             total_ms: ms(total),
@@ -163,6 +173,15 @@ fn tokens(record: &Record) -> Option<Tokens> {
         cached_prompt: u.cached_prompt,
         reasoning: u.reasoning,
         estimated: charge.estimated,
+    })
+}
+
+fn tiers(record: &Record) -> Option<Tiers> {
+    let requested = record.request().and_then(|r| r.service_tier);
+    let served = record.service_tier();
+    (requested.is_some() || served.is_some()).then(|| Tiers {
+        requested: super::observation::tier_label(requested),
+        served: super::observation::tier_label(served),
     })
 }
 

@@ -26,6 +26,11 @@ pub const UPSTREAM_TTFB: &str = "gateway_upstream_ttfb_seconds";
 /// `reasoning`), `consumer`, `deployment`, `backend` and `estimated` (`false`: the backend's usage;
 /// `true`: the gateway's count of a stream that reported none).
 pub const TOKENS: &str = "gateway_tokens_total";
+/// Successful answers by `deployment`, the `service_tier` the request asked for (`requested`) and the
+/// one the answer says served it (`served`): `auto`, `default`, `flex`, `priority`, `other` (any
+/// other value), or `none` (not named). `requested="priority", served="default"` is priority
+/// traffic Azure silently served at standard.
+pub const SERVICE_TIER: &str = "gateway_service_tier_total";
 /// Requests refused by the gateway's own consumer limits, by `consumer` and `limit` (`tokens`,
 /// `requests`, `quota`).
 pub const LIMIT_REJECTIONS: &str = "gateway_limit_rejections_total";
@@ -135,6 +140,11 @@ fn describe() {
         TOKENS,
         Unit::Count,
         "Tokens charged: the backends' usage, or the gateway's count when a stream reported none."
+    );
+    describe_counter!(
+        SERVICE_TIER,
+        Unit::Count,
+        "Successful answers by the service tier requested and the one that served them."
     );
     describe_counter!(
         LIMIT_REJECTIONS,

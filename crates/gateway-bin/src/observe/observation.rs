@@ -4,10 +4,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use gateway_layers::record::{End, Record};
+use gateway_layers::record::{End, Record, ServiceTier};
 use metrics::{SharedString, counter, histogram};
 
-use super::metrics::{REQUEST_DURATION, REQUESTS, TOKENS};
+use super::metrics::{REQUEST_DURATION, REQUESTS, SERVICE_TIER, TOKENS};
 use super::{Shared, UNKNOWN, access_log};
 
 /// What the end of a request needs besides its [`Record`], taken when its headers were ready.
@@ -85,6 +85,16 @@ impl Observation {
                 .increment(n);
             }
         }
+        if let Some(record) = record.filter(|_| class == "2xx") {
+            let requested = record.request().and_then(|r| r.service_tier);
+            counter!(
+                SERVICE_TIER,
+                "deployment" => self.deployment.clone(),
+                "requested" => tier_label(requested),
+                "served" => tier_label(record.service_tier()),
+            )
+            .increment(1);
+        }
         if shared.access_log {
             access_log::write(&self, record, end, total);
         }
@@ -95,6 +105,11 @@ impl Observation {
         let id = record?.failover()?.served_by?;
         self.shared.backend(id)
     }
+}
+
+/// A tier's label value: its name, or `none` when not named.
+pub(super) fn tier_label(tier: Option<ServiceTier>) -> &'static str {
+    tier.map_or("none", |t| t.as_str())
 }
 
 fn status_class(status: u16) -> &'static str {

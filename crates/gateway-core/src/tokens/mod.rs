@@ -83,7 +83,9 @@ mod usage;
 #[cfg(feature = "tokenizer")]
 pub use encoding::count;
 pub use encoding::{Encoding, encoding_for_model};
-pub use usage::{supports_stream_usage, usage_from_json, usage_from_sse_data};
+pub use usage::{
+    Answer, answer_from_json, supports_stream_usage, usage_from_json, usage_from_sse_data,
+};
 
 use crate::operation::Operation;
 #[cfg(feature = "tokenizer")]

@@ -14,10 +14,40 @@ const STREAM_USAGE_SINCE: (u16, u8, u8) = (2024, 9, 1);
 /// (chat, completions; embeddings have no `completion_tokens`) or `usage.{input_tokens,
 /// output_tokens, total_tokens}` (Responses). `None` when there is none or the body is not JSON.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(body)
-        .ok()?
-        .usage?
-        .into_usage()
+    answer_from_json(body).usage
+}
+
+/// What a JSON answer says about what it cost: its usage ([`usage_from_json`]), and the
+/// `service_tier` that served it, read in the same parse.
+///
+/// ```
+/// use gateway_core::tokens::answer_from_json;
+///
+/// let body = br#"{"service_tier": "default", "usage": {"prompt_tokens": 5, "completion_tokens": 2}}"#;
+/// let answer = answer_from_json(body);
+/// assert_eq!(answer.usage.map(|u| u.total), Some(7));
+/// assert_eq!(answer.service_tier.as_deref(), Some("default"));
+/// ```
+pub fn answer_from_json(body: &[u8]) -> Answer {
+    let Ok(parsed) = serde_json::from_slice::<WithUsage>(body) else {
+        return Answer::default();
+    };
+    Answer {
+        usage: parsed.usage.and_then(RawUsage::into_usage),
+        service_tier: parsed.service_tier.and_then(|t| match t {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        }),
+    }
+}
+
+/// See [`answer_from_json`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    /// The usage, when the answer has one.
+    pub usage: Option<Usage>,
+    /// The answer's `service_tier`, when it is a string.
+    pub service_tier: Option<String>,
 }
 
 /// The usage in one SSE `data:` payload (without the `data:` prefix).
@@ -80,6 +110,8 @@ fn version_date(version: &str) -> Option<(u16, u8, u8)> {
 #[derive(Deserialize)]
 struct WithUsage {
     usage: Option<RawUsage>,
+    #[serde(default)]
+    service_tier: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]

@@ -11,7 +11,7 @@ use super::generated::GeneratedText;
 
 use crate::BoxError;
 use crate::body::MaybeFull;
-use crate::record::Record;
+use crate::record::{Record, ServiceTier};
 
 /// Reconciles a reservation with the tokens really consumed; runs at most once.
 pub(crate) struct Reconcile(Option<Box<dyn FnOnce(u64) + Send>>);
@@ -294,6 +294,9 @@ impl SseWatch {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        if let (Some(record), Some(tier)) = (&self.record, self.generated.service_tier()) {
+            record.set_service_tier(ServiceTier::from_name(tier));
+        }
         // Without the backend's own figure (a stream that broke, that the client left, or whose
         // api-version has no usage chunk) the charge is what Azure bills for it: the prompt and
         // what was generated before it ended, not the `max_tokens` that was never produced.
@@ -560,6 +563,32 @@ mod tests {
         assert!(whole.len() > 2 * super::super::generated::KEEP_BYTES_FOR_TESTS);
         w.finish();
         assert_eq!(*seen.lock().unwrap(), Some(10 + count(o200k, &whole)));
+    }
+
+    #[test]
+    fn the_last_service_tier_a_stream_names_is_recorded() {
+        use crate::record::ServiceTier;
+        let (mut w, _) = watch(false);
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"service_tier\":\"auto\",\"usage\":null}}\n\n";
+        let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n";
+        let done = "event: response.completed\ndata: {\"type\": \"response.completed\", \"response\": {\"service_tier\": \"default\", \"usage\": {\"input_tokens\": 3, \"output_tokens\": 1}}}\n\n";
+        w.read(format!("{created}{delta}{done}").as_bytes());
+        w.finish();
+        let record = w.record.as_ref().unwrap();
+        assert_eq!(record.service_tier(), Some(ServiceTier::Default));
+        assert_eq!(
+            record.charged().map(|c| (c.usage.total, c.estimated)),
+            Some((4, false))
+        );
+
+        let (mut w, _) = watch(true);
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"index\":0}],\"service_tier\":\"priority\"}\n\n";
+        w.filter(format!("{chunk}{DONE}").as_bytes());
+        w.finish();
+        assert_eq!(
+            w.record.as_ref().unwrap().service_tier(),
+            Some(ServiceTier::Priority)
+        );
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(crate) struct GeneratedText {
     /// Bytes of text seen, and events that carried some: the measure without a tokenizer.
     bytes: u64,
     events: u64,
+    /// The last `service_tier` an event named (chat chunks carry it, Responses events in their
+    /// `response`): read in the same parse.
+    service_tier: Option<String>,
 }
 
 // === impl GeneratedText ===
@@ -54,7 +57,13 @@ impl GeneratedText {
             counted: 0,
             bytes: 0,
             events: 0,
+            service_tier: None,
         }
+    }
+
+    /// The last `service_tier` the stream's events named.
+    pub(crate) fn service_tier(&self) -> Option<&str> {
+        self.service_tier.as_deref()
     }
 
     /// Reads the generated text of one SSE `data:` payload (chat and completions
@@ -64,6 +73,16 @@ impl GeneratedText {
         let Ok(event) = serde_json::from_str::<Event<'_>>(data) else {
             return false;
         };
+        let tier = event.service_tier.0.as_ref();
+        if let Some(tier) = tier.or(event
+            .response
+            .as_ref()
+            .and_then(|r| r.service_tier.0.as_ref()))
+        {
+            if self.service_tier.as_deref() != Some(tier) {
+                self.service_tier = Some(tier.to_string());
+            }
+        }
         let mut any = false;
         for choice in event.choices.iter().flatten() {
             let index = choice.index.0;
@@ -163,6 +182,17 @@ struct Event<'a> {
     delta: Text<'a>,
     #[serde(default)]
     output_index: Index,
+    #[serde(default, borrow)]
+    service_tier: Text<'a>,
+    #[serde(default, borrow)]
+    response: Option<ResponseHead<'a>>,
+}
+
+/// The part of a Responses event's `response` read here.
+#[derive(Deserialize)]
+struct ResponseHead<'a> {
+    #[serde(default, borrow)]
+    service_tier: Text<'a>,
 }
 
 #[derive(Deserialize)]

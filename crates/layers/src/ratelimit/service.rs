@@ -23,7 +23,7 @@ use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::{azure_error, set_retry_after, too_many_requests};
 use crate::headers::{X_GATEWAY_LIMIT, content_length, is_event_stream};
-use crate::record::{Limit, Record};
+use crate::record::{Limit, Record, ServiceTier};
 
 /// Service produced by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, St> {
@@ -308,7 +308,11 @@ where
     match body.collect().await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
-            let consumed = match tokens::usage_from_json(&bytes) {
+            let answer = tokens::answer_from_json(&bytes);
+            if let (Some(record), Some(tier)) = (&record, answer.service_tier.as_deref()) {
+                record.set_service_tier(ServiceTier::from_name(tier));
+            }
+            let consumed = match answer.usage {
                 Some(usage) => {
                     parts.headers.insert(
                         config.headers.tokens_consumed.clone(),
