@@ -65,7 +65,7 @@ impl Reconcile {
         Self(Some(Box::new(f)))
     }
 
-    fn fire(&mut self, consumed: u64) {
+    pub(crate) fn fire(&mut self, consumed: u64) {
         if let Some(f) = self.0.take() {
             f(consumed);
         }

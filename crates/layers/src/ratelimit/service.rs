@@ -271,34 +271,45 @@ where
         }
     }
 
+    // A client that goes away before the answer's headers drops this future: the reservation
+    // is then released, as for a failed call, instead of holding the consumer's minute.
+    let mut held = Held {
+        shared: shared.clone(),
+        reservation,
+    };
     let res = match inner.call(req).await {
         Ok(res) => res,
         Err(err) => {
-            settle(&shared, reservation.as_ref(), 0).await;
+            settle(&shared, held.take().as_ref(), 0).await;
             return Err(err);
         }
     };
     let (mut parts, body) = res.into_parts();
-    if reservation.is_some() {
+    if held.reservation.is_some() {
         stamp(&mut parts.headers, config, &checks, &remaining);
     }
     if !parts.status.is_success() {
         // Azure does not bill refused or failed calls.
-        settle(&shared, reservation.as_ref(), 0).await;
+        settle(&shared, held.take().as_ref(), 0).await;
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
     // Some backends send a stream without its content type: the request says it is one too.
     if is_event_stream(&parts.headers) || stream_requested {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
-        let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
+        let reconcile = held.take().map(|r| reconciler(shared.clone(), r));
+        if strip_usage {
+            // The usage chunk comes out: the length the backend announced would be a lie.
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
         let counting = cfg!(feature = "tokenizer").then_some(encoding);
         let body = UsageBody::sse(body, strip_usage, prompt, counting, record, reconcile);
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
     if size.is_none_or(|n| n > MAX_BUFFERED_ANSWER) {
-        // Unknown or huge: stream it through and keep the estimate.
+        // Unknown or huge: stream it through and keep the estimate (the reservation stands).
         charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
+        let _kept = held.take();
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
     // A JSON answer arrives whole once generation is done: reading it adds no latency worth the
@@ -328,7 +339,7 @@ where
                     estimate.total()
                 }
             };
-            settle(&shared, reservation.as_ref(), consumed).await;
+            settle(&shared, held.take().as_ref(), consumed).await;
             Ok(Response::from_parts(parts, UsageBody::full(bytes)))
         }
         Err(err) => {
@@ -338,7 +349,7 @@ where
                 // deadline, and said so in its log. Nothing was sent yet: the client gets a 504,
                 // and as for any failed call, the reservation is released.
                 tracing::debug!(error = %err, "upstream answer not complete in time");
-                settle(&shared, reservation.as_ref(), 0).await;
+                settle(&shared, held.take().as_ref(), 0).await;
                 return Ok(azure_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "GatewayTimeout",
@@ -347,7 +358,7 @@ where
             }
             tracing::warn!(error = %err, "upstream answer broke while being read");
             charged_estimate(record.as_deref(), estimate.prompt, 0);
-            settle(&shared, reservation.as_ref(), estimate.prompt).await;
+            settle(&shared, held.take().as_ref(), estimate.prompt).await;
             Ok(azure_error(
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
@@ -442,6 +453,29 @@ async fn settle<St: LimitStore>(
     }
     if let Err(err) = shared.store.reconcile(reservation, consumed).await {
         tracing::warn!(error = %err, "could not reconcile a reservation");
+    }
+}
+
+/// A reservation not settled yet. Dropped while it still holds one (the request's future was
+/// dropped: the client left before the answer's headers), it releases it in the background.
+struct Held<St: LimitStore> {
+    shared: Arc<Shared<St>>,
+    reservation: Option<Reservation>,
+}
+
+impl<St: LimitStore> Held<St> {
+    /// The reservation, to settle now: this guard lets go of it.
+    fn take(&mut self) -> Option<Reservation> {
+        self.reservation.take()
+    }
+}
+
+impl<St: LimitStore> Drop for Held<St> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            tracing::debug!("request dropped before its answer: releasing its reservation");
+            reconciler(self.shared.clone(), reservation).fire(0);
+        }
     }
 }
 
