@@ -589,6 +589,81 @@ async fn a_stream_the_client_drops_is_logged_and_counted_without_consumer_labels
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_and_reasoning_tokens_and_the_served_tier_reach_the_access_log_and_metrics() {
+    // A reasoning model behind a region that caches prompts and serves priority at standard.
+    let r0 = gateway_e2e::region_with("Region 0", &[("m", 10_000_000)], |mut c| {
+        c.deployments[0].reasoning = true;
+        c.prompt_cache(true).priority_as_default(true)
+    })
+    .await;
+    let gw = Gateway::start(&policy_file(&[&r0], ""), None).await;
+    // Long enough to be cached (1,024 tokens or more); words only, nothing of the PROMPT secret.
+    let long = "gateway ".repeat(1100);
+    let body = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 30,
+        "service_tier": "priority"});
+    let mut usage = Value::Null;
+    for id in ["obs-details-1", "obs-details-2"] {
+        let res = gw.chat(CLIENT_KEY, id, body.clone()).await;
+        assert_eq!(res.status(), 200);
+        usage = res.json::<Value>().await.unwrap()["usage"].clone();
+    }
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 1024 && reasoning > 0, "{usage}");
+
+    let line = gw.log_line("obs-details-2").await;
+    assert_eq!(line["tokens"]["cached_prompt"], cached, "{line}");
+    assert_eq!(line["tokens"]["reasoning"], reasoning, "{line}");
+    assert_eq!(
+        line["tokens"]["completion"], usage["completion_tokens"],
+        "{line}"
+    );
+    assert_eq!(line["tokens"]["estimated"], false, "{line}");
+    assert_eq!(
+        line["service_tier"],
+        json!({"requested": "priority", "served": "default"}),
+        "{line}"
+    );
+    let first = gw.log_line("obs-details-1").await;
+    assert_eq!(
+        first["tokens"]["cached_prompt"], 0,
+        "the first call warmed the cache"
+    );
+
+    let m = gw.metrics().await;
+    let tokens = |kind| {
+        m.value(
+            "gateway_tokens_total",
+            &[
+                ("kind", kind),
+                ("consumer", "app"),
+                ("deployment", "gpt-4o"),
+                ("backend", "r0"),
+                ("estimated", "false"),
+            ],
+        )
+    };
+    assert_eq!(tokens("cached_prompt"), cached as f64);
+    // The same prompt gets the same answer: both calls reasoned as much.
+    assert_eq!(tokens("reasoning"), 2.0 * reasoning as f64);
+    assert_eq!(
+        m.value(
+            "gateway_service_tier_total",
+            &[
+                ("deployment", "gpt-4o"),
+                ("requested", "priority"),
+                ("served", "default")
+            ]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_on_the_admin_listener_shows_a_cooldown_and_its_end_behind_the_admin_key() {
     let r0 = region("Region 0", Duration::ZERO).await;
     let r1 = region("Region 1", Duration::ZERO).await;
