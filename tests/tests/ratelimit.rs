@@ -159,26 +159,18 @@ async fn read_stream(res: reqwest::Response) -> String {
 }
 
 /// What the gateway counts as generated in a stream it saw without usage, from the same text the
-/// client got: a token per four bytes of content, at least one per chunk with content.
+/// client got: the tokenizer's count (`gpt-4o`: `o200k_base`) of the content streamed.
 fn generated(text: &str) -> u64 {
-    let (mut chunks, mut bytes) = (0u64, 0u64);
+    let mut content = String::new();
     for data in text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             continue;
         };
-        let n: u64 = v["choices"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["delta"]["content"].as_str())
-            .map(|s| s.len() as u64)
-            .sum();
-        if n > 0 {
-            chunks += 1;
-            bytes += n;
+        for c in v["choices"].as_array().into_iter().flatten() {
+            content.push_str(c["delta"]["content"].as_str().unwrap_or_default());
         }
     }
-    chunks.max(bytes.div_ceil(4))
+    gateway_core::tokens::count(gateway_core::tokens::Encoding::O200k, &content)
 }
 
 fn usage_chunks(text: &str) -> usize {

@@ -172,12 +172,14 @@ async fn a_stream_without_usage_is_charged_what_it_generated_and_never_shown_a_u
             "include_usage {include_usage}: {text}"
         );
         gw.stream_let_go().await;
-        // No usage from the region: the prompt plus what was generated (at least a token per four
-        // bytes of streamed text), not the whole reservation.
+        // No usage from the region: the prompt plus what was generated (the tokenizer's count of
+        // the streamed text), not the whole reservation.
         let now = gw.tokens_this_minute("tester").await;
-        let generated = (content(&text).len() as u64).div_ceil(4);
-        assert!(
-            now - charged > generated && now - charged < reserved,
+        let generated =
+            gateway_core::tokens::count(gateway_core::tokens::Encoding::O200k, &content(&text));
+        assert_eq!(
+            now - charged,
+            reserved - 400 + generated,
             "include_usage {include_usage}: charged {} of a {reserved}-token reservation for {generated} generated",
             now - charged
         );

@@ -353,7 +353,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
                         ("kind", kind),
                         ("consumer", consumer),
                         ("deployment", "gpt-4o"),
-                        ("backend", backend)
+                        ("backend", backend),
+                        ("estimated", "false")
                     ]
                 ),
                 *n as f64,
@@ -464,7 +465,8 @@ async fn metrics_and_access_log_after_a_failover_a_stream_a_limit_and_a_throttle
     assert_eq!(
         line["tokens"],
         json!({"prompt": failover_usage.0, "completion": failover_usage.1,
-               "total": failover_usage.0 + failover_usage.1, "estimated": false})
+               "total": failover_usage.0 + failover_usage.1, "cached_prompt": 0, "reasoning": 0,
+               "estimated": false})
     );
     let d = &line["durations"];
     let (ttfb, total, overhead) = (
@@ -547,10 +549,25 @@ async fn a_stream_the_client_drops_is_logged_and_counted_without_consumer_labels
     assert_eq!(line["status"], 200);
     assert_eq!(line["stream"], true);
     assert_eq!(line["backend"], "r0");
-    // The backend never told the usage: the line carries the gateway's estimate, marked so.
+    // The backend never told the usage: the line carries the gateway's estimate, marked so, and
+    // the metrics count that same figure, marked so too.
     assert_eq!(line["tokens"]["estimated"], true, "{line}");
 
     let m = gw.metrics().await;
+    for kind in ["prompt", "completion"] {
+        let labels = [
+            ("kind", kind),
+            ("consumer", "_"),
+            ("deployment", "gpt-4o"),
+            ("backend", "r0"),
+            ("estimated", "true"),
+        ];
+        assert_eq!(
+            m.value("gateway_tokens_total", &labels),
+            line["tokens"][kind].as_f64().unwrap(),
+            "{kind}: {line}"
+        );
+    }
     assert_eq!(
         m.value(
             "gateway_requests_total",
@@ -569,6 +586,81 @@ async fn a_stream_the_client_drops_is_logged_and_counted_without_consumer_labels
         (m.value("gateway_backend_in_flight", &[("backend", "r0")]) == 0.0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_and_reasoning_tokens_and_the_served_tier_reach_the_access_log_and_metrics() {
+    // A reasoning model behind a region that caches prompts and serves priority at standard.
+    let r0 = gateway_e2e::region_with("Region 0", &[("m", 10_000_000)], |mut c| {
+        c.deployments[0].reasoning = true;
+        c.prompt_cache(true).priority_as_default(true)
+    })
+    .await;
+    let gw = Gateway::start(&policy_file(&[&r0], ""), None).await;
+    // Long enough to be cached (1,024 tokens or more); words only, nothing of the PROMPT secret.
+    let long = "gateway ".repeat(1100);
+    let body = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 30,
+        "service_tier": "priority"});
+    let mut usage = Value::Null;
+    for id in ["obs-details-1", "obs-details-2"] {
+        let res = gw.chat(CLIENT_KEY, id, body.clone()).await;
+        assert_eq!(res.status(), 200);
+        usage = res.json::<Value>().await.unwrap()["usage"].clone();
+    }
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 1024 && reasoning > 0, "{usage}");
+
+    let line = gw.log_line("obs-details-2").await;
+    assert_eq!(line["tokens"]["cached_prompt"], cached, "{line}");
+    assert_eq!(line["tokens"]["reasoning"], reasoning, "{line}");
+    assert_eq!(
+        line["tokens"]["completion"], usage["completion_tokens"],
+        "{line}"
+    );
+    assert_eq!(line["tokens"]["estimated"], false, "{line}");
+    assert_eq!(
+        line["service_tier"],
+        json!({"requested": "priority", "served": "default"}),
+        "{line}"
+    );
+    let first = gw.log_line("obs-details-1").await;
+    assert_eq!(
+        first["tokens"]["cached_prompt"], 0,
+        "the first call warmed the cache"
+    );
+
+    let m = gw.metrics().await;
+    let tokens = |kind| {
+        m.value(
+            "gateway_tokens_total",
+            &[
+                ("kind", kind),
+                ("consumer", "app"),
+                ("deployment", "gpt-4o"),
+                ("backend", "r0"),
+                ("estimated", "false"),
+            ],
+        )
+    };
+    assert_eq!(tokens("cached_prompt"), cached as f64);
+    // The same prompt gets the same answer: both calls reasoned as much.
+    assert_eq!(tokens("reasoning"), 2.0 * reasoning as f64);
+    assert_eq!(
+        m.value(
+            "gateway_service_tier_total",
+            &[
+                ("deployment", "gpt-4o"),
+                ("requested", "priority"),
+                ("served", "default")
+            ]
+        ),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

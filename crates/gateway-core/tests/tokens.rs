@@ -703,7 +703,8 @@ async fn usage_from_real_simulator_answers() {
         Usage {
             prompt: expected,
             completion: 0,
-            total: expected
+            total: expected,
+            ..Usage::default()
         }
     );
 
@@ -767,7 +768,8 @@ fn usage_from_junk() {
         Some(Usage {
             prompt: 5,
             completion: 0,
-            total: 5
+            total: 5,
+            ..Usage::default()
         })
     );
     let usage = usage_from_json(br#"{"usage":{"prompt_tokens":5,"completion_tokens":2}}"#);
@@ -776,7 +778,8 @@ fn usage_from_junk() {
         Some(Usage {
             prompt: 5,
             completion: 2,
-            total: 7
+            total: 7,
+            ..Usage::default()
         })
     );
     let usage =
@@ -786,7 +789,8 @@ fn usage_from_junk() {
         Some(Usage {
             prompt: 4,
             completion: 6,
-            total: 10
+            total: 10,
+            ..Usage::default()
         })
     );
 
@@ -815,7 +819,8 @@ fn usage_from_junk() {
         Some(Usage {
             prompt: 9,
             completion: 3,
-            total: 12
+            total: 12,
+            ..Usage::default()
         })
     );
 }

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | request id, operation, deployment, stream, `max_tokens` | the context layer ([`Record::request`]) |
 //! | the consumer | [`ConsumerAuthLayer`](crate::ConsumerAuthLayer) |
-//! | estimate, limit verdict, real usage | [`RateLimitLayer`](crate::RateLimitLayer) |
+//! | estimate, limit verdict, real usage, the tokens charged | [`RateLimitLayer`](crate::RateLimitLayer) |
 //! | who served, every attempt | [`FailoverLayer`](crate::FailoverLayer) |
 //!
 //! The context layer's response body, [`RecordBody`], is the one place that sees the end of the
@@ -68,7 +68,35 @@ pub struct Record {
     limit: OnceLock<Limit>,
     estimate: OnceLock<Estimate>,
     usage: OnceLock<Usage>,
+    estimated_usage: OnceLock<Usage>,
+    service_tier: OnceLock<ServiceTier>,
     end: Mutex<EndState>,
+}
+
+/// A `service_tier`, as requested or as served, among the values Azure documents; any other is
+/// [`Other`](ServiceTier::Other), so labels made of it stay few.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceTier {
+    /// `auto`.
+    Auto,
+    /// `default`: standard processing.
+    Default,
+    /// `flex`.
+    Flex,
+    /// `priority`.
+    Priority,
+    /// Any other value.
+    Other,
+}
+
+/// The tokens a request was charged: what the consumer's limits counted, what metrics and the
+/// access log show. See [`Record::charged`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// The tokens.
+    pub usage: Usage,
+    /// True when the backend never reported usage and the gateway measured it itself.
+    pub estimated: bool,
 }
 
 /// What observers need of the request: a few small values, not its body or its parse.
@@ -82,6 +110,8 @@ pub struct RequestSummary {
     pub stream: bool,
     /// The output limit the request named.
     pub max_tokens: Option<u64>,
+    /// The `service_tier` the request asked for, if it named one.
+    pub service_tier: Option<ServiceTier>,
 }
 
 /// Which of the consumer's limits the gateway answered with, on its own 429 or 403.
@@ -146,12 +176,18 @@ impl Record {
                 deployment: ctx.deployment.clone(),
                 stream: ctx.stream(),
                 max_tokens: ctx.max_tokens(),
+                service_tier: ctx
+                    .json()
+                    .and_then(|j| j.service_tier.as_deref())
+                    .map(ServiceTier::from_name),
             }),
             consumer: OnceLock::new(),
             failover: OnceLock::new(),
             limit: OnceLock::new(),
             estimate: OnceLock::new(),
             usage: OnceLock::new(),
+            estimated_usage: OnceLock::new(),
+            service_tier: OnceLock::new(),
             end: Mutex::new(EndState::Open(Vec::new())),
         }
     }
@@ -218,6 +254,55 @@ impl Record {
         let _ = self.usage.set(usage);
     }
 
+    /// Records what the call was charged when the backend did not say (a stream without a usage
+    /// chunk, one cut short, a JSON answer without `usage`): the gateway's own measure. The first
+    /// call wins, and the backend's usage, when it is known, wins over it.
+    pub fn set_estimated_usage(&self, usage: Usage) {
+        let _ = self.estimated_usage.set(usage);
+    }
+
+    /// The tokens the call was charged: the backend's usage when it told, else the gateway's
+    /// estimate of what was consumed; `None` when nothing was charged (a refused or failed call, or
+    /// no rate-limit layer). The consumer's limits, metrics and the access log all use this figure.
+    ///
+    /// ```
+    /// use gateway_core::tokens::Usage;
+    /// use gateway_layers::record::{Charge, Record};
+    ///
+    /// let record = Record::new(http::HeaderValue::from_static("r"), None);
+    /// assert_eq!(record.charged(), None);
+    /// let measured = Usage { prompt: 9, completion: 3, total: 12, ..Usage::default() };
+    /// record.set_estimated_usage(measured);
+    /// assert_eq!(record.charged(), Some(Charge { usage: measured, estimated: true }));
+    /// let told = Usage { prompt: 9, completion: 4, total: 13, ..Usage::default() };
+    /// record.set_usage(told);
+    /// assert_eq!(record.charged(), Some(Charge { usage: told, estimated: false }));
+    /// ```
+    pub fn charged(&self) -> Option<Charge> {
+        match (self.usage.get(), self.estimated_usage.get()) {
+            (Some(&usage), _) => Some(Charge {
+                usage,
+                estimated: false,
+            }),
+            (None, Some(&usage)) => Some(Charge {
+                usage,
+                estimated: true,
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// The `service_tier` the answer said it was served at (for a stream, its last event naming
+    /// one), when it named one: `priority` traffic that Azure served at `default` shows here.
+    pub fn service_tier(&self) -> Option<ServiceTier> {
+        self.service_tier.get().copied()
+    }
+
+    /// Records the tier the answer was served at (the first call wins).
+    pub fn set_service_tier(&self, tier: ServiceTier) {
+        let _ = self.service_tier.set(tier);
+    }
+
     /// Calls `hook` once when the response ends (at once if it already has).
     pub fn on_end(&self, hook: impl FnOnce(&Record, End) + Send + 'static) {
         let mut state = self.end.lock().unwrap_or_else(PoisonError::into_inner);
@@ -270,6 +355,41 @@ impl Limit {
             Limit::Tokens => "tokens",
             Limit::Requests => "requests",
             Limit::Quota => "quota",
+        }
+    }
+}
+
+// === impl ServiceTier ===
+
+impl ServiceTier {
+    /// The tier named `name` (case-insensitive); [`Other`](ServiceTier::Other) when unknown.
+    ///
+    /// ```
+    /// use gateway_layers::record::ServiceTier;
+    ///
+    /// assert_eq!(ServiceTier::from_name("priority"), ServiceTier::Priority);
+    /// assert_eq!(ServiceTier::from_name("Default").as_str(), "default");
+    /// assert_eq!(ServiceTier::from_name("scale-9000").as_str(), "other");
+    /// ```
+    pub fn from_name(name: &str) -> Self {
+        let is = |known: &str| name.trim().eq_ignore_ascii_case(known);
+        match () {
+            _ if is("auto") => ServiceTier::Auto,
+            _ if is("default") => ServiceTier::Default,
+            _ if is("flex") => ServiceTier::Flex,
+            _ if is("priority") => ServiceTier::Priority,
+            _ => ServiceTier::Other,
+        }
+    }
+
+    /// The tier's name, as Azure writes it (`other` for an unknown one): a metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServiceTier::Auto => "auto",
+            ServiceTier::Default => "default",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+            ServiceTier::Other => "other",
         }
     }
 }

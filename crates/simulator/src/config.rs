@@ -67,6 +67,14 @@ pub struct Variants {
     pub omit_stream_content_type: bool,
     /// What follows the final `data: [DONE]` of a stream.
     pub done_ending: DoneEnding,
+    /// Prompt caching as Azure does it: a prompt of 1,024 tokens or more that this region has seen
+    /// before reports `prompt_tokens_details.cached_tokens` (Responses:
+    /// `input_tokens_details.cached_tokens`), the prompt rounded down to 128 tokens. Off, every
+    /// answer reports 0 cached tokens.
+    pub prompt_cache: bool,
+    /// A request for `service_tier: "priority"` is served at standard, and its answer says
+    /// `"service_tier": "default"`, as Azure does when priority traffic ramps up too fast.
+    pub priority_as_default: bool,
 }
 
 /// The format of `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` (the reference,
@@ -109,6 +117,10 @@ pub struct DeploymentConfig {
     pub dimensions: usize,
     /// A provisioned (PTU) deployment: every answer carries `azure-openai-deployment-utilization`.
     pub ptu: bool,
+    /// A reasoning model (o-series): it thinks as many tokens as it writes, reported in
+    /// `completion_tokens_details.reasoning_tokens` (Responses: `output_tokens_details`) and
+    /// counted in the completion tokens, never streamed.
+    pub reasoning: bool,
 }
 
 /// The operations a deployment serves.
@@ -201,6 +213,18 @@ impl RegionConfig {
         self.variants.done_ending = ending;
         self
     }
+
+    /// Serves priority requests at standard ([`Variants::priority_as_default`]).
+    pub fn priority_as_default(mut self, on: bool) -> Self {
+        self.variants.priority_as_default = on;
+        self
+    }
+
+    /// Reports cached prompt tokens for long prompts seen before ([`Variants::prompt_cache`]).
+    pub fn prompt_cache(mut self, on: bool) -> Self {
+        self.variants.prompt_cache = on;
+        self
+    }
 }
 
 // === impl DeploymentConfig ===
@@ -216,6 +240,7 @@ impl DeploymentConfig {
             rpm: None,
             dimensions: 0,
             ptu: false,
+            reasoning: false,
         }
     }
 
@@ -229,6 +254,7 @@ impl DeploymentConfig {
             rpm: None,
             dimensions: DEFAULT_DIMENSIONS,
             ptu: false,
+            reasoning: false,
         }
     }
 
@@ -254,6 +280,12 @@ impl DeploymentConfig {
     /// `azure-openai-deployment-utilization`, the share of its capacity in use, e.g. `87%`.
     pub fn ptu(mut self, on: bool) -> Self {
         self.ptu = on;
+        self
+    }
+
+    /// Makes the deployment a reasoning model ([`reasoning`](Self::reasoning)).
+    pub fn reasoning(mut self, on: bool) -> Self {
+        self.reasoning = on;
         self
     }
 

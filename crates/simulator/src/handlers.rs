@@ -65,6 +65,8 @@ struct Plan {
     n: u64,
     stream: bool,
     include_usage: bool,
+    /// `service_tier` as requested.
+    service_tier: Option<String>,
 }
 
 /// Handles every request under `/openai/`.
@@ -216,7 +218,7 @@ async fn handle(shared: &Shared, parts: &Parts, body: &Bytes) -> Outcome {
         Operation::Chat => chat(shared, deployment, &reply, &plan, abort_after),
         Operation::Completions => completions(shared, deployment, &reply, &plan, abort_after),
         Operation::Embeddings => embeddings(shared, deployment, &reply, request, &plan),
-        Operation::Responses => responses(shared, deployment, &reply, request, &plan),
+        Operation::Responses => responses(shared, deployment, &reply, request, &plan, abort_after),
     };
     let response = match (abort_after, plan.stream) {
         (Some(_), false) => truncate(response).await,
@@ -285,6 +287,10 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
         .and_then(Value::as_bool)
         == Some(true);
     let n = uint("n").unwrap_or(1).clamp(1, 128);
+    let service_tier = request
+        .get("service_tier")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let required = |key: &str| format!("'{key}' is a required property");
     let plan = match op {
         Operation::Chat => {
@@ -296,6 +302,7 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n,
                 stream,
                 include_usage,
+                service_tier: service_tier.clone(),
             }
         }
         Operation::Completions => {
@@ -306,6 +313,7 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n,
                 stream,
                 include_usage,
+                service_tier: service_tier.clone(),
             }
         }
         Operation::Embeddings => {
@@ -316,14 +324,10 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 n: 1,
                 stream: false,
                 include_usage: false,
+                service_tier: None,
             }
         }
         Operation::Responses => {
-            if stream {
-                return Err(
-                    "Streaming the Responses API is not supported by the simulator.".into(),
-                );
-            }
             let input = request.get("input").ok_or_else(|| required("input"))?;
             let mut prompt = match input {
                 Value::Array(_) => tokens::chat_prompt(input),
@@ -336,12 +340,23 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
                 prompt,
                 max_tokens: uint("max_output_tokens"),
                 n: 1,
-                stream: false,
+                stream,
                 include_usage: false,
+                service_tier: service_tier.clone(),
             }
         }
     };
     Ok(plan)
+}
+
+/// The tier an answer says served it: the one asked for, `default` for `auto` or none, and
+/// `default` for `priority` when the region serves priority at standard.
+fn served_tier<'a>(shared: &Shared, plan: &'a Plan) -> &'a str {
+    match plan.service_tier.as_deref() {
+        None | Some("auto") => "default",
+        Some("priority") if shared.variants.priority_as_default => "default",
+        Some(tier) => tier,
+    }
 }
 
 fn generate(shared: &Shared, plan: &Plan, max_tokens: Option<u64>) -> Vec<Generated> {
@@ -350,13 +365,37 @@ fn generate(shared: &Shared, plan: &Plan, max_tokens: Option<u64>) -> Vec<Genera
         .collect()
 }
 
-fn usage(prompt: u64, completion: u64) -> Value {
+/// What a call cost beyond its prompt and its visible output: cached prompt tokens, and the
+/// reasoning tokens a reasoning model spent (part of the completion, never shown).
+#[derive(Clone, Copy)]
+struct Details {
+    cached: u64,
+    reasoning: u64,
+}
+
+impl Details {
+    /// A reasoning deployment thinks as many tokens as it writes; a long prompt seen before is
+    /// cached when the region caches prompts.
+    fn of(shared: &Shared, deployment: &Deployment, plan: &Plan, visible: u64) -> Self {
+        Self {
+            cached: shared.cached_prompt_tokens(plan.prompt.hash, plan.prompt.tokens),
+            reasoning: if deployment.config.reasoning {
+                visible
+            } else {
+                0
+            },
+        }
+    }
+}
+
+fn usage(prompt: u64, visible: u64, details: Details) -> Value {
+    let completion = visible + details.reasoning;
     json!({
         "completion_tokens": completion,
         "completion_tokens_details": {"accepted_prediction_tokens": 0, "audio_tokens": 0,
-            "reasoning_tokens": 0, "rejected_prediction_tokens": 0},
+            "reasoning_tokens": details.reasoning, "rejected_prediction_tokens": 0},
         "prompt_tokens": prompt,
-        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
+        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": details.cached},
         "total_tokens": prompt + completion,
     })
 }
@@ -369,10 +408,11 @@ fn chat(
     abort_after: Option<usize>,
 ) -> Response {
     let choices = generate(shared, plan, plan.max_tokens);
-    let completion: u64 = choices.iter().map(Generated::tokens).sum();
+    let visible: u64 = choices.iter().map(Generated::tokens).sum();
     let id = random_id("chatcmpl-");
     let created = unix_now();
-    let usage = usage(plan.prompt.tokens, completion);
+    let details = Details::of(shared, deployment, plan, visible);
+    let usage = usage(plan.prompt.tokens, visible, details);
     if plan.stream {
         let meta = StreamMeta {
             id: &id,
@@ -381,6 +421,7 @@ fn chat(
             system_fingerprint: &deployment.system_fingerprint,
             include_usage: plan.include_usage && !shared.variants.ignore_include_usage,
             usage,
+            service_tier: served_tier(shared, plan),
             spaced: shared.variants.spaced_json,
             done: shared.variants.done_ending,
         };
@@ -412,6 +453,7 @@ fn chat(
             "model": deployment.config.model,
             "object": "chat.completion",
             "prompt_filter_results": prompt_filter_results(),
+            "service_tier": served_tier(shared, plan),
             "system_fingerprint": deployment.system_fingerprint,
             "usage": usage,
         }),
@@ -444,6 +486,7 @@ fn completions(
             system_fingerprint: &deployment.system_fingerprint,
             include_usage: plan.include_usage && !shared.variants.ignore_include_usage,
             usage,
+            service_tier: served_tier(shared, plan),
             spaced: shared.variants.spaced_json,
             done: shared.variants.done_ending,
         };
@@ -558,46 +601,52 @@ fn responses(
     reply: &Reply<'_>,
     request: &Value,
     plan: &Plan,
+    abort_after: Option<usize>,
 ) -> Response {
     let choice = tokens::generate(shared.seed, plan.prompt.hash, 0, plan.max_tokens);
-    let output = choice.tokens();
+    let details = Details::of(shared, deployment, plan, choice.tokens());
+    let output = choice.tokens() + details.reasoning;
     let complete = choice.finish_reason == "stop";
     let get = |key: &str| request.get(key).cloned().unwrap_or(Value::Null);
-    reply.json(
-        StatusCode::OK,
-        &json!({
-            "id": random_id("resp_"),
-            "object": "response",
-            "created_at": unix_now(),
+    let response = json!({
+        "id": random_id("resp_"),
+        "object": "response",
+        "created_at": unix_now(),
+        "status": if complete { "completed" } else { "incomplete" },
+        "error": null,
+        "incomplete_details": if complete { Value::Null } else { json!({"reason": "max_output_tokens"}) },
+        "instructions": get("instructions"),
+        "max_output_tokens": get("max_output_tokens"),
+        "model": deployment.config.model,
+        "output": [{
+            "type": "message",
+            "id": random_id("msg_"),
             "status": if complete { "completed" } else { "incomplete" },
-            "error": null,
-            "incomplete_details": if complete { Value::Null } else { json!({"reason": "max_output_tokens"}) },
-            "instructions": get("instructions"),
-            "max_output_tokens": get("max_output_tokens"),
-            "model": deployment.config.model,
-            "output": [{
-                "type": "message",
-                "id": random_id("msg_"),
-                "status": if complete { "completed" } else { "incomplete" },
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": choice.text(), "annotations": []}],
-            }],
-            "parallel_tool_calls": true,
-            "previous_response_id": get("previous_response_id"),
-            "temperature": 1.0,
-            "tool_choice": "auto",
-            "tools": [],
-            "top_p": 1.0,
-            "usage": {
-                "input_tokens": plan.prompt.tokens,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": output,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": plan.prompt.tokens + output,
-            },
-            "metadata": {},
-        }),
-    )
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": choice.text(), "annotations": []}],
+        }],
+        "parallel_tool_calls": true,
+        "previous_response_id": get("previous_response_id"),
+        "service_tier": served_tier(shared, plan),
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "usage": {
+            "input_tokens": plan.prompt.tokens,
+            "input_tokens_details": {"cached_tokens": details.cached},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": details.reasoning},
+            "total_tokens": plan.prompt.tokens + output,
+        },
+        "metadata": {},
+    });
+    if plan.stream {
+        let frames =
+            streaming::responses_frames(&response, &choice.pieces, shared.variants.spaced_json);
+        return reply.stream(streaming::body(frames, shared.token_delay, abort_after));
+    }
+    reply.json(StatusCode::OK, &response)
 }
 
 /// Cuts a complete JSON answer in half and breaks the connection after it (`abort_stream` on a

@@ -26,6 +26,8 @@ OPTIONS:
     --fault JSON             start-up fault (repeatable), e.g. '{\"kind\":\"status\",\"status\":503,\"percent\":10}'
     --ptu NAME               mark deployment NAME as provisioned (repeatable): every answer
                              carries azure-openai-deployment-utilization, e.g. `87%`
+    --reasoning NAME         make deployment NAME a reasoning model (repeatable): it reports as
+                             many reasoning tokens as it writes, in completion_tokens_details
     -h, --help               print this help
 
 VARIANTS (how real backends differ from Azure's documented answers; all off by default):
@@ -39,6 +41,10 @@ VARIANTS (how real backends differ from Azure's documented answers; all off by d
     --no-stream-content-type streams are sent without a content-type header
     --done-ending ENDING     how the final `data: [DONE]` ends: `blank-line` (`\\n\\n`),
                              `newline` (`\\n`) or `bare` (nothing) [default: blank-line]
+    --priority-as-default    requests for service_tier `priority` are served, and answered, at
+                             `default` (Azure's silent downgrade when priority traffic ramps)
+    --prompt-cache           prompts of 1,024 tokens or more seen before report cached_tokens
+                             (the prompt rounded down to 128), as Azure's prompt caching does
 
 x-ratelimit-remaining-requests counts the 10-second request window down to 0 on the last request
 it admits; the next one gets a 429.
@@ -112,6 +118,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut seed = 0;
     let mut faults = Vec::new();
     let mut ptu = Vec::new();
+    let mut reasoning = Vec::new();
     let mut variants = simulator::Variants::default();
 
     let mut args = args.peekable();
@@ -163,6 +170,9 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
                 faults.push(fault);
             }
             "--ptu" => ptu.push(value()?),
+            "--reasoning" => reasoning.push(value()?),
+            "--prompt-cache" => variants.prompt_cache = switch()?,
+            "--priority-as-default" => variants.priority_as_default = switch()?,
             "--spaced-json" => variants.spaced_json = switch()?,
             "--seconds-only-429" => variants.seconds_only_429 = switch()?,
             "--ignore-include-usage" => variants.ignore_include_usage = switch()?,
@@ -207,6 +217,13 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             .find(|d| &d.name == name)
             .ok_or_else(|| format!("--ptu {name}: no deployment of that name"))?;
         deployment.ptu = true;
+    }
+    for name in &reasoning {
+        let deployment = deployments
+            .iter_mut()
+            .find(|d| &d.name == name)
+            .ok_or_else(|| format!("--reasoning {name}: no deployment of that name"))?;
+        deployment.reasoning = true;
     }
     let mut config = RegionConfig::new(region, keys.remove(0))
         .token_delay(token_delay)
@@ -305,19 +322,26 @@ mod tests {
             "--ignore-include-usage",
             "--no-stream-content-type",
             "--done-ending=bare",
+            "--reasoning",
+            "gpt-4o",
+            "--prompt-cache",
+            "--priority-as-default",
         ])
         .unwrap()
         .unwrap()
         .config;
         assert!(c.deployments[0].ptu);
         assert!(!c.deployments[1].ptu);
+        assert!(!c.deployments[0].reasoning && c.deployments[1].reasoning);
         let v = c.variants;
+        assert!(v.prompt_cache && v.priority_as_default);
         assert!(v.spaced_json && v.seconds_only_429);
         assert!(v.ignore_include_usage && v.omit_stream_content_type);
         assert_eq!(v.reset_format, ResetFormat::Duration);
         assert_eq!(v.done_ending, DoneEnding::Bare);
 
         assert!(args(&["--ptu", "nope"]).is_err());
+        assert!(args(&["--reasoning", "nope"]).is_err());
         assert!(args(&["--spaced-json=yes"]).is_err());
         assert!(args(&["--reset-format", "hours"]).is_err());
         assert!(args(&["--done-ending", "crlf"]).is_err());

@@ -1,7 +1,7 @@
 //! The state a region shares between its connections, and the [`SimHandle`] that tests use to see
 //! and steer it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,7 +36,15 @@ pub(crate) struct Shared {
     pub(crate) variants: Variants,
     request_count: AtomicU64,
     recent: Mutex<VecDeque<Recorded>>,
+    /// Hashes of the long prompts seen, for [`Variants::prompt_cache`].
+    prompts_seen: Mutex<HashSet<u64>>,
 }
+
+/// Fewest prompt tokens Azure caches, and the steps it caches them in.
+const CACHE_MIN_TOKENS: u64 = 1024;
+const CACHE_STEP_TOKENS: u64 = 128;
+/// Most prompts remembered; then the cache starts over (the simulator's memory stays bounded).
+const CACHE_PROMPTS: usize = 10_000;
 
 /// One deployment at run time.
 pub(crate) struct Deployment {
@@ -101,7 +109,26 @@ impl Shared {
             variants: config.variants,
             request_count: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REQUESTS)),
+            prompts_seen: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The cached tokens of a prompt of `tokens` tokens hashing to `hash`: with
+    /// [`Variants::prompt_cache`], a prompt of 1,024 tokens or more seen before is cached in steps
+    /// of 128 tokens; the first time it is remembered and nothing is cached.
+    pub(crate) fn cached_prompt_tokens(&self, hash: u64, tokens: u64) -> u64 {
+        if !self.variants.prompt_cache || tokens < CACHE_MIN_TOKENS {
+            return 0;
+        }
+        let mut seen = lock(&self.prompts_seen);
+        if seen.contains(&hash) {
+            return tokens / CACHE_STEP_TOKENS * CACHE_STEP_TOKENS;
+        }
+        if seen.len() >= CACHE_PROMPTS {
+            seen.clear();
+        }
+        seen.insert(hash);
+        0
     }
 
     pub(crate) fn count_request(&self) {

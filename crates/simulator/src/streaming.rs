@@ -6,6 +6,10 @@
 //! `stream_options.include_usage` is set; then `data: [DONE]`. A region's [`Variants`] may space
 //! the JSON, leave the usage chunk out, or end `[DONE]` without its blank line.
 //!
+//! A Responses stream is named events (`event: response.output_text.delta` then its `data:`), from
+//! `response.created` to `response.completed` (or `response.incomplete`), which carries the whole
+//! response with its `usage`; it has no `[DONE]`.
+//!
 //! [`Variants`]: crate::Variants
 
 use std::io;
@@ -38,6 +42,8 @@ pub(crate) struct StreamMeta<'a> {
     pub(crate) system_fingerprint: &'a str,
     pub(crate) include_usage: bool,
     pub(crate) usage: Value,
+    /// The tier the answer says served it, in every chunk.
+    pub(crate) service_tier: &'a str,
     /// JSON written with a space after every `:` and `,`.
     pub(crate) spaced: bool,
     /// How the final `data: [DONE]` ends.
@@ -99,6 +105,114 @@ impl Frames {
     }
 }
 
+impl Frames {
+    /// `event: {name}\ndata: {json}\n\n`, the framing of Responses streams.
+    fn push_named(&mut self, name: &str, value: &Value, paced: bool) {
+        self.buf.extend_from_slice(b"event: ");
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.extend_from_slice(b"\ndata: ");
+        // Writing a Value into a Vec cannot fail.
+        let compact = serde_json::to_vec(value).unwrap_or_default();
+        if self.spaced {
+            self.buf.extend_from_slice(&spaced(&compact));
+        } else {
+            self.buf.extend_from_slice(&compact);
+        }
+        self.buf.extend_from_slice(b"\n\n");
+        self.ends.push((self.buf.len(), paced));
+    }
+}
+
+/// The frames of a streamed Responses answer: `response` is the finished response (with its
+/// `usage`), `text` what its one message says, one delta per piece.
+pub(crate) fn responses_frames(response: &Value, pieces: &[String], spaced: bool) -> Frames {
+    let mut frames = Frames::with_capacity(pieces.len() + 8, spaced);
+    let mut sequence = 0u64;
+    let mut push = |frames: &mut Frames, kind: &str, mut event: Value, paced: bool| {
+        event["type"] = json!(kind);
+        event["sequence_number"] = json!(sequence);
+        sequence += 1;
+        frames.push_named(kind, &event, paced);
+    };
+    let mut started = response.clone();
+    started["status"] = json!("in_progress");
+    started["output"] = json!([]);
+    started["usage"] = Value::Null;
+    push(
+        &mut frames,
+        "response.created",
+        json!({"response": started}),
+        false,
+    );
+    push(
+        &mut frames,
+        "response.in_progress",
+        json!({"response": started}),
+        false,
+    );
+    let item = &response["output"][0];
+    let item_id = item["id"].clone();
+    let text = pieces.concat();
+    let mut added = item.clone();
+    added["status"] = json!("in_progress");
+    added["content"] = json!([]);
+    let at = json!({"item_id": item_id, "output_index": 0, "content_index": 0});
+    let with = |extra: Value| {
+        let mut v = at.clone();
+        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            v.extend(extra.clone());
+        }
+        v
+    };
+    push(
+        &mut frames,
+        "response.output_item.added",
+        json!({"output_index": 0, "item": added}),
+        false,
+    );
+    let empty = json!({"type": "output_text", "text": "", "annotations": []});
+    push(
+        &mut frames,
+        "response.content_part.added",
+        with(json!({"part": empty})),
+        false,
+    );
+    for piece in pieces {
+        push(
+            &mut frames,
+            "response.output_text.delta",
+            with(json!({"delta": piece})),
+            true,
+        );
+    }
+    push(
+        &mut frames,
+        "response.output_text.done",
+        with(json!({"text": text})),
+        false,
+    );
+    let part = json!({"type": "output_text", "text": text, "annotations": []});
+    push(
+        &mut frames,
+        "response.content_part.done",
+        with(json!({"part": part})),
+        false,
+    );
+    push(
+        &mut frames,
+        "response.output_item.done",
+        json!({"output_index": 0, "item": item}),
+        false,
+    );
+    let last = if response["status"] == "completed" {
+        "response.completed"
+    } else {
+        "response.incomplete"
+    };
+    push(&mut frames, last, json!({"response": response}), false);
+    frames
+}
+
 fn annotation(frames: &mut Frames) {
     frames.push_json(
         &json!({
@@ -121,6 +235,7 @@ fn chunk_tail(meta: &StreamMeta<'_>, object: &str) -> String {
         "id": meta.id,
         "model": meta.model,
         "object": object,
+        "service_tier": meta.service_tier,
         "system_fingerprint": meta.system_fingerprint,
     });
     if meta.include_usage {
@@ -222,6 +337,7 @@ fn push_usage_and_done(frames: &mut Frames, meta: &StreamMeta<'_>, object: &str)
                 "id": meta.id,
                 "model": meta.model,
                 "object": object,
+                "service_tier": meta.service_tier,
                 "system_fingerprint": meta.system_fingerprint,
                 "usage": meta.usage,
             }),

@@ -30,6 +30,9 @@ struct Line<'a> {
     region: Option<&'a str>,
     attempts: Attempts<'a>,
     tokens: Option<Tokens>,
+    /// The `service_tier` asked for and the one that served, when either was named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_tier: Option<Tiers>,
     durations: Durations,
     #[serde(skip_serializing_if = "Option::is_none")]
     limit: Option<&'a str>,
@@ -53,8 +56,18 @@ struct Tokens {
     prompt: u64,
     completion: u64,
     total: u64,
+    /// Of `prompt`, tokens served from the prompt cache (as the backend reported them).
+    cached_prompt: u64,
+    /// Of `completion`, tokens spent on reasoning (as the backend reported them).
+    reasoning: u64,
     /// True when the backend did not report usage and these are the gateway's estimate.
     estimated: bool,
+}
+
+#[derive(Serialize)]
+struct Tiers {
+    requested: &'static str,
+    served: &'static str,
 }
 
 #[derive(Serialize)]
@@ -91,7 +104,8 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
                 .and_then(Record::failover)
                 .map_or(&[], |r| &r.attempts),
         ),
-        tokens: record.and_then(|r| tokens(r, obs.status)),
+        tokens: record.and_then(tokens),
+        service_tier: record.and_then(tiers),
         durations: Durations {
             ttfb_ms: ms(obs.ttfb),
             total_ms: ms(total),
@@ -147,24 +161,28 @@ impl Writer {
     }
 }
 
-/// The real usage when the backend told it; for a successful call that did not (yet), the estimate.
-fn tokens(record: &Record, status: u16) -> Option<Tokens> {
-    let estimate = record.estimate()?;
-    match record.usage() {
-        Some(u) => Some(Tokens {
-            prompt: u.prompt,
-            completion: u.completion,
-            total: u.total,
-            estimated: false,
-        }),
-        None if (200..300).contains(&status) => Some(Tokens {
-            prompt: estimate.prompt,
-            completion: estimate.completion,
-            total: estimate.total(),
-            estimated: true,
-        }),
-        None => None,
-    }
+/// What the call was charged (the figure the consumer's limits counted): the backend's usage, or the
+/// gateway's own measure when it never told.
+fn tokens(record: &Record) -> Option<Tokens> {
+    let charge = record.charged()?;
+    let u = charge.usage;
+    Some(Tokens {
+        prompt: u.prompt,
+        completion: u.completion,
+        total: u.total,
+        cached_prompt: u.cached_prompt,
+        reasoning: u.reasoning,
+        estimated: charge.estimated,
+    })
+}
+
+fn tiers(record: &Record) -> Option<Tiers> {
+    let requested = record.request().and_then(|r| r.service_tier);
+    let served = record.service_tier();
+    (requested.is_some() || served.is_some()).then(|| Tiers {
+        requested: super::observation::tier_label(requested),
+        served: super::observation::tier_label(served),
+    })
 }
 
 /// Milliseconds with microsecond precision.
@@ -229,6 +247,39 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway_core::tokens::Usage;
+
+    #[test]
+    fn tokens_are_what_was_charged_with_their_cached_and_reasoning_parts() {
+        let record = Record::new(http::HeaderValue::from_static("r"), None);
+        assert!(tokens(&record).is_none(), "nothing charged, no tokens");
+        let measured = Usage {
+            prompt: 12,
+            completion: 30,
+            total: 42,
+            ..Usage::default()
+        };
+        record.set_estimated_usage(measured);
+        let line = serde_json::to_value(tokens(&record)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"prompt": 12, "completion": 30, "total": 42, "cached_prompt": 0,
+                "reasoning": 0, "estimated": true})
+        );
+        record.set_usage(Usage {
+            prompt: 2000,
+            completion: 300,
+            total: 2300,
+            cached_prompt: 1920,
+            reasoning: 256,
+        });
+        let line = serde_json::to_value(tokens(&record)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"prompt": 2000, "completion": 300, "total": 2300,
+                "cached_prompt": 1920, "reasoning": 256, "estimated": false})
+        );
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

@@ -22,9 +22,15 @@ pub const UPSTREAM_ATTEMPTS: &str = "gateway_upstream_attempts_total";
 pub const FAILOVERS: &str = "gateway_failovers_total";
 /// Time to response headers of each upstream attempt that got an answer, by `backend`.
 pub const UPSTREAM_TTFB: &str = "gateway_upstream_ttfb_seconds";
-/// Tokens reported by the backends, by `kind` (`prompt`, `completion`), `consumer`, `deployment` and
-/// `backend`.
+/// Tokens charged, by `kind` (`prompt`, `completion`, and the parts of them `cached_prompt` and
+/// `reasoning`), `consumer`, `deployment`, `backend` and `estimated` (`false`: the backend's usage;
+/// `true`: the gateway's count of a stream that reported none).
 pub const TOKENS: &str = "gateway_tokens_total";
+/// Successful answers by `deployment`, the `service_tier` the request asked for (`requested`) and the
+/// one the answer says served it (`served`): `auto`, `default`, `flex`, `priority`, `other` (any
+/// other value), or `none` (not named). `requested="priority", served="default"` is priority
+/// traffic Azure silently served at standard.
+pub const SERVICE_TIER: &str = "gateway_service_tier_total";
 /// Requests refused by the gateway's own consumer limits, by `consumer` and `limit` (`tokens`,
 /// `requests`, `quota`).
 pub const LIMIT_REJECTIONS: &str = "gateway_limit_rejections_total";
@@ -130,7 +136,16 @@ fn describe() {
         Unit::Seconds,
         "Time to response headers of upstream attempts that got an answer."
     );
-    describe_counter!(TOKENS, Unit::Count, "Tokens reported by the backends.");
+    describe_counter!(
+        TOKENS,
+        Unit::Count,
+        "Tokens charged: the backends' usage, or the gateway's count when a stream reported none."
+    );
+    describe_counter!(
+        SERVICE_TIER,
+        Unit::Count,
+        "Successful answers by the service tier requested and the one that served them."
+    );
     describe_counter!(
         LIMIT_REJECTIONS,
         Unit::Count,

@@ -4,10 +4,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use gateway_layers::record::{End, Record};
+use gateway_layers::record::{End, Record, ServiceTier};
 use metrics::{SharedString, counter, histogram};
 
-use super::metrics::{REQUEST_DURATION, REQUESTS, TOKENS};
+use super::metrics::{REQUEST_DURATION, REQUESTS, SERVICE_TIER, TOKENS};
 use super::{Shared, UNKNOWN, access_log};
 
 /// What the end of a request needs besides its [`Record`], taken when its headers were ready.
@@ -54,20 +54,46 @@ impl Observation {
             "status_class" => class,
         )
         .record(total.as_secs_f64());
-        if let Some(usage) = record.and_then(Record::usage) {
+        // What the call was charged, the figure the consumer's limits counted: the backend's usage,
+        // or the gateway's measure of a stream that never told it.
+        if let Some(charge) = record.and_then(Record::charged) {
             let backend = self
                 .served_by(record)
                 .map_or(SharedString::const_str(UNKNOWN), |b| b.name.clone());
-            for (kind, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+            let usage = charge.usage;
+            let estimated = if charge.estimated { "true" } else { "false" };
+            // Cached and reasoning tokens are parts of prompt and completion, split out as API
+            // Management does; only when the backend reported some.
+            let kinds = [
+                ("prompt", usage.prompt),
+                ("completion", usage.completion),
+                ("cached_prompt", usage.cached_prompt),
+                ("reasoning", usage.reasoning),
+            ];
+            for (i, (kind, n)) in kinds.into_iter().enumerate() {
+                if i >= 2 && n == 0 {
+                    continue;
+                }
                 counter!(
                     TOKENS,
                     "kind" => kind,
                     "consumer" => consumer.clone(),
                     "deployment" => self.deployment.clone(),
                     "backend" => backend.clone(),
+                    "estimated" => estimated,
                 )
                 .increment(n);
             }
+        }
+        if let Some(record) = record.filter(|_| class == "2xx") {
+            let requested = record.request().and_then(|r| r.service_tier);
+            counter!(
+                SERVICE_TIER,
+                "deployment" => self.deployment.clone(),
+                "requested" => tier_label(requested),
+                "served" => tier_label(record.service_tier()),
+            )
+            .increment(1);
         }
         if shared.access_log {
             access_log::write(&self, record, end, total);
@@ -79,6 +105,11 @@ impl Observation {
         let id = record?.failover()?.served_by?;
         self.shared.backend(id)
     }
+}
+
+/// A tier's label value: its name, or `none` when not named.
+pub(super) fn tier_label(tier: Option<ServiceTier>) -> &'static str {
+    tier.map_or("none", |t| t.as_str())
 }
 
 fn status_class(status: u16) -> &'static str {

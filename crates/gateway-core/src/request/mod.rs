@@ -64,6 +64,8 @@ pub struct RequestJson {
     pub max_output_tokens: Option<u64>,
     /// `n`: choices to generate.
     pub n: Option<u32>,
+    /// `service_tier` (`auto`, `default`, `flex`, `priority`) as the client asked, when a string.
+    pub service_tier: Option<String>,
     /// Where the prompt fields are.
     prompt_fields: PromptFields,
     /// Where `model`'s value (with its quotes) sits in the body.

@@ -54,6 +54,10 @@ pub(super) fn parse(body: &[u8]) -> Result<RequestJson, ParseError> {
         max_completion_tokens: head.max_completion_tokens,
         max_output_tokens: head.max_output_tokens,
         n: head.n,
+        // Only read, never routed on: a value of another type is Azure's to refuse.
+        service_tier: head
+            .service_tier
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
         model_at: span(head.model),
         stream_options,
         prompt_fields: PromptFields {
@@ -192,6 +196,8 @@ struct Head<'a> {
     tools: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     functions: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    service_tier: Option<&'a RawValue>,
 }
 
 /// A field's raw JSON, `null` included (serde would make a `null` `None` and lose its place).

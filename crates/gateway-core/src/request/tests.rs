@@ -203,3 +203,16 @@ fn a_null_model_is_no_deployment() {
 fn duplicate_routing_fields_are_errors() {
     assert!(RequestJson::parse(br#"{"model":"a","model":"b"}"#).is_err());
 }
+
+#[test]
+fn the_service_tier_is_read_and_never_refuses_a_body() {
+    let tier = |body: &str| parse(body).service_tier;
+    assert_eq!(
+        tier(r#"{"service_tier": "priority"}"#).as_deref(),
+        Some("priority")
+    );
+    assert_eq!(tier(r#"{"messages":[]}"#), None);
+    // Azure's to refuse: the gateway only reads it.
+    assert_eq!(tier(r#"{"service_tier":null}"#), None);
+    assert_eq!(tier(r#"{"service_tier":7}"#), None);
+}

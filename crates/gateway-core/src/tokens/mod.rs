@@ -83,7 +83,9 @@ mod usage;
 #[cfg(feature = "tokenizer")]
 pub use encoding::count;
 pub use encoding::{Encoding, encoding_for_model};
-pub use usage::{supports_stream_usage, usage_from_json, usage_from_sse_data};
+pub use usage::{
+    Answer, answer_from_json, supports_stream_usage, usage_from_json, usage_from_sse_data,
+};
 
 use crate::operation::Operation;
 #[cfg(feature = "tokenizer")]
@@ -129,6 +131,12 @@ pub struct Usage {
     pub completion: u64,
     /// Total tokens, as reported (or prompt + completion when not reported).
     pub total: u64,
+    /// Prompt tokens served from the prompt cache (`prompt_tokens_details.cached_tokens`, Responses
+    /// `input_tokens_details.cached_tokens`): part of `prompt`, 0 when not reported.
+    pub cached_prompt: u64,
+    /// Output tokens spent on reasoning (`completion_tokens_details.reasoning_tokens`, Responses
+    /// `output_tokens_details.reasoning_tokens`): part of `completion`, 0 when not reported.
+    pub reasoning: u64,
 }
 
 /// Estimates the tokens of a request to `operation` on a deployment of `model`, from its JSON body.

@@ -14,10 +14,40 @@ const STREAM_USAGE_SINCE: (u16, u8, u8) = (2024, 9, 1);
 /// (chat, completions; embeddings have no `completion_tokens`) or `usage.{input_tokens,
 /// output_tokens, total_tokens}` (Responses). `None` when there is none or the body is not JSON.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(body)
-        .ok()?
-        .usage?
-        .into_usage()
+    answer_from_json(body).usage
+}
+
+/// What a JSON answer says about what it cost: its usage ([`usage_from_json`]), and the
+/// `service_tier` that served it, read in the same parse.
+///
+/// ```
+/// use gateway_core::tokens::answer_from_json;
+///
+/// let body = br#"{"service_tier": "default", "usage": {"prompt_tokens": 5, "completion_tokens": 2}}"#;
+/// let answer = answer_from_json(body);
+/// assert_eq!(answer.usage.map(|u| u.total), Some(7));
+/// assert_eq!(answer.service_tier.as_deref(), Some("default"));
+/// ```
+pub fn answer_from_json(body: &[u8]) -> Answer {
+    let Ok(parsed) = serde_json::from_slice::<WithUsage>(body) else {
+        return Answer::default();
+    };
+    Answer {
+        usage: parsed.usage.and_then(RawUsage::into_usage),
+        service_tier: parsed.service_tier.and_then(|t| match t {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        }),
+    }
+}
+
+/// See [`answer_from_json`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    /// The usage, when the answer has one.
+    pub usage: Option<Usage>,
+    /// The answer's `service_tier`, when it is a string.
+    pub service_tier: Option<String>,
 }
 
 /// The usage in one SSE `data:` payload (without the `data:` prefix).
@@ -80,6 +110,8 @@ fn version_date(version: &str) -> Option<(u16, u8, u8)> {
 #[derive(Deserialize)]
 struct WithUsage {
     usage: Option<RawUsage>,
+    #[serde(default)]
+    service_tier: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +130,18 @@ struct RawUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Details,
+    #[serde(default, alias = "output_tokens_details")]
+    completion_tokens_details: Details,
+}
+
+/// `*_tokens_details`: only the figures the gateway reports. A detail of an unexpected shape (or
+/// `null`) counts as absent rather than losing the whole usage.
+#[derive(Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
 }
 
 impl RawUsage {
@@ -116,7 +160,28 @@ impl RawUsage {
             prompt,
             completion,
             total: total.unwrap_or_else(|| prompt.saturating_add(completion)),
+            cached_prompt: self.prompt_tokens_details.cached_tokens.unwrap_or(0),
+            reasoning: self.completion_tokens_details.reasoning_tokens.unwrap_or(0),
         })
+    }
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            cached_tokens: Option<u64>,
+            reasoning_tokens: Option<u64>,
+        }
+        // Anything but an object of numbers is ignored, not an error.
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(serde_json::from_value::<Raw>(value).map_or_else(
+            |_| Details::default(),
+            |raw| Details {
+                cached_tokens: raw.cached_tokens,
+                reasoning_tokens: raw.reasoning_tokens,
+            },
+        ))
     }
 }
 
@@ -143,14 +208,39 @@ mod tests {
             input_tokens: None,
             output_tokens: None,
             total_tokens: Some(7),
+            prompt_tokens_details: Details::default(),
+            completion_tokens_details: Details::default(),
         };
         assert_eq!(
             raw.into_usage(),
             Some(Usage {
                 prompt: 7,
                 completion: 0,
-                total: 7
+                total: 7,
+                ..Usage::default()
             })
+        );
+    }
+
+    #[test]
+    fn usage_details_are_read_for_chat_and_responses_whatever_their_shape() {
+        let chat =
+            br#"{"usage": {"prompt_tokens": 2000, "completion_tokens": 300, "total_tokens": 2300,
+            "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 1920},
+            "completion_tokens_details": {"reasoning_tokens": 256, "audio_tokens": 0}}}"#;
+        let usage = usage_from_json(chat).unwrap();
+        assert_eq!((usage.cached_prompt, usage.reasoning), (1920, 256));
+        let responses = br#"{"usage":{"input_tokens":2000,"output_tokens":300,"total_tokens":2300,
+            "input_tokens_details":{"cached_tokens":1024},"output_tokens_details":{"reasoning_tokens":64}}}"#;
+        let usage = usage_from_json(responses).unwrap();
+        assert_eq!((usage.prompt, usage.completion), (2000, 300));
+        assert_eq!((usage.cached_prompt, usage.reasoning), (1024, 64));
+        // A detail of a strange shape is ignored, the usage kept.
+        let odd = br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":null,"completion_tokens_details":[1]}}"#;
+        let usage = usage_from_json(odd).unwrap();
+        assert_eq!(
+            (usage.total, usage.cached_prompt, usage.reasoning),
+            (6, 0, 0)
         );
     }
 }

@@ -1,22 +1,28 @@
-use std::fmt;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use gateway_core::tokens::{self, Usage};
+use gateway_core::tokens::{self, Encoding, Usage};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use serde::Deserialize;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::generated::GeneratedText;
 
 use crate::BoxError;
 use crate::body::MaybeFull;
-use crate::record::Record;
+use crate::record::{Record, ServiceTier};
 
 /// Reconciles a reservation with the tokens really consumed; runs at most once.
 pub(crate) struct Reconcile(Option<Box<dyn FnOnce(u64) + Send>>);
+
+/// A request's prompt tokens, for a stream that ends without usage: counted already (the
+/// reservation needed an exact figure), or counted only then (most streams report usage, and
+/// never need it).
+pub(crate) enum PromptTokens {
+    Counted(u64),
+    Later(Box<dyn FnOnce() -> u64 + Send>),
+}
 
 pin_project! {
     /// Response body of the rate-limit layer: passes the answer through, and for streams reads the
@@ -36,11 +42,11 @@ pub(crate) struct SseWatch {
     pending: Vec<u8>,
     strip_usage: bool,
     usage: Option<Usage>,
-    /// Events that carried generated text: at least one token each.
-    content_chunks: u64,
-    /// Bytes of generated text (content, tool-call arguments, Responses deltas), decoded from JSON.
-    generated_bytes: u64,
-    prompt_estimate: u64,
+    /// The text generated so far (content, tool-call arguments, Responses deltas).
+    generated: GeneratedText,
+    prompt: PromptTokens,
+    /// Set once the stream was accounted: at its end, when it broke, or when it was dropped.
+    finished: bool,
     /// Set when an event grew past [`MAX_PENDING`]: the stream is passed on without being read.
     gave_up: bool,
     /// Where the backend's usage goes, for observers.
@@ -59,7 +65,7 @@ impl Reconcile {
         Self(Some(Box::new(f)))
     }
 
-    fn fire(&mut self, consumed: u64) {
+    pub(crate) fn fire(&mut self, consumed: u64) {
         if let Some(f) = self.0.take() {
             f(consumed);
         }
@@ -83,26 +89,25 @@ impl<B> UsageBody<B> {
         }
     }
 
+    /// A stream to read along (removing the usage chunk when `strip_usage`), accounted at its end;
+    /// without usage it is charged `prompt` and its text counted with `encoding`.
     pub(crate) fn sse(
         inner: B,
         strip_usage: bool,
-        prompt_estimate: u64,
+        prompt: PromptTokens,
+        encoding: Option<Encoding>,
         record: Option<Arc<Record>>,
         reconcile: Option<Reconcile>,
     ) -> Self {
         Self {
             inner: MaybeFull::stream(inner),
-            sse: Some(Box::new(SseWatch {
-                pending: Vec::new(),
+            sse: Some(Box::new(SseWatch::new(
                 strip_usage,
-                usage: None,
-                content_chunks: 0,
-                generated_bytes: 0,
-                prompt_estimate,
-                gave_up: false,
+                prompt,
+                encoding,
                 record,
                 reconcile,
-            })),
+            ))),
         }
     }
 }
@@ -163,12 +168,21 @@ where
                 Ok(data) => data,
                 Err(frame) => return Poll::Ready(Some(Ok(frame))),
             };
+            // A body that knows it is over after this frame may never be polled again (the
+            // record's observers then see the end at once): account now, not on the next poll.
+            let over = this.inner.is_end_stream();
             if !watch.strip_usage {
                 // Nothing to remove: forward at once and only read along.
                 watch.read(&data);
+                if over {
+                    watch.finish();
+                }
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             let out = watch.filter(&data);
+            if over && watch.pending.is_empty() {
+                watch.finish();
+            }
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
@@ -195,6 +209,26 @@ where
 // === impl SseWatch ===
 
 impl SseWatch {
+    fn new(
+        strip_usage: bool,
+        prompt: PromptTokens,
+        encoding: Option<Encoding>,
+        record: Option<Arc<Record>>,
+        reconcile: Option<Reconcile>,
+    ) -> Self {
+        Self {
+            pending: Vec::new(),
+            strip_usage,
+            usage: None,
+            generated: GeneratedText::new(encoding),
+            prompt,
+            finished: false,
+            gave_up: false,
+            record,
+            reconcile,
+        }
+    }
+
     /// Reads complete events in `data` (with what was pending), forwarding nothing.
     fn read(&mut self, data: &[u8]) {
         if self.gave_up {
@@ -204,8 +238,8 @@ impl SseWatch {
         let mut start = 0;
         while let Some(end) = find_event_end(&self.pending[start..]) {
             let event = &self.pending[start..start + end];
-            let (usage, generated) = inspect(event);
-            self.note(usage, generated);
+            let usage = inspect(event, &mut self.generated);
+            self.note(usage);
             start += end;
         }
         self.pending.drain(..start);
@@ -224,11 +258,11 @@ impl SseWatch {
         let mut start = 0;
         while let Some(end) = find_event_end(&self.pending[start..]) {
             let event = &self.pending[start..start + end];
-            let (usage, generated) = inspect(event);
+            let usage = inspect(event, &mut self.generated);
             if usage.is_none() {
                 out.extend_from_slice(event);
             }
-            self.note(usage, generated);
+            self.note(usage);
             start += end;
         }
         self.pending.drain(..start);
@@ -245,7 +279,7 @@ impl SseWatch {
         self.gave_up = true;
     }
 
-    fn note(&mut self, usage: Option<Usage>, generated: usize) {
+    fn note(&mut self, usage: Option<Usage>) {
         if let Some(usage) = usage {
             self.usage = Some(usage);
             // At once: observers may see the response end before this body is polled to its end.
@@ -253,31 +287,41 @@ impl SseWatch {
                 record.set_usage(usage);
             }
         }
-        if generated > 0 {
-            self.content_chunks += 1;
-            self.generated_bytes += generated as u64;
-        }
     }
 
-    /// Tokens generated so far, by the text streamed: a token per four bytes (the rough measure the
-    /// estimate uses too), and never less than one per event that carried text.
-    fn generated(&self) -> u64 {
-        self.content_chunks.max(self.generated_bytes.div_ceil(4))
-    }
-
+    /// Accounts the stream, once.
     fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        if let (Some(record), Some(tier)) = (&self.record, self.generated.service_tier()) {
+            record.set_service_tier(ServiceTier::from_name(tier));
+        }
         // Without the backend's own figure (a stream that broke, that the client left, or whose
         // api-version has no usage chunk) the charge is what Azure bills for it: the prompt and
         // what was generated before it ended, not the `max_tokens` that was never produced.
         let consumed = match self.usage {
             Some(usage) => {
-                // Only what the backend said is usage; outer layers show the estimate otherwise.
                 if let Some(record) = &self.record {
                     record.set_usage(usage);
                 }
                 usage.total
             }
-            None => self.prompt_estimate.saturating_add(self.generated()),
+            None => {
+                let prompt = self.prompt.take();
+                let completion = self.generated.tokens();
+                let usage = Usage {
+                    prompt,
+                    completion,
+                    total: prompt.saturating_add(completion),
+                    ..Usage::default()
+                };
+                // The one figure charged, shown by every observer as an estimate.
+                if let Some(record) = &self.record {
+                    record.set_estimated_usage(usage);
+                }
+                usage.total
+            }
         };
         if let Some(reconcile) = self.reconcile.as_mut() {
             reconcile.fire(consumed);
@@ -303,13 +347,12 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// The usage if this event is a final usage chunk, and the bytes of text it generated.
-fn inspect(event: &[u8]) -> (Option<Usage>, usize) {
+/// The usage if this event is a final usage chunk; its generated text goes to `generated`.
+fn inspect(event: &[u8], generated: &mut GeneratedText) -> Option<Usage> {
     let Ok(text) = std::str::from_utf8(event) else {
-        return (None, 0);
+        return None;
     };
     let mut usage = None;
-    let mut generated = 0;
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data:") else {
             continue;
@@ -320,166 +363,24 @@ fn inspect(event: &[u8]) -> (Option<Usage>, usize) {
         }
         // Parsed as JSON, whatever its spacing. An event with text is no usage chunk (that one has
         // no choices), so the usage parse is spared on the stream's ordinary events.
-        let text = serde_json::from_str::<Generated>(data).map_or(0, |g| g.bytes());
-        if text > 0 {
-            generated += text;
-        } else {
+        if !generated.read(data) {
             usage = tokens::usage_from_sse_data(data).or(usage);
         }
     }
-    (usage, generated)
+    usage
 }
 
-// === generated text ===
+// === impl PromptTokens ===
 
-/// The generated text of one streamed event, measured as it is parsed and never copied: chat and
-/// completions `choices[].delta.content`, `delta.refusal`, `delta.tool_calls[].function.arguments`
-/// and `choices[].text`; a Responses event's `delta`.
-#[derive(Deserialize)]
-struct Generated {
-    #[serde(default)]
-    choices: Sum<Choice>,
-    #[serde(default)]
-    delta: TextLen,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    text: TextLen,
-}
-
-#[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: TextLen,
-    #[serde(default)]
-    refusal: TextLen,
-    #[serde(default)]
-    tool_calls: Sum<ToolCall>,
-}
-
-#[derive(Deserialize)]
-struct ToolCall {
-    #[serde(default)]
-    function: Option<Function>,
-}
-
-#[derive(Deserialize)]
-struct Function {
-    #[serde(default)]
-    arguments: TextLen,
-}
-
-/// Something with a length of generated text.
-trait TextBytes {
-    fn bytes(&self) -> usize;
-}
-
-/// The length in bytes of a JSON string; any other value (null, an object) counts nothing.
-#[derive(Default)]
-struct TextLen(usize);
-
-/// The summed lengths of the elements of a JSON array (null counts nothing), without keeping them.
-struct Sum<T>(usize, PhantomData<T>);
-
-impl Generated {
-    fn bytes(&self) -> usize {
-        self.choices.0 + self.delta.0
-    }
-}
-
-impl TextBytes for Choice {
-    fn bytes(&self) -> usize {
-        self.text.0 + self.delta.as_ref().map_or(0, TextBytes::bytes)
-    }
-}
-
-impl TextBytes for Delta {
-    fn bytes(&self) -> usize {
-        self.content.0 + self.refusal.0 + self.tool_calls.0
-    }
-}
-
-impl TextBytes for ToolCall {
-    fn bytes(&self) -> usize {
-        self.function.as_ref().map_or(0, |f| f.arguments.0)
-    }
-}
-
-impl<T> Default for Sum<T> {
-    fn default() -> Self {
-        Sum(0, PhantomData)
-    }
-}
-
-impl<'de> Deserialize<'de> for TextLen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TextLen;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<TextLen, E> {
-                Ok(TextLen(v.len()))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<TextLen, E> {
-                Ok(TextLen(0))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<TextLen, E> {
-                Ok(TextLen(0))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<TextLen, E> {
-                Ok(TextLen(0))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<TextLen, E> {
-                Ok(TextLen(0))
-            }
-            fn visit_unit<E>(self) -> Result<TextLen, E> {
-                Ok(TextLen(0))
-            }
-            fn visit_none<E>(self) -> Result<TextLen, E> {
-                Ok(TextLen(0))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextLen, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(TextLen(0))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextLen, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(TextLen(0))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl<'de, T: Deserialize<'de> + TextBytes> Deserialize<'de> for Sum<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de> + TextBytes> Visitor<'de> for V<T> {
-            type Value = Sum<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an array or null")
-            }
-            fn visit_unit<E>(self) -> Result<Sum<T>, E> {
-                Ok(Sum::default())
-            }
-            fn visit_none<E>(self) -> Result<Sum<T>, E> {
-                Ok(Sum::default())
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Sum<T>, A::Error> {
-                let mut total = 0;
-                while let Some(item) = seq.next_element::<T>()? {
-                    total += item.bytes();
-                }
-                Ok(Sum(total, PhantomData))
-            }
-        }
-        d.deserialize_any(V(PhantomData))
+impl PromptTokens {
+    /// The count, counting now if it was left for later.
+    fn take(&mut self) -> u64 {
+        let tokens = match std::mem::replace(self, PromptTokens::Counted(0)) {
+            PromptTokens::Counted(n) => n,
+            PromptTokens::Later(count) => count(),
+        };
+        *self = PromptTokens::Counted(tokens);
+        tokens
     }
 }
 
@@ -489,25 +390,28 @@ mod tests {
     use std::sync::Mutex;
 
     fn watch(strip: bool) -> (SseWatch, Arc<Mutex<Option<u64>>>) {
+        watch_counting(strip, None)
+    }
+
+    /// A watch whose prompt is 10 tokens, counting generated text with `encoding` (`None`: roughly).
+    fn watch_counting(
+        strip: bool,
+        encoding: Option<Encoding>,
+    ) -> (SseWatch, Arc<Mutex<Option<u64>>>) {
         let seen = Arc::new(Mutex::new(None));
         let s = seen.clone();
-        (
-            SseWatch {
-                pending: Vec::new(),
-                strip_usage: strip,
-                usage: None,
-                content_chunks: 0,
-                generated_bytes: 0,
-                prompt_estimate: 10,
-                gave_up: false,
-                record: Some(Arc::new(Record::new(
-                    http::HeaderValue::from_static("t"),
-                    None,
-                ))),
-                reconcile: Some(Reconcile::new(move |n| *s.lock().unwrap() = Some(n))),
-            },
-            seen,
-        )
+        let record = Arc::new(Record::new(http::HeaderValue::from_static("t"), None));
+        let reconcile = Reconcile::new(move |n| *s.lock().unwrap() = Some(n));
+        let prompt = PromptTokens::Counted(10);
+        let watch = SseWatch::new(strip, prompt, encoding, Some(record), Some(reconcile));
+        (watch, seen)
+    }
+
+    /// Rough generated tokens of one event: a token per four bytes, at least one.
+    fn rough(event: &str) -> (Option<Usage>, u64) {
+        let mut generated = GeneratedText::new(None);
+        let usage = inspect(event.as_bytes(), &mut generated);
+        (usage, generated.tokens())
     }
 
     const CHUNK: &str =
@@ -562,13 +466,15 @@ mod tests {
         let legacy = "data: {\"choices\":[{\"text\":\"Hello\",\"index\":0}]}\n\n";
         let responses = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi!\"}\n\n";
         let nothing = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"index\":0}],\"prompt_filter_results\":[]}\n\n";
-        assert_eq!(inspect(batched.as_bytes()), (None, 40));
-        assert_eq!(inspect(tool.as_bytes()), (None, 16));
-        assert_eq!(inspect(legacy.as_bytes()), (None, 5));
-        assert_eq!(inspect(responses.as_bytes()), (None, 3));
-        assert_eq!(inspect(nothing.as_bytes()), (None, 0));
-        assert_eq!(inspect(DONE.as_bytes()), (None, 0));
-        assert_eq!(inspect(USAGE.as_bytes()).1, 0);
+        assert_eq!(rough(batched), (None, 10));
+        assert_eq!(rough(tool), (None, 4));
+        assert_eq!(rough(legacy), (None, 2));
+        assert_eq!(rough(responses), (None, 1));
+        assert_eq!(rough(nothing), (None, 0));
+        assert_eq!(rough(DONE), (None, 0));
+        assert_eq!(rough(USAGE).1, 0);
+        let audio = "data: {\"type\":\"response.audio.delta\",\"delta\":\"UklGRiQAAABXQVZF\"}\n\n";
+        assert_eq!(rough(audio), (None, 0), "base64 audio is not text");
 
         let (mut w, seen) = watch(false);
         w.read(format!("{batched}{CHUNK}{nothing}").as_bytes());
@@ -606,5 +512,93 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), Some(13));
         let record = w.record.as_ref().unwrap();
         assert_eq!(record.usage(), None, "the backend never told its usage");
+        let charged = record.charged().unwrap();
+        assert!(charged.estimated);
+        assert_eq!((charged.usage.prompt, charged.usage.total), (10, 13));
+    }
+
+    #[cfg(feature = "tokenizer")]
+    #[test]
+    fn a_stream_without_usage_is_counted_with_the_tokenizer() {
+        use gateway_core::tokens::count;
+        let o200k = Encoding::O200k;
+        // Pieces that cut words apart, of several choices interleaved, escapes included.
+        let pieces = [
+            (0, "Once up"),
+            (1, "Il était"),
+            (0, "on a ti"),
+            (1, " une fois"),
+            (0, "me, \\\"quoted\\\""),
+        ];
+        let (mut w, seen) = watch_counting(false, Some(o200k));
+        for (index, piece) in pieces {
+            let event = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{piece}\"}},\"index\":{index}}}]}}\n\n"
+            );
+            w.read(event.as_bytes());
+        }
+        w.read(DONE.as_bytes());
+        drop(w);
+        let expected =
+            10 + count(o200k, "Once upon a time, \"quoted\"") + count(o200k, "Il était une fois");
+        assert_eq!(*seen.lock().unwrap(), Some(expected));
+    }
+
+    #[cfg(feature = "tokenizer")]
+    #[test]
+    fn a_long_text_is_counted_in_blocks_as_exactly_as_whole() {
+        use gateway_core::tokens::count;
+        let o200k = Encoding::O200k;
+        let word = "tokenization ";
+        let (mut w, seen) = watch_counting(false, Some(o200k));
+        let mut whole = String::new();
+        for i in 0..12_000 {
+            let piece = format!("{word}{i} ");
+            whole.push_str(&piece);
+            let event = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{piece}\"}},\"index\":0}}]}}\n\n"
+            );
+            w.read(event.as_bytes());
+        }
+        assert!(whole.len() > 2 * super::super::generated::KEEP_BYTES_FOR_TESTS);
+        w.finish();
+        assert_eq!(*seen.lock().unwrap(), Some(10 + count(o200k, &whole)));
+    }
+
+    #[test]
+    fn the_last_service_tier_a_stream_names_is_recorded() {
+        use crate::record::ServiceTier;
+        let (mut w, _) = watch(false);
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"service_tier\":\"auto\",\"usage\":null}}\n\n";
+        let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n";
+        let done = "event: response.completed\ndata: {\"type\": \"response.completed\", \"response\": {\"service_tier\": \"default\", \"usage\": {\"input_tokens\": 3, \"output_tokens\": 1}}}\n\n";
+        w.read(format!("{created}{delta}{done}").as_bytes());
+        w.finish();
+        let record = w.record.as_ref().unwrap();
+        assert_eq!(record.service_tier(), Some(ServiceTier::Default));
+        assert_eq!(
+            record.charged().map(|c| (c.usage.total, c.estimated)),
+            Some((4, false))
+        );
+
+        let (mut w, _) = watch(true);
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"index\":0}],\"service_tier\":\"priority\"}\n\n";
+        w.filter(format!("{chunk}{DONE}").as_bytes());
+        w.finish();
+        assert_eq!(
+            w.record.as_ref().unwrap().service_tier(),
+            Some(ServiceTier::Priority)
+        );
+    }
+
+    #[test]
+    fn a_stream_with_usage_is_charged_it_and_not_estimated() {
+        let (mut w, seen) = watch_counting(true, Some(Encoding::O200k));
+        w.filter(format!("{CHUNK}{USAGE}").as_bytes());
+        w.finish();
+        assert_eq!(*seen.lock().unwrap(), Some(11));
+        let charged = w.record.as_ref().unwrap().charged().unwrap();
+        assert!(!charged.estimated);
+        assert_eq!(charged.usage.total, 11);
     }
 }

@@ -11,7 +11,9 @@
 //!   streams from the final usage chunk, which the layer asks for (`stream_options.include_usage`) when
 //!   the api-version supports it and removes from the stream when the client did not ask for it. A
 //!   failed call releases its reservation; a stream that ends without usage is charged its prompt
-//!   and what it generated, measured from the streamed text. A JSON answer is read whole before it
+//!   and what it generated, both counted with the model's tokenizer (the text streamed is kept,
+//!   bounded, and counted only then), and that figure goes to the [`Record`](crate::record::Record)
+//!   as an estimate. A JSON answer is read whole before it
 //!   is sent, bounded by the body below it (the [`FailoverLayer`](crate::FailoverLayer)'s idle
 //!   timeout and deadline): one that is not complete in time is a 504 `GatewayTimeout`.
 //! - The consumer's `x-ratelimit-remaining-tokens`, `x-ratelimit-remaining-requests`,
@@ -69,6 +71,7 @@
 //! ```
 
 mod body;
+mod generated;
 mod service;
 
 use std::collections::{BTreeMap, HashMap};

@@ -10,20 +10,20 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitKind, LimitStore, Limits, Remaining, Reservation, StoreError,
 };
 use gateway_core::operation::Operation;
-use gateway_core::tokens::{self, Estimate};
+use gateway_core::tokens::{self, Encoding, Estimate, Usage};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower::Service;
 
-use super::body::{Reconcile, UsageBody};
+use super::body::{PromptTokens, Reconcile, UsageBody};
 use super::{OnStoreError, Shared};
 use crate::BoxError;
 use crate::auth::Consumer;
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::{azure_error, set_retry_after, too_many_requests};
 use crate::headers::{X_GATEWAY_LIMIT, content_length, is_event_stream};
-use crate::record::{Limit, Record};
+use crate::record::{Limit, Record, ServiceTier};
 
 /// Service produced by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, St> {
@@ -146,10 +146,22 @@ where
     };
     // Exact counting only where a limit needs an exact reservation: tokenizing a long prompt costs
     // more than everything else the gateway does for a request. Routing can do with a rough figure.
+    let encoding = model_encoding(ctx, config);
     let estimate = if checks.is_empty() {
         rough(ctx, config.default_completion_tokens)
     } else {
-        exact(ctx, config)
+        exact(ctx, encoding, config.default_completion_tokens)
+    };
+    // A stream that ends without usage is charged its prompt, counted exactly: now if the
+    // reservation needed it, else only then (most streams report usage and never need it).
+    let prompt = if checks.is_empty() && cfg!(feature = "tokenizer") && ctx.stream() {
+        let ctx = ctx.clone();
+        let default_completion = config.default_completion_tokens;
+        PromptTokens::Later(Box::new(move || {
+            exact(&ctx, encoding, default_completion).prompt
+        }))
+    } else {
+        PromptTokens::Counted(estimate.prompt)
     };
     // Chat only: whether Azure's legacy Completions accept `stream_options` is not documented.
     let stream_requested = ctx.stream();
@@ -259,32 +271,45 @@ where
         }
     }
 
+    // A client that goes away before the answer's headers drops this future: the reservation
+    // is then released, as for a failed call, instead of holding the consumer's minute.
+    let mut held = Held {
+        shared: shared.clone(),
+        reservation,
+    };
     let res = match inner.call(req).await {
         Ok(res) => res,
         Err(err) => {
-            settle(&shared, reservation.as_ref(), 0).await;
+            settle(&shared, held.take().as_ref(), 0).await;
             return Err(err);
         }
     };
     let (mut parts, body) = res.into_parts();
-    if reservation.is_some() {
+    if held.reservation.is_some() {
         stamp(&mut parts.headers, config, &checks, &remaining);
     }
     if !parts.status.is_success() {
         // Azure does not bill refused or failed calls.
-        settle(&shared, reservation.as_ref(), 0).await;
+        settle(&shared, held.take().as_ref(), 0).await;
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
     // Some backends send a stream without its content type: the request says it is one too.
     if is_event_stream(&parts.headers) || stream_requested {
         // Usage arrives at the very end of a stream: account for it from the body, when it ends.
-        let reconcile = reservation.map(|r| reconciler(shared.clone(), r));
-        let body = UsageBody::sse(body, strip_usage, estimate.prompt, record, reconcile);
+        let reconcile = held.take().map(|r| reconciler(shared.clone(), r));
+        if strip_usage {
+            // The usage chunk comes out: the length the backend announced would be a lie.
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
+        let counting = cfg!(feature = "tokenizer").then_some(encoding);
+        let body = UsageBody::sse(body, strip_usage, prompt, counting, record, reconcile);
         return Ok(Response::from_parts(parts, body));
     }
     let size = content_length(&parts.headers).or(body.size_hint().upper());
     if size.is_none_or(|n| n > MAX_BUFFERED_ANSWER) {
-        // Unknown or huge: stream it through and keep the estimate.
+        // Unknown or huge: stream it through and keep the estimate (the reservation stands).
+        charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
+        let _kept = held.take();
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
     // A JSON answer arrives whole once generation is done: reading it adds no latency worth the
@@ -294,7 +319,11 @@ where
     match body.collect().await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
-            let consumed = match tokens::usage_from_json(&bytes) {
+            let answer = tokens::answer_from_json(&bytes);
+            if let (Some(record), Some(tier)) = (&record, answer.service_tier.as_deref()) {
+                record.set_service_tier(ServiceTier::from_name(tier));
+            }
+            let consumed = match answer.usage {
                 Some(usage) => {
                     parts.headers.insert(
                         config.headers.tokens_consumed.clone(),
@@ -305,9 +334,12 @@ where
                     }
                     usage.total
                 }
-                None => estimate.total(),
+                None => {
+                    charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
+                    estimate.total()
+                }
             };
-            settle(&shared, reservation.as_ref(), consumed).await;
+            settle(&shared, held.take().as_ref(), consumed).await;
             Ok(Response::from_parts(parts, UsageBody::full(bytes)))
         }
         Err(err) => {
@@ -317,7 +349,7 @@ where
                 // deadline, and said so in its log. Nothing was sent yet: the client gets a 504,
                 // and as for any failed call, the reservation is released.
                 tracing::debug!(error = %err, "upstream answer not complete in time");
-                settle(&shared, reservation.as_ref(), 0).await;
+                settle(&shared, held.take().as_ref(), 0).await;
                 return Ok(azure_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "GatewayTimeout",
@@ -325,7 +357,8 @@ where
                 ));
             }
             tracing::warn!(error = %err, "upstream answer broke while being read");
-            settle(&shared, reservation.as_ref(), estimate.prompt).await;
+            charged_estimate(record.as_deref(), estimate.prompt, 0);
+            settle(&shared, held.take().as_ref(), estimate.prompt).await;
             Ok(azure_error(
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
@@ -363,30 +396,47 @@ fn rough(ctx: &RequestContext, default_completion: u64) -> Estimate {
     )
 }
 
-/// What a limit reserves: the prompt counted with the deployment's tokenizer, from the body's one
-/// parse. Without the `tokenizer` feature, the rough figure.
-#[cfg(feature = "tokenizer")]
-fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
-    let Some(json) = ctx.json() else {
-        return rough(ctx, config.default_completion_tokens);
-    };
+/// The tokenizer of the deployment's model (the deployment's own name when no model is set).
+fn model_encoding(ctx: &RequestContext, config: &super::RateLimitConfig) -> Encoding {
     let model = ctx
         .deployment
         .as_deref()
         .map(|d| config.models.get(d).map_or(d, String::as_str))
         .unwrap_or_default();
+    tokens::encoding_for_model(model)
+}
+
+/// Records what a call was charged when the backend did not say: the gateway's own figure.
+fn charged_estimate(record: Option<&Record>, prompt: u64, completion: u64) {
+    if let Some(record) = record {
+        record.set_estimated_usage(Usage {
+            prompt,
+            completion,
+            total: prompt.saturating_add(completion),
+            ..Usage::default()
+        });
+    }
+}
+
+/// What a limit reserves: the prompt counted with the deployment's tokenizer, from the body's one
+/// parse. Without the `tokenizer` feature, the rough figure.
+#[cfg(feature = "tokenizer")]
+fn exact(ctx: &RequestContext, encoding: Encoding, default_completion: u64) -> Estimate {
+    let Some(json) = ctx.json() else {
+        return rough(ctx, default_completion);
+    };
     tokens::estimate_parsed(
         ctx.operation,
-        tokens::encoding_for_model(model),
+        encoding,
         json,
         ctx.body(),
-        config.default_completion_tokens,
+        default_completion,
     )
 }
 
 #[cfg(not(feature = "tokenizer"))]
-fn exact(ctx: &RequestContext, config: &super::RateLimitConfig) -> Estimate {
-    rough(ctx, config.default_completion_tokens)
+fn exact(ctx: &RequestContext, _: Encoding, default_completion: u64) -> Estimate {
+    rough(ctx, default_completion)
 }
 
 /// Reconciles now; a store error is logged, never shown to the client, whose call already happened.
@@ -403,6 +453,29 @@ async fn settle<St: LimitStore>(
     }
     if let Err(err) = shared.store.reconcile(reservation, consumed).await {
         tracing::warn!(error = %err, "could not reconcile a reservation");
+    }
+}
+
+/// A reservation not settled yet. Dropped while it still holds one (the request's future was
+/// dropped: the client left before the answer's headers), it releases it in the background.
+struct Held<St: LimitStore> {
+    shared: Arc<Shared<St>>,
+    reservation: Option<Reservation>,
+}
+
+impl<St: LimitStore> Held<St> {
+    /// The reservation, to settle now: this guard lets go of it.
+    fn take(&mut self) -> Option<Reservation> {
+        self.reservation.take()
+    }
+}
+
+impl<St: LimitStore> Drop for Held<St> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            tracing::debug!("request dropped before its answer: releasing its reservation");
+            reconciler(self.shared.clone(), reservation).fire(0);
+        }
     }
 }
 
