@@ -2,6 +2,7 @@
 //! the fixtures and bounded waits the `gateway` binary's own tests share with them.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod issuer;
 mod poll;
 mod regions;
 

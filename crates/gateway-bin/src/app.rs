@@ -18,6 +18,7 @@ use gateway_core::pool::{
 };
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
+use gateway_layers::entra::{EntraAuthLayer, EntraConfig, EntraValidator};
 use gateway_layers::error::azure_error;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
 use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
@@ -25,8 +26,8 @@ use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use gateway_policy::{
-    CircuitBreakerSettings, FailoverSettings, HeaderAction, HeaderSettings, LimitsSpec, Policy,
-    ResolvedSecrets, StoreFailure, StoreKind,
+    CircuitBreakerSettings, EntraSettings, FailoverSettings, HeaderAction, HeaderSettings,
+    LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -96,6 +97,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
                 secrets.iter().map(|s| s.expose()),
                 spec.deployments.clone(),
             )
+            .token_ids(&spec.name, &spec.entra_app_ids, &spec.entra_object_ids)
         },
     );
 
@@ -147,8 +149,10 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .layer(RequestContextLayer::new(policy.gateway.max_body_bytes))
         // Now that the deployment is known: name the server span and run what follows inside it.
         .layer(EnterServerSpanLayer)
-        // Authenticate before anything reaches an upstream. It reads the client's key, so it sits
-        // above header propagation, which removes that key.
+        // Authenticate before anything reaches an upstream. Both read the client's credential, so
+        // they sit above header propagation, which removes it. A verified Entra ID token leaves the
+        // caller's identity for the consumer lookup below it.
+        .option_layer(policy.gateway.entra.as_ref().map(entra_layer))
         .layer(ConsumerAuthLayer::new(Arc::new(keys)))
         // Consumer limits: reserve before any upstream work, reconcile with the real usage after.
         // It sits outside header propagation so its x-ratelimit-* headers reach the client.
@@ -199,6 +203,16 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
         rate_limit,
     })
+}
+
+/// `[gateway.entra]` as the token-checking layer.
+fn entra_layer(entra: &EntraSettings) -> EntraAuthLayer {
+    let config = EntraConfig::new(&entra.tenant, entra.audiences.iter().cloned())
+        .authority(&entra.authority)
+        .issuers(entra.accepted_issuers())
+        .clock_skew(Duration::from_secs(entra.clock_skew_seconds))
+        .key_refresh_min(Duration::from_secs(entra.key_refresh_min_seconds));
+    EntraAuthLayer::new(Arc::new(EntraValidator::new(config)))
 }
 
 /// The policy's backends, each with its resolved credential (parallel to `policy.backends`).
