@@ -2,6 +2,7 @@
 //! the fixtures and bounded waits the `gateway` binary's own tests share with them.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod https;
 pub mod issuer;
 mod poll;
 mod regions;
@@ -15,7 +16,7 @@ use gateway_bin::{app, serve};
 use gateway_core::pool::BackendPool;
 use gateway_layers::RateLimitLayer;
 use gateway_policy::Policy;
-use gateway_policy::secret::{MapSecrets, NoSecrets};
+use gateway_policy::secret::{MapSecrets, NoSecrets, SystemSecrets};
 use serde_json::{Value, json};
 use simulator::{RegionConfig, RunningRegion};
 use tokio::sync::oneshot;
@@ -74,6 +75,8 @@ pub async fn sweden_with(
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// Served over HTTPS ([`gateway_https`]).
+    pub https: bool,
     pub pool: Arc<BackendPool>,
     rate_limit: RateLimitLayer<Store>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -83,6 +86,25 @@ pub struct Gateway {
 /// Starts a gateway for a policy text. `env:KEY_<REGION>` references resolve to [`backend_key`]s
 /// for the listed regions, `env:CLIENT_KEY` to [`CLIENT_KEY`].
 pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
+    start(policy_toml, regions, false).await
+}
+
+/// Like [`gateway`], serving HTTPS with the policy's `[gateway.tls]` (and `[admin.tls]`), whose
+/// `file:` references are read from disk and re-read every `reload_seconds`, as `gateway serve`
+/// does.
+pub async fn gateway_https(policy_toml: &str, regions: &[&str]) -> Gateway {
+    start(policy_toml, regions, true).await
+}
+
+fn secrets_for(regions: &[&str]) -> MapSecrets<SystemSecrets> {
+    let mut secrets = MapSecrets::with_fallback(SystemSecrets).with_env("CLIENT_KEY", CLIENT_KEY);
+    for r in regions {
+        secrets = secrets.with_env(env_name(r), backend_key(r));
+    }
+    secrets
+}
+
+async fn start(policy_toml: &str, regions: &[&str], https: bool) -> Gateway {
     let policy = Policy::from_toml_str(policy_toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let mut secrets = MapSecrets::with_fallback(NoSecrets).with_env("CLIENT_KEY", CLIENT_KEY);
     for r in regions {
@@ -91,7 +113,15 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
     let resolved = policy
         .resolve_secrets(&secrets, None)
         .unwrap_or_else(|e| panic!("{e}"));
-    let gw = app::build(&policy, &resolved).unwrap();
+    let mut gw = app::build(&policy, &resolved).unwrap();
+    if https {
+        let tls = gateway_bin::tls::load(&policy, &secrets_for(regions)).unwrap();
+        gateway_bin::tls::keep_renewed(&tls, &policy, Arc::new(secrets_for(regions)));
+        gw.tls = tls.gateway;
+        if let Some(admin) = &mut gw.admin {
+            admin.tls = tls.admin;
+        }
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let pool = gw.pool.clone();
@@ -107,6 +137,7 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
     ));
     Gateway {
         addr,
+        https,
         pool,
         rate_limit,
         shutdown: Some(tx),
@@ -181,7 +212,8 @@ impl Gateway {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     pub fn chat_url(&self, deployment: &str) -> String {

@@ -59,6 +59,8 @@ pub struct Gateway {
     /// The consumer limits, shared with the stack: [`RateLimitLayer::settled`] awaits the accounting
     /// of streams that ended.
     pub rate_limit: RateLimitLayer<Store>,
+    /// Serve HTTPS with this (`gateway.tls`, loaded by [`crate::tls::load`]); plain HTTP when `None`.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// The operator endpoints, to be served on their own listener.
@@ -68,6 +70,8 @@ pub struct AdminEndpoints {
     pub listen: SocketAddr,
     /// Serve this there.
     pub router: Router,
+    /// Serve HTTPS there with this (`admin.tls`); plain HTTP when `None`.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// The policy could not be turned into layers (what validation cannot see, e.g. header values).
@@ -187,6 +191,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         Some(listen) => Some(AdminEndpoints {
             listen,
             router: admin.router().fallback(not_found),
+            tls: None,
         }),
         None => {
             router = router.merge(admin.router());
@@ -202,6 +207,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         listen: policy.gateway.listen,
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
         rate_limit,
+        tls: None,
     })
 }
 
