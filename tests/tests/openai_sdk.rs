@@ -25,7 +25,14 @@ async fn the_openai_sdk_with_a_token_provider_is_served_as_its_consumer_with_its
 
     let issuer = Issuer::start().await;
     let sim = region("Sweden Central", &[("gpt4o-swc", 1_000_000)]).await;
-    let b = backend_toml("swc", &sim, "Sweden Central", 1, 1, &[("gpt-4o", "gpt4o-swc")]);
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[("gpt-4o", "gpt4o-swc")],
+    );
     let extra = format!(
         "{}\n[gateway.tls]\ncertificate = \"file:{}\"\nprivate_key = \"file:{}\"\n",
         issuer.entra_toml(),
@@ -82,8 +89,15 @@ async fn the_openai_sdk_with_a_token_provider_is_served_as_its_consumer_with_its
         "{}",
         lines[2]
     );
-    assert_eq!(lines[3]["tokens_provided"], 3, "one token per request, as the SDK asks");
-    assert_eq!(sim.handle().request_count(), 2, "the 429 never reached Azure");
+    assert_eq!(
+        lines[3]["tokens_provided"], 3,
+        "one token per request, as the SDK asks"
+    );
+    assert_eq!(
+        sim.handle().request_count(),
+        2,
+        "the 429 never reached Azure"
+    );
     gw.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -367,6 +367,12 @@ fn entra_settings_and_consumer_ids() {
     // A consumer known only by its token ids needs no key.
     let ok = format!("{entra}{BASE}\n[[consumers]]\nname = \"app\"\nentra_app_ids = [\"{app}\"]\n");
     let policy = Policy::from_toml_str(&ok, "p.toml").unwrap();
+    let summary = policy.summary();
+    assert!(summary.contains("entra id tokens: tenant 72f988bf-86f1-41af-91ab-2d7cd011db47, audiences api://gw, keys from https://login.microsoftonline.com, clock skew 300 s"), "{summary}");
+    assert!(
+        summary.contains("  app: 0 keys, 1 Entra ID app, deployments: all"),
+        "{summary}"
+    );
     let settings = policy.gateway.entra.as_ref().unwrap();
     assert_eq!(settings.authority, "https://login.microsoftonline.com");
     assert_eq!(
@@ -438,6 +444,7 @@ fn tls_settings() {
         format!("[gateway.tls]\ncertificate = \"env:CERT\"\nprivate_key = \"env:KEY\"\n\n{BASE}");
     let policy = Policy::from_toml_str(&ok, "p.toml").unwrap();
     assert_eq!(policy.gateway.tls.as_ref().unwrap().reload_seconds, 60);
+    assert!(policy.summary().contains("gateway tls: HTTP/2 and HTTP/1.1, certificate from env:CERT, key from env:KEY, re-read every 60 s"));
     let missing = policy
         .resolve_tls(
             &MapSecrets::with_fallback(NoSecrets).with_env("CERT", "c"),
