@@ -189,3 +189,86 @@ async fn an_unknown_kid_refreshes_the_keys_once() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_kids_may_refresh_again_once_the_interval_has_passed() {
+    let issuer = Issuer::start().await;
+    let sim = region("Sweden Central", &[("gpt4o-swc", 1_000_000)]).await;
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[("gpt-4o", "gpt4o-swc")],
+    );
+    let entra = format!("{}key_refresh_min_seconds = 1\n", issuer.entra_toml());
+    let consumer = format!("entra_app_ids = [\"{APP}\"]\n");
+    let gw = gateway(
+        &policy_with_limits(&["gpt-4o"], &[b], &entra, &consumer),
+        &["Sweden Central"],
+    )
+    .await;
+    let claims = Issuer::claims(APP, STRANGER);
+    assert_eq!(
+        call(&gw, &issuer.token("kid-1", &claims)).await.status(),
+        200
+    );
+    refused(&gw, &issuer.token("bogus-1", &claims), "unknown key").await;
+    assert_eq!(issuer.jwks_fetches(), 2, "the first unknown kid refreshes");
+    refused(&gw, &issuer.token("bogus-2", &claims), "unknown key").await;
+    assert_eq!(
+        issuer.jwks_fetches(),
+        2,
+        "the next one waits out the interval"
+    );
+    // Once a second has passed, the next unknown kid looks again, and finds a new key.
+    issuer.add_key("kid-2");
+    let token = issuer.token("kid-2", &claims);
+    eventually("a refresh after the interval", || async {
+        (call(&gw, &token).await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(issuer.jwks_fetches(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_get_503_while_the_signing_keys_cannot_be_fetched() {
+    // Nothing listens there: the issuer is down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let sim = region("Sweden Central", &[("gpt4o-swc", 1_000_000)]).await;
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[("gpt-4o", "gpt4o-swc")],
+    );
+    let entra = format!(
+        "[gateway.entra]\ntenant = \"{TENANT}\"\naudiences = [\"api://aoai-gateway\"]\nauthority = \"http://{closed}\"\n"
+    );
+    let consumer = format!("entra_app_ids = [\"{APP}\"]\n");
+    let gw = gateway(
+        &policy_with_limits(&["gpt-4o"], &[b], &entra, &consumer),
+        &["Sweden Central"],
+    )
+    .await;
+    let issuer = Issuer::start().await;
+    let res = call(&gw, &issuer.token("kid-1", &Issuer::claims(APP, STRANGER))).await;
+    assert_eq!(res.status(), 503);
+    let (code, msg) = azure_error(res).await;
+    assert_eq!(code, "ServiceUnavailable");
+    assert!(
+        msg.contains("cannot check Entra ID tokens right now"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&closed.to_string()), "no internal URL: {msg}");
+    // Keys keep working meanwhile.
+    assert_eq!(gw.chat("gpt-4o", &chat("hi")).await.status(), 200);
+    gw.stop().await;
+}

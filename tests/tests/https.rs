@@ -170,3 +170,31 @@ async fn a_renewed_certificate_reaches_new_connections_while_open_ones_keep_thei
     gw.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_key_that_does_not_fit_the_certificate_is_refused_at_start_up() {
+    let ca = TestCa::new();
+    let (a, b) = (ca.leaf(), ca.leaf());
+    let policy_text = "[gateway.tls]\ncertificate = \"env:CERT\"\nprivate_key = \"env:KEY\"\n\n\
+        [[deployments]]\nname = \"gpt-4o\"\n\n[[backends]]\nname = \"a\"\nregion = \"r\"\n\
+        endpoint = \"https://a.openai.azure.com\"\napi_key = \"env:K\"\ndeployments = { gpt-4o = \"g\" }\n";
+    let policy = gateway_policy::Policy::from_toml_str(policy_text, "p.toml").unwrap();
+    let src = gateway_policy::secret::MapSecrets::with_fallback(gateway_policy::secret::NoSecrets)
+        .with_env("CERT", &a.cert_pem)
+        .with_env("KEY", &b.key_pem);
+    let error = gateway_bin::tls::load(&policy, &src).unwrap_err();
+    assert!(
+        error.starts_with("p.toml: gateway.tls: the private key does not fit the certificate"),
+        "{error}"
+    );
+    assert!(!error.contains("PRIVATE KEY"), "no secret in: {error}");
+    let src = gateway_policy::secret::MapSecrets::with_fallback(gateway_policy::secret::NoSecrets)
+        .with_env("CERT", &a.cert_pem)
+        .with_env("KEY", &a.key_pem);
+    assert!(
+        gateway_bin::tls::load(&policy, &src)
+            .unwrap()
+            .gateway
+            .is_some()
+    );
+}
