@@ -52,11 +52,10 @@ pub struct Tls {
     config: Arc<ServerConfig>,
 }
 
-#[derive(Debug)]
 struct CurrentCert {
     key: RwLock<Arc<CertifiedKey>>,
-    /// The PEM texts behind `key`: a reload that reads the same ones changes nothing.
-    pem: RwLock<(String, String)>,
+    /// The pair behind `key`: a reload that reads the same one changes nothing.
+    pem: RwLock<CertificatePair>,
 }
 
 // === impl Tls ===
@@ -69,7 +68,7 @@ impl Tls {
         let key = certified_key(pair, &provider)?;
         let resolver = Arc::new(CurrentCert {
             key: RwLock::new(Arc::new(key)),
-            pem: RwLock::new(pem_texts(pair)),
+            pem: RwLock::new(pair.clone()),
         });
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&version::TLS13, &version::TLS12])
@@ -86,13 +85,12 @@ impl Tls {
     /// Serves `pair` to the next handshakes, if it differs from the current one. Returns whether
     /// it changed.
     pub fn update(&self, pair: &CertificatePair) -> Result<bool, String> {
-        let texts = pem_texts(pair);
-        if *read(&self.resolver.pem) == texts {
+        if *read(&self.resolver.pem) == *pair {
             return Ok(false);
         }
         let key = certified_key(pair, &self.config.crypto_provider().clone())?;
         *write(&self.resolver.key) = Arc::new(key);
-        *write(&self.resolver.pem) = texts;
+        *write(&self.resolver.pem) = pair.clone();
         Ok(true)
     }
 
@@ -142,13 +140,6 @@ impl Tls {
     }
 }
 
-fn pem_texts(pair: &CertificatePair) -> (String, String) {
-    (
-        pair.certificate.expose().to_owned(),
-        pair.private_key.expose().to_owned(),
-    )
-}
-
 fn certified_key(
     pair: &CertificatePair,
     provider: &CryptoProvider,
@@ -173,6 +164,13 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl std::fmt::Debug for CurrentCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: `Tls` is Debug, and the private key must not reach a log.
+        f.debug_struct("CurrentCert").finish_non_exhaustive()
+    }
 }
 
 impl ResolvesServerCert for CurrentCert {
