@@ -244,6 +244,18 @@ impl Gateway {
         res.json().await.unwrap()
     }
 
+    /// Whether the server has returned (after a shutdown: once its connections are done).
+    pub fn has_stopped(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Begins the shutdown (as SIGTERM does) without waiting for it: in-flight requests may finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Stops accepting and waits for the server to finish.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

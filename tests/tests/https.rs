@@ -25,6 +25,78 @@ async fn https_gateway(dir: &Path, reload_seconds: u64) -> (RunningRegion, Gatew
     https_gateway_with(dir, reload_seconds, "").await
 }
 
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_https_stream_finish_and_stops_accepting() {
+    let ca = TestCa::new();
+    let dir = scratch("shutdown");
+    write(&dir, &ca.leaf());
+    let sim = region_with("Sweden Central", &[("gpt4o-swc", 1_000_000)], |c| {
+        c.token_delay(std::time::Duration::from_millis(40))
+    })
+    .await;
+    let b = backend_toml(
+        "swc",
+        &sim,
+        "Sweden Central",
+        1,
+        1,
+        &[("gpt-4o", "gpt4o-swc")],
+    );
+    let tls = format!(
+        "[gateway.tls]\ncertificate = \"file:{}\"\nprivate_key = \"file:{}\"\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+    );
+    let mut gw = gateway_https(&policy(&["gpt-4o"], &[b], &tls), &["Sweden Central"]).await;
+    let http2 = ca.client().build().unwrap();
+    // About 30 tokens x 40 ms: still streaming when the shutdown begins.
+    let res = http2
+        .post(gw.chat_url("gpt-4o"))
+        .header("api-key", CLIENT_KEY)
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "story"}], "max_tokens": 30, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    let mut body = res.bytes_stream();
+    let first = futures_util::StreamExt::next(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    gw.begin_shutdown();
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    let mut chunks = 0;
+    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        chunks += 1;
+        if chunks == 5 {
+            // Well after the shutdown began, the server still waits for this connection.
+            assert!(
+                !gw.has_stopped(),
+                "the server returned with a stream in flight"
+            );
+        }
+    }
+    assert!(chunks > 5, "the stream outlived the check: {text}");
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "stream was cut: {text}"
+    );
+    // No new connection is accepted.
+    let fresh = ca.client().build().unwrap();
+    eventually("the listener closed", || async {
+        fresh
+            .get(gw.url("/healthz"))
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 async fn https_gateway_with(
     dir: &Path,
     reload_seconds: u64,
