@@ -91,6 +91,8 @@ pub struct EntraConfig {
 #[derive(Debug)]
 pub struct EntraValidator {
     config: EntraConfig,
+    /// Built once: the signature, `exp`/`nbf` and `aud` checks every token goes through.
+    validation: Validation,
     http: reqwest::Client,
     keys: RwLock<Keys>,
     /// Held while fetching, so concurrent requests that need keys share one fetch.
@@ -262,8 +264,14 @@ impl EntraValidator {
             .timeout(FETCH_TIMEOUT)
             .build()
             .unwrap_or_default();
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.leeway = config.clock_skew.as_secs();
+        validation.validate_nbf = true;
+        validation.required_spec_claims = ["exp", "aud"].map(String::from).into();
+        validation.aud = Some(config.audiences.clone());
         Self {
             config,
+            validation,
             http,
             keys: RwLock::new(Keys::default()),
             refresh: tokio::sync::Mutex::new(RefreshState::default()),
@@ -325,12 +333,7 @@ impl EntraValidator {
     }
 
     fn check_with(&self, token: &str, key: &DecodingKey) -> Result<TokenIdentity, TokenError> {
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = self.config.clock_skew.as_secs();
-        validation.validate_nbf = true;
-        validation.required_spec_claims = ["exp", "aud"].map(String::from).into();
-        validation.aud = Some(self.config.audiences.clone());
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
                 ErrorKind::ExpiredSignature => TokenError::Expired,
