@@ -3,6 +3,8 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod azure_stub;
+pub mod https;
+pub mod issuer;
 pub mod leaks;
 mod poll;
 mod regions;
@@ -16,7 +18,7 @@ use gateway_bin::{app, serve};
 use gateway_core::pool::BackendPool;
 use gateway_layers::RateLimitLayer;
 use gateway_policy::Policy;
-use gateway_policy::secret::{MapSecrets, NoSecrets};
+use gateway_policy::secret::{MapSecrets, NoSecrets, SystemSecrets};
 use serde_json::{Value, json};
 use simulator::{RegionConfig, RunningRegion};
 use tokio::sync::oneshot;
@@ -75,6 +77,8 @@ pub async fn sweden_with(
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// Served over HTTPS ([`gateway_https`]).
+    pub https: bool,
     pub pool: Arc<BackendPool>,
     rate_limit: RateLimitLayer<Store>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -84,6 +88,25 @@ pub struct Gateway {
 /// Starts a gateway for a policy text. `env:KEY_<REGION>` references resolve to [`backend_key`]s
 /// for the listed regions, `env:CLIENT_KEY` to [`CLIENT_KEY`].
 pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
+    start(policy_toml, regions, false).await
+}
+
+/// Like [`gateway`], serving HTTPS with the policy's `[gateway.tls]` (and `[admin.tls]`), whose
+/// `file:` references are read from disk and re-read every `reload_seconds`, as `gateway serve`
+/// does.
+pub async fn gateway_https(policy_toml: &str, regions: &[&str]) -> Gateway {
+    start(policy_toml, regions, true).await
+}
+
+fn secrets_for(regions: &[&str]) -> MapSecrets<SystemSecrets> {
+    let mut secrets = MapSecrets::with_fallback(SystemSecrets).with_env("CLIENT_KEY", CLIENT_KEY);
+    for r in regions {
+        secrets = secrets.with_env(env_name(r), backend_key(r));
+    }
+    secrets
+}
+
+async fn start(policy_toml: &str, regions: &[&str], https: bool) -> Gateway {
     let policy = Policy::from_toml_str(policy_toml, "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let mut secrets = MapSecrets::with_fallback(NoSecrets).with_env("CLIENT_KEY", CLIENT_KEY);
     for r in regions {
@@ -92,7 +115,15 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
     let resolved = policy
         .resolve_secrets(&secrets, None)
         .unwrap_or_else(|e| panic!("{e}"));
-    let gw = app::build(&policy, &resolved).unwrap();
+    let mut gw = app::build(&policy, &resolved).unwrap();
+    if https {
+        let tls = gateway_bin::tls::load(&policy, &secrets_for(regions)).unwrap();
+        gateway_bin::tls::keep_renewed(&tls, &policy, Arc::new(secrets_for(regions)));
+        gw.tls = tls.gateway;
+        if let Some(admin) = &mut gw.admin {
+            admin.tls = tls.admin;
+        }
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let pool = gw.pool.clone();
@@ -108,6 +139,7 @@ pub async fn gateway(policy_toml: &str, regions: &[&str]) -> Gateway {
     ));
     Gateway {
         addr,
+        https,
         pool,
         rate_limit,
         shutdown: Some(tx),
@@ -236,7 +268,8 @@ impl Gateway {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     pub fn chat_url(&self, deployment: &str) -> String {
@@ -265,6 +298,18 @@ impl Gateway {
             .unwrap();
         assert_eq!(res.status(), 200);
         res.json().await.unwrap()
+    }
+
+    /// Whether the server has returned (after a shutdown: once its connections are done).
+    pub fn has_stopped(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Begins the shutdown (as SIGTERM does) without waiting for it: in-flight requests may finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Stops accepting and waits for the server to finish.

@@ -18,6 +18,7 @@ use gateway_core::pool::{
 };
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
+use gateway_layers::entra::{EntraAuthLayer, EntraConfig, EntraValidator};
 use gateway_layers::error::azure_error;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
 use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
@@ -25,8 +26,8 @@ use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use gateway_policy::{
-    CircuitBreakerSettings, FailoverSettings, HeaderAction, HeaderSettings, LimitsSpec, Policy,
-    ResolvedSecrets, StoreFailure, StoreKind,
+    CircuitBreakerSettings, EntraSettings, FailoverSettings, HeaderAction, HeaderSettings,
+    LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -58,6 +59,8 @@ pub struct Gateway {
     /// The consumer limits, shared with the stack: [`RateLimitLayer::settled`] awaits the accounting
     /// of streams that ended.
     pub rate_limit: RateLimitLayer<Store>,
+    /// Serve HTTPS with this (`gateway.tls`, loaded by [`crate::tls::load`]); plain HTTP when `None`.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// The operator endpoints, to be served on their own listener.
@@ -67,6 +70,8 @@ pub struct AdminEndpoints {
     pub listen: SocketAddr,
     /// Serve this there.
     pub router: Router,
+    /// Serve HTTPS there with this (`admin.tls`); plain HTTP when `None`.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// The policy could not be turned into layers (what validation cannot see, e.g. header values).
@@ -96,6 +101,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
                 secrets.iter().map(|s| s.expose()),
                 spec.deployments.clone(),
             )
+            .token_ids(&spec.name, &spec.entra_app_ids, &spec.entra_object_ids)
         },
     );
 
@@ -147,8 +153,10 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .layer(RequestContextLayer::new(policy.gateway.max_body_bytes))
         // Now that the deployment is known: name the server span and run what follows inside it.
         .layer(EnterServerSpanLayer)
-        // Authenticate before anything reaches an upstream. It reads the client's key, so it sits
-        // above header propagation, which removes that key.
+        // Authenticate before anything reaches an upstream. Both read the client's credential, so
+        // they sit above header propagation, which removes it. A verified Entra ID token leaves the
+        // caller's identity for the consumer lookup below it.
+        .option_layer(policy.gateway.entra.as_ref().map(entra_layer))
         .layer(ConsumerAuthLayer::new(Arc::new(keys)))
         // Consumer limits: reserve before any upstream work, reconcile with the real usage after.
         // It sits outside header propagation so its x-ratelimit-* headers reach the client.
@@ -183,6 +191,7 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         Some(listen) => Some(AdminEndpoints {
             listen,
             router: admin.router().fallback(not_found),
+            tls: None,
         }),
         None => {
             router = router.merge(admin.router());
@@ -198,7 +207,18 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         listen: policy.gateway.listen,
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
         rate_limit,
+        tls: None,
     })
+}
+
+/// `[gateway.entra]` as the token-checking layer.
+fn entra_layer(entra: &EntraSettings) -> EntraAuthLayer {
+    let config = EntraConfig::new(&entra.tenant, entra.audiences.iter().cloned())
+        .authority(&entra.authority)
+        .issuers(entra.accepted_issuers())
+        .clock_skew(Duration::from_secs(entra.clock_skew_seconds))
+        .key_refresh_min(Duration::from_secs(entra.key_refresh_min_seconds));
+    EntraAuthLayer::new(Arc::new(EntraValidator::new(config)))
 }
 
 /// The policy's backends, each with its resolved credential (parallel to `policy.backends`).

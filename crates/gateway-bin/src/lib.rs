@@ -3,7 +3,8 @@
 //! - [`app`] is the one place where the policy (`gateway-policy`) becomes engine values
 //!   (`gateway-core`) and layer arguments (`gateway-layers`), and composes the layers into an axum
 //!   `Router` in one function that reads top to bottom.
-//! - [`serve`] serves it with graceful shutdown.
+//! - [`serve`] serves it with graceful shutdown; [`tls`] over HTTPS (HTTP/2 and HTTP/1.1) with
+//!   certificates renewed while serving.
 //! - `demo` runs the gateway in front of three simulated regions, for a first contact (feature
 //!   `demo`).
 //! - [`identity`] is the gateway's Entra ID identity: tokens for backends, `keyvault:` references.
@@ -29,3 +30,4 @@ pub mod observe;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -117,6 +117,11 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
             eprintln!("{}: {msg}", path.display());
             return ExitCode::FAILURE;
         }
+        // The certificates `serve` would load: readable, PEM, the key fitting the certificate.
+        if let Err(msg) = gateway_bin::tls::load(&policy, &SystemSecrets) {
+            eprintln!("{msg}");
+            return ExitCode::FAILURE;
+        }
     }
     print!("{}", policy.summary());
     println!("policy OK: {}", path.display());
@@ -144,12 +149,19 @@ async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> 
         let refresh = std::time::Duration::from_secs(policy.key_vault.refresh_seconds);
         identity::keep_fresh(identity, &secrets, refresh).await?;
     }
-    let gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
+    let mut gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
+    let tls = gateway_bin::tls::load(policy, &SystemSecrets)
+        .map_err(|e| format!("cannot load TLS certificates\n{e}"))?;
+    gateway_bin::tls::keep_renewed(&tls, policy, std::sync::Arc::new(SystemSecrets));
+    gateway.tls = tls.gateway;
+    if let Some(admin) = &mut gateway.admin {
+        admin.tls = tls.admin;
+    }
     let addr = listen.unwrap_or(gateway.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, backends = gateway.pool.backends().len(), "gateway listening");
+    tracing::info!(%addr, backends = gateway.pool.backends().len(), https = gateway.tls.is_some(), "gateway listening");
     let grace = gateway.shutdown_grace;
     serve::serve(listener, gateway, serve::shutdown_signal(), grace)
         .await

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -42,7 +43,7 @@ pub async fn serve(
                 )
             })?;
             tracing::info!(addr = %admin.listen, "admin endpoints listening");
-            Some((listener, admin.router.clone()))
+            Some((listener, admin.router.clone(), admin.tls.clone()))
         }
         None => None,
     };
@@ -53,15 +54,19 @@ pub async fn serve(
         draining.store(true, Ordering::Relaxed);
         let _ = tx.send(true);
     });
-    let admin = admin.map(|(listener, router)| {
+    let admin = admin.map(|(listener, router, tls)| {
         let mut stop = rx.clone();
-        tokio::spawn(
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|v| *v).await;
-                })
-                .into_future(),
-        )
+        let stop = async move {
+            let _ = stop.wait_for(|v| *v).await;
+        };
+        match tls {
+            Some(tls) => tokio::spawn(crate::tls::serve(listener, tls, router, stop)),
+            None => tokio::spawn(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop)
+                    .into_future(),
+            ),
+        }
     });
     let metrics = gateway.metrics.clone();
     let upkeep = tokio::spawn(async move {
@@ -72,23 +77,16 @@ pub async fn serve(
         }
     });
     let mut graceful_rx = rx.clone();
-    // Without TCP_NODELAY the last small write of a stream waits for the client's delayed ACK:
-    // measured as +40 ms per streamed answer on a reused connection (docs/benchmarks.md).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
-    });
-    // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
-    let app = gateway
+    let stop = async move {
+        let _ = graceful_rx.wait_for(|v| *v).await;
+    };
+    let router = gateway
         .router
-        .layer(axum::middleware::from_fn(stamp_request_id))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = graceful_rx.wait_for(|v| *v).await;
-        })
-        .into_future();
+        .layer(axum::middleware::from_fn(stamp_request_id));
+    let server: Pin<Box<dyn Future<Output = io::Result<()>> + Send>> = match gateway.tls {
+        Some(tls) => Box::pin(crate::tls::serve(listener, tls, router, stop)),
+        None => Box::pin(serve_plain(listener, router, stop)),
+    };
     tokio::pin!(server);
     let result = tokio::select! {
         res = &mut server => res,
@@ -107,6 +105,27 @@ pub async fn serve(
         admin.abort();
     }
     result
+}
+
+/// Serves `router` over plain HTTP/1.1 until `stop` resolves, then lets open connections finish.
+async fn serve_plain(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    // Without TCP_NODELAY the last small write of a stream waits for the client's delayed ACK:
+    // measured as +40 ms per streamed answer on a reused connection (docs/benchmarks.md).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
+    });
+    // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .into_future()
+        .await
 }
 
 /// Gives the answers made outside the proxy stack (health, metrics, admin, the 404 fallback) the

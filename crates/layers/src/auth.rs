@@ -6,6 +6,11 @@
 //! call the requested deployment, and stores the [`Consumer`] in the request extensions (and its name
 //! in the request's [`Record`], for observers).
 //!
+//! A consumer may also be identified by a verified token: when a layer above (the `entra` module's
+//! `EntraAuthLayer`) has put a [`TokenIdentity`] in the request extensions, its application id or
+//! object id is looked up instead of a key (see [`ConsumerKeys::token_ids`]). One consumer may have
+//! both keys and token ids, so applications can move from keys to tokens one at a time.
+//!
 //! # Example
 //!
 //! ```
@@ -51,6 +56,16 @@ pub struct Consumer {
     pub name: Arc<str>,
 }
 
+/// Who a verified token says the caller is (Entra ID's `appid`/`azp` and `oid`), put in the request
+/// extensions by the layer that verified it. [`ConsumerAuthLayer`] maps it to a consumer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenIdentity {
+    /// The client application id (`appid` in v1 tokens, `azp` in v2 tokens).
+    pub app_id: Option<Arc<str>>,
+    /// The object id of the caller (`oid`): a service principal, a managed identity or a user.
+    pub object_id: Option<Arc<str>>,
+}
+
 /// The consumers the gateway knows and the keys each may present.
 #[derive(Clone, Debug, Default)]
 pub struct ConsumerKeys {
@@ -61,6 +76,8 @@ pub struct ConsumerKeys {
 struct Entry {
     consumer: Consumer,
     keys: Vec<Box<[u8]>>,
+    app_ids: Vec<String>,
+    object_ids: Vec<String>,
     deployments: Option<Vec<String>>,
 }
 
@@ -80,6 +97,8 @@ pub struct ConsumerAuth<S> {
 enum Verdict<'a> {
     Allowed(&'a Consumer),
     Unauthenticated,
+    /// A verified token whose application and object are no consumer's.
+    UnknownApplication(String),
     Forbidden(&'a Consumer, String),
 }
 
@@ -106,9 +125,64 @@ impl ConsumerKeys {
                 .into_iter()
                 .map(|k| k.as_ref().as_bytes().into())
                 .collect(),
+            app_ids: Vec::new(),
+            object_ids: Vec::new(),
             deployments,
         });
         self
+    }
+
+    /// Lets consumer `name` (added with [`consumer`](Self::consumer), perhaps with no keys) be
+    /// identified by a verified token's application ids or object ids (compared without regard to
+    /// case, as GUIDs). Does nothing when no consumer has that name.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use gateway_layers::auth::{ConsumerKeys, TokenIdentity};
+    ///
+    /// let keys = ConsumerKeys::new()
+    ///     .consumer("billing-app", ["s3cret"], None)
+    ///     .token_ids("billing-app", ["11111111-2222-3333-4444-555555555555"], [] as [&str; 0]);
+    /// let id = TokenIdentity { app_id: Some(Arc::from("11111111-2222-3333-4444-555555555555")), object_id: None };
+    /// assert_eq!(&*keys.find_token(&id).unwrap().name, "billing-app");
+    /// ```
+    pub fn token_ids<A: AsRef<str>, O: AsRef<str>>(
+        mut self,
+        name: &str,
+        app_ids: impl IntoIterator<Item = A>,
+        object_ids: impl IntoIterator<Item = O>,
+    ) -> Self {
+        if let Some(entry) = self.entries.iter_mut().find(|e| &*e.consumer.name == name) {
+            let lower = |s: &str| s.to_ascii_lowercase();
+            entry
+                .app_ids
+                .extend(app_ids.into_iter().map(|a| lower(a.as_ref())));
+            entry
+                .object_ids
+                .extend(object_ids.into_iter().map(|o| lower(o.as_ref())));
+        }
+        self
+    }
+
+    /// The consumer a verified token identifies: by its application id first, else by its object
+    /// id.
+    pub fn find_token(&self, id: &TokenIdentity) -> Option<&Consumer> {
+        let matches = |ids: &[String], value: &Option<Arc<str>>| {
+            value
+                .as_deref()
+                .is_some_and(|v| ids.iter().any(|i| i.eq_ignore_ascii_case(v)))
+        };
+        let by_app = self
+            .entries
+            .iter()
+            .find(|e| matches(&e.app_ids, &id.app_id));
+        by_app
+            .or_else(|| {
+                self.entries
+                    .iter()
+                    .find(|e| matches(&e.object_ids, &id.object_id))
+            })
+            .map(|e| &e.consumer)
     }
 
     /// The consumer whose key is `presented`, comparing every key in constant time.
@@ -125,12 +199,26 @@ impl ConsumerKeys {
         found
     }
 
-    fn verdict(&self, headers: &HeaderMap, deployment: Option<&str>) -> Verdict<'_> {
-        let Some(presented) = presented_key(headers) else {
-            return Verdict::Unauthenticated;
-        };
-        let Some(consumer) = self.find(presented) else {
-            return Verdict::Unauthenticated;
+    fn verdict(
+        &self,
+        headers: &HeaderMap,
+        token: Option<&TokenIdentity>,
+        deployment: Option<&str>,
+    ) -> Verdict<'_> {
+        let consumer = match token {
+            Some(id) => match self.find_token(id) {
+                Some(consumer) => consumer,
+                None => return Verdict::UnknownApplication(unknown_application(id)),
+            },
+            None => {
+                let Some(presented) = presented_key(headers) else {
+                    return Verdict::Unauthenticated;
+                };
+                let Some(consumer) = self.find(presented) else {
+                    return Verdict::Unauthenticated;
+                };
+                consumer
+            }
         };
         let entry = self.entries.iter().find(|e| e.consumer == *consumer);
         if let (Some(allowed), Some(d)) = (entry.and_then(|e| e.deployments.as_ref()), deployment) {
@@ -153,6 +241,8 @@ impl std::fmt::Debug for Entry {
         f.debug_struct("Entry")
             .field("consumer", &self.consumer)
             .field("keys", &self.keys.len())
+            .field("app_ids", &self.app_ids)
+            .field("object_ids", &self.object_ids)
             .field("deployments", &self.deployments)
             .finish()
     }
@@ -220,8 +310,17 @@ where
             .extensions()
             .get::<RequestContext>()
             .and_then(|c| c.deployment.as_deref());
-        let consumer = match self.keys.verdict(req.headers(), deployment) {
+        let token = req.extensions().get::<TokenIdentity>();
+        let consumer = match self.keys.verdict(req.headers(), token, deployment) {
             Verdict::Allowed(c) => c.clone(),
+            Verdict::UnknownApplication(msg) => {
+                tracing::info!(path = req.uri().path(), "rejected: {msg}");
+                return Either::Right(ready(Ok(azure_error(
+                    StatusCode::UNAUTHORIZED,
+                    "401",
+                    &msg,
+                ))));
+            }
             Verdict::Unauthenticated => {
                 tracing::info!(path = req.uri().path(), "rejected: missing or unknown key");
                 return Either::Right(ready(Ok(azure_error(
@@ -245,6 +344,15 @@ where
         req.extensions_mut().insert(consumer);
         Either::Left(self.inner.call(req))
     }
+}
+
+/// Names the token's application and object (ids, not secrets) so the caller knows what to map.
+fn unknown_application(id: &TokenIdentity) -> String {
+    let app = id.app_id.as_deref().unwrap_or("none");
+    let object = id.object_id.as_deref().unwrap_or("none");
+    format!(
+        "Access denied: the token is valid, but its application '{app}' (object '{object}') is not a consumer of this gateway."
+    )
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
@@ -290,21 +398,79 @@ mod tests {
     fn bearer_and_api_key_are_both_accepted() {
         let keys = ConsumerKeys::new().consumer("a", ["k1", "k2"], None);
         assert!(matches!(
-            keys.verdict(&headers("api-key", "k2"), None),
+            keys.verdict(&headers("api-key", "k2"), None, None),
             Verdict::Allowed(_)
         ));
         assert!(matches!(
-            keys.verdict(&headers("authorization", "Bearer k1"), None),
+            keys.verdict(&headers("authorization", "Bearer k1"), None, None),
             Verdict::Allowed(_)
         ));
         assert!(matches!(
-            keys.verdict(&headers("authorization", "Basic k1"), None),
+            keys.verdict(&headers("authorization", "Basic k1"), None, None),
             Verdict::Unauthenticated
         ));
         assert!(matches!(
-            keys.verdict(&HeaderMap::new(), None),
+            keys.verdict(&HeaderMap::new(), None, None),
             Verdict::Unauthenticated
         ));
+    }
+
+    #[test]
+    fn tokens_map_by_app_id_then_object_id() {
+        let keys = ConsumerKeys::new()
+            .consumer("keys-and-token", ["k"], None)
+            .token_ids(
+                "keys-and-token",
+                ["AAAAAAAA-0000-0000-0000-000000000001"],
+                [] as [&str; 0],
+            )
+            .consumer("by-object", [] as [&str; 0], Some(vec!["gpt-4o".into()]))
+            .token_ids(
+                "by-object",
+                [] as [&str; 0],
+                ["bbbbbbbb-0000-0000-0000-000000000002"],
+            );
+        let id = |app: Option<&str>, oid: Option<&str>| TokenIdentity {
+            app_id: app.map(Arc::from),
+            object_id: oid.map(Arc::from),
+        };
+        let name = |v: Verdict<'_>| match v {
+            Verdict::Allowed(c) => c.name.to_string(),
+            Verdict::UnknownApplication(msg) => msg,
+            Verdict::Forbidden(_, msg) => msg,
+            Verdict::Unauthenticated => "unauthenticated".into(),
+        };
+        let app = id(
+            Some("aaaaaaaa-0000-0000-0000-000000000001"),
+            Some("bbbbbbbb-0000-0000-0000-000000000002"),
+        );
+        // The application id wins over the object id, and GUIDs compare without case.
+        assert_eq!(
+            name(keys.verdict(&HeaderMap::new(), Some(&app), None)),
+            "keys-and-token"
+        );
+        let managed_identity = id(None, Some("bbbbbbbb-0000-0000-0000-000000000002"));
+        assert_eq!(
+            name(keys.verdict(&HeaderMap::new(), Some(&managed_identity), None)),
+            "by-object"
+        );
+        // The token ids keep the consumer's deployment restriction.
+        assert!(
+            name(keys.verdict(&HeaderMap::new(), Some(&managed_identity), Some("o3")))
+                .contains("'o3'")
+        );
+        // The same consumer still accepts its key.
+        assert_eq!(
+            name(keys.verdict(&headers("api-key", "k"), None, None)),
+            "keys-and-token"
+        );
+        // A verified token decides alone: a key sent with it does not rescue an unknown application.
+        let stranger = id(Some("cccccccc-0000-0000-0000-000000000003"), None);
+        let msg = name(keys.verdict(&headers("api-key", "k"), Some(&stranger), None));
+        assert!(
+            msg.contains("application 'cccccccc-0000-0000-0000-000000000003'"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -312,10 +478,10 @@ mod tests {
         let keys = ConsumerKeys::new().consumer("a", ["k"], Some(vec!["gpt-4o".into()]));
         let h = headers("api-key", "k");
         assert!(matches!(
-            keys.verdict(&h, Some("gpt-4o")),
+            keys.verdict(&h, None, Some("gpt-4o")),
             Verdict::Allowed(_)
         ));
-        match keys.verdict(&h, Some("o3")) {
+        match keys.verdict(&h, None, Some("o3")) {
             Verdict::Forbidden(c, msg) => {
                 assert_eq!(&*c.name, "a");
                 assert!(msg.contains("'o3'"));

@@ -36,12 +36,13 @@
 //! # Cargo features
 //!
 //! Take one layer without the rest: with `default-features = false` this crate compiles no Redis
-//! client and no tokenizer tables.
+//! client, no tokenizer tables and no JWT code.
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `redis` | on | `gateway_core::limits::RedisStore` for [`RateLimitLayer`] (one limit across every instance) and `gateway_core::pool::RedisCooldowns` behind [`FailoverLayer`]'s cooldown hook; [`RateLimitLayer`] works with the in-memory store without it |
 //! | `tokenizer` | on | exact prompt counting (tiktoken) for [`RateLimitLayer`]'s reservations; without it the layer reserves the body's length over four plus `max_tokens` |
+//! | `entra` | on | `entra::EntraAuthLayer`: Entra ID access tokens from clients, mapped to consumers by [`ConsumerAuthLayer`] |
 //!
 //! [`RequestContextLayer`], [`ConsumerAuthLayer`], [`PropagateHeadersLayer`] and [`FailoverLayer`]
 //! need no feature.
@@ -50,6 +51,8 @@ pub mod auth;
 mod body;
 pub mod client;
 pub mod context;
+#[cfg(feature = "entra")]
+pub mod entra;
 pub mod error;
 pub mod failover;
 pub mod headers;

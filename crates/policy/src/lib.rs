@@ -53,6 +53,7 @@ mod locate;
 mod parse;
 mod resolve;
 mod summary;
+mod tls;
 mod validate;
 
 pub mod secret;
@@ -61,6 +62,7 @@ pub use error::{PolicyError, PolicyErrors, PolicySource};
 // One definition of the quota calendar: the engine counts in it, the policy names it.
 pub use gateway_core::limits::QuotaPeriod;
 pub use resolve::ResolvedSecrets;
+pub use tls::{CertificatePair, TlsSecrets};
 
 /// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +115,49 @@ pub struct GatewaySettings {
     pub max_body_bytes: usize,
     /// How long in-flight requests (streams included) may run after SIGTERM/SIGINT.
     pub shutdown_grace_seconds: u64,
+    /// `[gateway.entra]`: accept Entra ID access tokens from clients; keys only when absent.
+    pub entra: Option<EntraSettings>,
+    /// `[gateway.tls]`: serve HTTPS (HTTP/1.1 and HTTP/2) instead of plain HTTP.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[gateway.entra]`: which Entra ID access tokens clients may present, as API Management's
+/// `validate-azure-ad-token`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntraSettings {
+    /// The tenant id (a GUID) whose tokens are accepted; tokens of other tenants are refused.
+    pub tenant: String,
+    /// Accepted `aud` values, e.g. `api://my-gateway` or the gateway's application id.
+    pub audiences: Vec<String>,
+    /// Where OpenID discovery is read: `{authority}/{tenant}/v2.0/.well-known/openid-configuration`.
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// Accepted `iss` values; by default the tenant's v1 (`https://sts.windows.net/{tenant}/`) and
+    /// v2 (`https://login.microsoftonline.com/{tenant}/v2.0`) issuers.
+    #[serde(default)]
+    pub issuers: Option<Vec<String>>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_seconds: u64,
+    /// Least time between two signing-key refreshes caused by an unknown `kid`, in seconds.
+    #[serde(default = "default_key_refresh")]
+    pub key_refresh_min_seconds: u64,
+}
+
+/// `[gateway.tls]` / `[admin.tls]`: a certificate and its private key, both PEM, from secret
+/// references, re-read periodically so a renewed certificate is served without a restart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Secret reference to the PEM certificate chain (leaf first).
+    pub certificate: String,
+    /// Secret reference to the PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: String,
+    /// How often the references are re-read, in seconds; a changed certificate is served to new
+    /// connections.
+    #[serde(default = "default_tls_reload")]
+    pub reload_seconds: u64,
 }
 
 /// `[[backends]]`: one Azure OpenAI resource in one region.
@@ -219,7 +264,15 @@ pub struct ConsumerSpec {
     /// Unique name, used in logs and metrics.
     pub name: String,
     /// Secret references for the API keys this consumer may present.
+    #[serde(default)]
     pub keys: Vec<String>,
+    /// Entra ID application (client) ids whose tokens (`appid` v1, `azp` v2) are this consumer.
+    #[serde(default)]
+    pub entra_app_ids: Vec<String>,
+    /// Entra ID object ids (`oid`: a managed identity, a service principal, a user) that are this
+    /// consumer.
+    #[serde(default)]
+    pub entra_object_ids: Vec<String>,
     /// Logical deployments this consumer may call; all when absent.
     #[serde(default)]
     pub deployments: Option<Vec<String>>,
@@ -374,6 +427,8 @@ pub struct AdminSettings {
     /// Secret reference for a key protecting `/admin` and `/admin/status` (sent as `api-key`,
     /// `Authorization: Bearer`, or `?key=` for the page); unprotected when absent.
     pub key: Option<String>,
+    /// `[admin.tls]`: a certificate of its own for the admin listener (needs `listen`).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for TelemetrySettings {
@@ -406,6 +461,22 @@ impl Default for RateLimitSettings {
             tokens_consumed_header: "x-gateway-tokens-consumed".into(),
         }
     }
+}
+
+fn default_authority() -> String {
+    "https://login.microsoftonline.com".into()
+}
+
+fn default_clock_skew() -> u64 {
+    300
+}
+
+fn default_key_refresh() -> u64 {
+    300
+}
+
+fn default_tls_reload() -> u64 {
+    60
 }
 
 fn default_priority() -> u32 {
@@ -452,6 +523,20 @@ impl Default for KeyVaultSettings {
     }
 }
 
+// === impl EntraSettings ===
+
+impl EntraSettings {
+    /// The accepted issuers: `issuers`, or the tenant's v1 and v2 issuers.
+    pub fn accepted_issuers(&self) -> Vec<String> {
+        self.issuers.clone().unwrap_or_else(|| {
+            vec![
+                format!("https://sts.windows.net/{}/", self.tenant),
+                format!("https://login.microsoftonline.com/{}/v2.0", self.tenant),
+            ]
+        })
+    }
+}
+
 // === impl DeploymentSpec ===
 
 impl DeploymentSpec {
@@ -469,6 +554,8 @@ impl Default for GatewaySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 30,
+            entra: None,
+            tls: None,
         }
     }
 }

@@ -28,6 +28,26 @@ impl Policy {
             bytes(gateway.max_body_bytes),
             gateway.shutdown_grace_seconds
         )?;
+        let listeners = [("gateway", &gateway.tls), ("admin", &self.admin.tls)];
+        for (listener, tls) in listeners {
+            if let Some(tls) = tls {
+                writeln!(
+                    out,
+                    "{listener} tls: HTTP/2 and HTTP/1.1, certificate from {}, key from {}, re-read every {} s",
+                    tls.certificate, tls.private_key, tls.reload_seconds
+                )?;
+            }
+        }
+        if let Some(entra) = &gateway.entra {
+            writeln!(
+                out,
+                "entra id tokens: tenant {}, audiences {}, keys from {}, clock skew {} s",
+                entra.tenant,
+                entra.audiences.join(", "),
+                entra.authority,
+                entra.clock_skew_seconds
+            )?;
+        }
 
         writeln!(out, "deployments ({}):", self.deployments.len())?;
         for deployment in &self.deployments {
@@ -96,9 +116,18 @@ impl Policy {
                 Some(names) => names.join(", "),
                 None => "all".to_owned(),
             };
+            let mut tokens = String::new();
+            for (n, what) in [
+                (consumer.entra_app_ids.len(), "Entra ID app"),
+                (consumer.entra_object_ids.len(), "Entra ID object"),
+            ] {
+                if n > 0 {
+                    let _ = write!(tokens, ", {n} {what}{}", plural(n));
+                }
+            }
             writeln!(
                 out,
-                "  {}: {} key{}, deployments: {deployments}",
+                "  {}: {} key{}{tokens}, deployments: {deployments}",
                 consumer.name,
                 consumer.keys.len(),
                 plural(consumer.keys.len())

@@ -42,6 +42,8 @@ impl Policy {
         check.rate_limit(self);
         check.telemetry(self);
         check.key_vault(self);
+        check.entra(self);
+        check.tls(self);
         if check.errors.is_empty() {
             return Ok(());
         }
@@ -617,10 +619,11 @@ impl Checker<'_> {
                 self.at_value(&field(&path, "name"), "must not be empty");
             }
             let keys = field(&path, "keys");
-            if consumer.keys.is_empty() {
+            let tokens = consumer.entra_app_ids.len() + consumer.entra_object_ids.len();
+            if consumer.keys.is_empty() && tokens == 0 {
                 self.at_value(
                     &keys,
-                    "a consumer needs at least one key reference, e.g. `keys = [\"env:APP_KEY\"]`",
+                    "a consumer needs at least one key reference, e.g. `keys = [\"env:APP_KEY\"]`, or Entra ID `entra_app_ids`/`entra_object_ids`",
                 );
             }
             for (j, key) in consumer.keys.iter().enumerate() {
@@ -687,6 +690,108 @@ fn valid_scope(scope: &str) -> bool {
             .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
 }
 
+/// Entra ID checks: the settings, and every consumer's ids (GUIDs, each mapped to one consumer).
+impl Checker<'_> {
+    fn entra(&mut self, policy: &Policy) {
+        if let Some(entra) = &policy.gateway.entra {
+            if !is_guid(&entra.tenant) {
+                self.at_value(
+                    "gateway.entra.tenant",
+                    "must be the tenant id, a GUID such as `72f988bf-86f1-41af-91ab-2d7cd011db47` (a domain name, `common` or `organizations` cannot be checked against a token's `tid`)",
+                );
+            }
+            if entra.audiences.is_empty() || entra.audiences.iter().any(|a| a.trim().is_empty()) {
+                self.at_value(
+                    "gateway.entra.audiences",
+                    "needs at least one non-empty audience, e.g. `[\"api://my-gateway\"]`",
+                );
+            }
+            if let Err(problem) = check_endpoint(&entra.authority) {
+                self.at_value("gateway.entra.authority", problem);
+            }
+            if entra.issuers.as_ref().is_some_and(|i| i.is_empty()) {
+                self.at_value(
+                    "gateway.entra.issuers",
+                    "must not be empty: leave it out for the tenant's v1 and v2 issuers",
+                );
+            }
+            if entra.clock_skew_seconds > 3_600 {
+                self.at_value(
+                    "gateway.entra.clock_skew_seconds",
+                    format!("must be at most 3600, found {}", entra.clock_skew_seconds),
+                );
+            }
+        }
+        let mut first: BTreeMap<(&str, String), String> = BTreeMap::new();
+        for (i, consumer) in policy.consumers.iter().enumerate() {
+            let path = index("consumers", i);
+            for (what, ids) in [
+                ("entra_app_ids", &consumer.entra_app_ids),
+                ("entra_object_ids", &consumer.entra_object_ids),
+            ] {
+                let list = field(&path, what);
+                if !ids.is_empty() && policy.gateway.entra.is_none() {
+                    self.at_value(
+                        &list,
+                        "needs `[gateway.entra]` (the tenant and audiences of accepted tokens)",
+                    );
+                }
+                for (j, id) in ids.iter().enumerate() {
+                    let at = index(&list, j);
+                    if !is_guid(id) {
+                        self.at_value(
+                            &at,
+                            "must be a GUID such as `11111111-2222-3333-4444-555555555555`",
+                        );
+                        continue;
+                    }
+                    match first.get(&(what, id.to_ascii_lowercase())) {
+                        Some(first_path) => {
+                            let message = format!(
+                                "`{id}` is already mapped at {first_path}: a token must identify one consumer"
+                            );
+                            self.at_value(&at, message);
+                        }
+                        None => {
+                            first.insert((what, id.to_ascii_lowercase()), at);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn tls(&mut self, policy: &Policy) {
+        for (path, tls) in [
+            ("gateway.tls", &policy.gateway.tls),
+            ("admin.tls", &policy.admin.tls),
+        ] {
+            let Some(tls) = tls else { continue };
+            self.secret_ref(&field(path, "certificate"), &tls.certificate);
+            self.secret_ref(&field(path, "private_key"), &tls.private_key);
+            if tls.reload_seconds == 0 {
+                self.at_value(&field(path, "reload_seconds"), "must be at least 1");
+            }
+        }
+        if policy.admin.tls.is_some() && policy.admin.listen.is_none() {
+            self.at_key(
+                "admin.tls",
+                "needs `admin.listen`: without it the admin endpoints are served on the gateway's listener, with `gateway.tls`",
+            );
+        }
+    }
+}
+
+/// `8-4-4-4-12` hexadecimal digits, as Entra ID writes tenant, application and object ids.
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,6 +823,21 @@ mod tests {
         ] {
             let error = check_endpoint(bad).err().unwrap_or_default();
             assert!(error.contains(why), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn guids() {
+        assert!(is_guid("72f988bf-86f1-41af-91ab-2d7cd011db47"));
+        assert!(is_guid("72F988BF-86F1-41AF-91AB-2D7CD011DB47"));
+        for bad in [
+            "common",
+            "contoso.onmicrosoft.com",
+            "72f988bf86f141af91ab2d7cd011db47",
+            "72f988bf-86f1-41af-91ab-2d7cd011db4g",
+            "",
+        ] {
+            assert!(!is_guid(bad), "{bad}");
         }
     }
 

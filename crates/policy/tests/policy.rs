@@ -418,10 +418,114 @@ fn consumer_keys() {
     assert_eq!(
         errors(&text),
         [
-            "p.toml:13:8: consumers[0].keys: a consumer needs at least one key reference, e.g. `keys = [\"env:APP_KEY\"]`",
+            "p.toml:13:8: consumers[0].keys: a consumer needs at least one key reference, e.g. `keys = [\"env:APP_KEY\"]`, or Entra ID `entra_app_ids`/`entra_object_ids`",
             "p.toml:17:19: consumers[1].keys[1]: `keyvault:` must be followed by `https://VAULT.vault.azure.net/secrets/NAME[/VERSION]`: must start with `https://`",
         ]
     );
+}
+
+#[test]
+fn entra_settings_and_consumer_ids() {
+    let app = "aaaaaaaa-1111-4111-8111-000000000001";
+    let entra = "[gateway.entra]\ntenant = \"72f988bf-86f1-41af-91ab-2d7cd011db47\"\naudiences = [\"api://gw\"]\n";
+    // A consumer known only by its token ids needs no key.
+    let ok = format!("{entra}{BASE}\n[[consumers]]\nname = \"app\"\nentra_app_ids = [\"{app}\"]\n");
+    let policy = Policy::from_toml_str(&ok, "p.toml").unwrap();
+    let summary = policy.summary();
+    assert!(summary.contains("entra id tokens: tenant 72f988bf-86f1-41af-91ab-2d7cd011db47, audiences api://gw, keys from https://login.microsoftonline.com, clock skew 300 s"), "{summary}");
+    assert!(
+        summary.contains("  app: 0 keys, 1 Entra ID app, deployments: all"),
+        "{summary}"
+    );
+    let settings = policy.gateway.entra.as_ref().unwrap();
+    assert_eq!(settings.authority, "https://login.microsoftonline.com");
+    assert_eq!(
+        (
+            settings.clock_skew_seconds,
+            settings.key_refresh_min_seconds
+        ),
+        (300, 300)
+    );
+    assert_eq!(
+        settings.accepted_issuers(),
+        [
+            "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/",
+            "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+        ]
+    );
+
+    let bad = format!(
+        "[gateway.entra]\ntenant = \"contoso.onmicrosoft.com\"\naudiences = []\n{BASE}\n\
+         [[consumers]]\nname = \"a\"\nentra_app_ids = [\"{app}\", \"not-a-guid\"]\n\
+         [[consumers]]\nname = \"b\"\nentra_app_ids = [\"{}\"]\n",
+        app.to_uppercase()
+    );
+    let all = errors(&bad);
+    assert_eq!(all.len(), 4, "{all:#?}");
+    assert!(
+        all[0].starts_with("p.toml:2:10: gateway.entra.tenant: must be the tenant id, a GUID"),
+        "{}",
+        all[0]
+    );
+    assert!(
+        all[1].starts_with("p.toml:3:13: gateway.entra.audiences: needs at least one"),
+        "{}",
+        all[1]
+    );
+    assert!(all[2].starts_with("p.toml:16:"), "{}", all[2]);
+    assert!(
+        all[2].contains("consumers[0].entra_app_ids[1]: must be a GUID"),
+        "{}",
+        all[2]
+    );
+    assert!(all[3].contains("consumers[1].entra_app_ids[0]: `AAAAAAAA-1111-4111-8111-000000000001` is already mapped at consumers[0].entra_app_ids[0]"), "{}", all[3]);
+
+    // Token ids without `[gateway.entra]` could never match.
+    let no_entra = format!("{BASE}\n[[consumers]]\nname = \"a\"\nentra_object_ids = [\"{app}\"]\n");
+    assert!(error(&no_entra).contains("consumers[0].entra_object_ids: needs `[gateway.entra]`"));
+}
+
+#[test]
+fn tls_settings() {
+    let text = format!(
+        "[gateway.tls]\ncertificate = \"env:CERT\"\nprivate_key = \"s3cret-pem\"\n\n[admin.tls]\ncertificate = \"env:A\"\nprivate_key = \"env:B\"\n\n{BASE}"
+    );
+    let all = errors(&text);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert!(
+        all[0].starts_with("p.toml:3:15: gateway.tls.private_key: secrets must be references"),
+        "{}",
+        all[0]
+    );
+    assert!(!all[0].contains("s3cret-pem"));
+    assert!(
+        all[1].contains("admin.tls: needs `admin.listen`"),
+        "{}",
+        all[1]
+    );
+
+    let ok =
+        format!("[gateway.tls]\ncertificate = \"env:CERT\"\nprivate_key = \"env:KEY\"\n\n{BASE}");
+    let policy = Policy::from_toml_str(&ok, "p.toml").unwrap();
+    assert_eq!(policy.gateway.tls.as_ref().unwrap().reload_seconds, 60);
+    assert!(policy.summary().contains("gateway tls: HTTP/2 and HTTP/1.1, certificate from env:CERT, key from env:KEY, re-read every 60 s"));
+    let missing = policy
+        .resolve_tls(
+            &MapSecrets::with_fallback(NoSecrets).with_env("CERT", "c"),
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .starts_with("p.toml:3:15: gateway.tls.private_key: "),
+        "{missing}"
+    );
+    let src = MapSecrets::with_fallback(NoSecrets)
+        .with_env("CERT", "c")
+        .with_env("KEY", "k");
+    let tls = policy.resolve_tls(&src, None).unwrap();
+    assert_eq!(tls.gateway.unwrap().private_key.expose(), "k");
 }
 
 #[test]
