@@ -185,6 +185,7 @@ pub async fn gateway_with_identity(
         rate_limit,
         shutdown: Some(tx),
         task,
+        https: false,
     })
 }
 
