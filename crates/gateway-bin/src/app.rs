@@ -85,7 +85,7 @@ impl std::error::Error for BuildError {}
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
     let pool = Arc::new(BackendPool::new(
         backends(policy, secrets)?,
-        pool_settings(&policy.failover, &policy.circuit_breaker),
+        pool_settings(&policy.failover, &policy.circuit),
     ));
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
@@ -226,16 +226,20 @@ fn backends(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Vec<Backend>, 
     Ok(backends)
 }
 
-/// Cooldowns and circuit breakers from `[failover]` and `[circuit_breaker]`. A half-open probe is
+/// Cooldowns and circuit breakers from `[failover]` and `[circuit]`. A half-open probe is
 /// given the response header timeout to answer.
 fn pool_settings(failover: &FailoverSettings, circuit: &CircuitBreakerSettings) -> PoolSettings {
     PoolSettings {
         default_cooldown: Duration::from_millis(failover.default_cooldown_ms),
         max_cooldown: Duration::from_millis(failover.max_cooldown_ms),
         circuit: CircuitSettings {
-            failures: circuit.failures,
+            failure_percentage: circuit.failure_percentage,
+            request_volume: circuit.request_volume,
+            consecutive_failures: circuit.consecutive_failures,
             interval: Duration::from_secs(circuit.interval_seconds),
-            trip: Duration::from_secs(circuit.trip_seconds),
+            base_ejection: Duration::from_secs(circuit.base_ejection_seconds),
+            max_ejection: Duration::from_secs(circuit.max_ejection_seconds),
+            max_ejection_percent: circuit.max_ejection_percent,
         },
         probe_timeout: Duration::from_millis(failover.response_header_timeout_ms),
         // Not in the policy: the engine's default.
@@ -402,9 +406,13 @@ mod tests {
             ..FailoverSettings::default()
         };
         let circuit = CircuitBreakerSettings {
-            failures: 4,
+            failure_percentage: 30,
+            request_volume: 40,
+            consecutive_failures: 4,
             interval_seconds: 15,
-            trip_seconds: 45,
+            base_ejection_seconds: 45,
+            max_ejection_seconds: 90,
+            max_ejection_percent: 34,
         };
         assert_eq!(
             pool_settings(&failover, &circuit),
@@ -412,9 +420,13 @@ mod tests {
                 default_cooldown: Duration::from_millis(1_500),
                 max_cooldown: secs(120),
                 circuit: CircuitSettings {
-                    failures: 4,
+                    failure_percentage: 30,
+                    request_volume: 40,
+                    consecutive_failures: 4,
                     interval: secs(15),
-                    trip: secs(45),
+                    base_ejection: secs(45),
+                    max_ejection: secs(90),
+                    max_ejection_percent: 34,
                 },
                 probe_timeout: secs(20),
                 not_found_cooldown: secs(60),

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use gateway_core::pool::{BackendPool, BackendState};
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Client requests, by `deployment`, `operation`, `consumer` and `status_class` (`2xx`..`5xx`).
@@ -39,6 +39,9 @@ pub const BACKEND_REMAINING_TOKENS: &str = "gateway_backend_remaining_tokens";
 pub const BACKEND_REMAINING_REQUESTS: &str = "gateway_backend_remaining_requests";
 /// Attempts sent to the backend whose response has not ended, by `backend`.
 pub const BACKEND_IN_FLIGHT: &str = "gateway_backend_in_flight";
+/// Backend selections made in panic mode: every backend serving the deployment was ejected, and the
+/// gateway tried them anyway rather than refuse.
+pub const PANIC_SELECTIONS: &str = "gateway_panic_selections_total";
 /// Time to response headers minus the time spent waiting on upstream attempts: what the gateway
 /// itself adds (authentication, limits, routing, reading a JSON answer whole).
 pub const OVERHEAD: &str = "gateway_overhead_seconds";
@@ -103,6 +106,7 @@ pub fn render(handle: &PrometheusHandle, pool: &BackendPool) -> String {
         }
         gauge!(BACKEND_IN_FLIGHT, "backend" => backend).set(b.in_flight as f64);
     }
+    counter!(PANIC_SELECTIONS).absolute(pool.panic_selections());
     handle.render()
 }
 
@@ -131,6 +135,11 @@ fn describe() {
         "Time to response headers of upstream attempts that got an answer."
     );
     describe_counter!(TOKENS, Unit::Count, "Tokens reported by the backends.");
+    describe_counter!(
+        PANIC_SELECTIONS,
+        Unit::Count,
+        "Selections made while every backend for the deployment was ejected (panic mode)."
+    );
     describe_counter!(
         LIMIT_REJECTIONS,
         Unit::Count,
