@@ -126,3 +126,48 @@ async fn five_percent_broken_streams_never_eject_a_region() {
     assert_eq!(regions[1].handle().request_count(), 0);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn readiness_ignores_backends_and_backend_health_reports_them() {
+    let (regions, gw) = three_faulty_regions(json!({"kind": "drop"})).await;
+    let client = client();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        let url = gw.url(path);
+        async move { client.get(url).send().await.unwrap() }
+    };
+    let res = get("/healthz/backends").await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "ok", "deployments": [{"name": "gpt-4o", "backends": 3, "available": 3}]})
+    );
+
+    // Every region drops every connection: after five calls all three are ejected.
+    for _ in 0..5 {
+        assert_eq!(post(&client, &gw, &chat("hi")).await.status(), 502);
+    }
+    assert_eq!(states(&gw), [BackendState::CircuitOpen; 3]);
+    assert!(regions.iter().all(|r| r.handle().request_count() == 5));
+
+    // The gateway itself is fine: an orchestrator must not pull it.
+    let res = get("/readyz").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "ready");
+    // A global load balancer should send the traffic to another region's gateway.
+    let res = get("/healthz/backends").await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let text = res.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "unavailable", "deployments": [{"name": "gpt-4o", "backends": 3, "available": 0}]})
+    );
+    // Logical names only: no backend, URL or backend deployment name.
+    for secret in ["\"a\"", "Region", "127.0.0.1", "\"m\""] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    gw.stop().await;
+}

@@ -6,16 +6,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use axum::Router;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use gateway_core::limits::{Limits, MemoryStore, Quota, RedisStore};
-use gateway_core::pool::{
-    Backend, BackendPool, BackendState, CircuitSettings, PoolSettings, RedisCooldowns,
-};
+use gateway_core::pool::{Backend, BackendPool, CircuitSettings, PoolSettings, RedisCooldowns};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;
@@ -33,6 +30,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower::ServiceBuilder;
 
 use crate::admin::Admin;
+use crate::health;
 use crate::observe::ObserveLayer;
 use crate::store::{Store, share_cooldowns};
 use crate::telemetry::{EnterServerSpanLayer, InjectTraceContextLayer, ServerSpanLayer};
@@ -163,9 +161,12 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
 
     let draining = Arc::new(AtomicBool::new(false));
     let ready = {
-        let pool = pool.clone();
         let draining = draining.clone();
-        move || readyz(pool.clone(), draining.clone())
+        move || health::readyz(draining.clone())
+    };
+    let backend_health = {
+        let pool = pool.clone();
+        move || health::backends(pool.clone())
     };
     let mut admin = Admin::new(pool.clone(), store, observe.latency(), metrics.clone())
         .key(secrets.admin_key.clone());
@@ -178,7 +179,8 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
     let mut router = Router::new()
         .route_service("/openai/{*path}", proxy)
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready));
+        .route("/readyz", get(ready))
+        .route("/healthz/backends", get(backend_health));
     let admin = match policy.admin.listen {
         Some(listen) => Some(AdminEndpoints {
             listen,
@@ -367,23 +369,6 @@ fn header_rules(h: &HeaderSettings) -> Result<HeaderRules, BuildError> {
             .map_err(|e| err("response", &e))?;
     }
     Ok(rules)
-}
-
-/// Ready while not draining and at least one backend can take traffic.
-async fn readyz(pool: Arc<BackendPool>, draining: Arc<AtomicBool>) -> Response {
-    if draining.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
-    }
-    let now = Instant::now();
-    let any = pool
-        .snapshot(now)
-        .iter()
-        .any(|b| b.state != BackendState::CircuitOpen);
-    if any {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no backend available").into_response()
-    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod app;
 pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod health;
 pub mod observe;
 pub mod serve;
 pub mod store;
