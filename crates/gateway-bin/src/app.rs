@@ -22,8 +22,8 @@ use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use gateway_policy::{
-    CircuitBreakerSettings, FailoverSettings, HeaderAction, HeaderSettings, LimitsSpec, Policy,
-    ResolvedSecrets, StoreFailure, StoreKind,
+    CircuitBreakerSettings, FailoverSettings, GatewaySettings, HeaderAction, HeaderSettings,
+    LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -32,6 +32,7 @@ use tower::ServiceBuilder;
 use crate::admin::Admin;
 use crate::health;
 use crate::observe::ObserveLayer;
+use crate::serve::Admission;
 use crate::store::{Store, share_cooldowns};
 use crate::telemetry::{EnterServerSpanLayer, InjectTraceContextLayer, ServerSpanLayer};
 
@@ -53,6 +54,11 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// How long in-flight requests may run after shutdown begins (`gateway.shutdown_grace_seconds`).
     pub shutdown_grace: Duration,
+    /// How long new connections are still accepted, `/readyz` answering 503, once shutdown begins
+    /// (`gateway.drain_seconds`).
+    pub drain: Duration,
+    /// Client timeouts and limits (`[gateway]`).
+    pub admission: Admission,
     /// The consumer limits, shared with the stack: [`RateLimitLayer::settled`] awaits the accounting
     /// of streams that ended.
     pub rate_limit: RateLimitLayer<Store>,
@@ -199,8 +205,21 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         metrics,
         listen: policy.gateway.listen,
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
+        drain: Duration::from_secs(policy.gateway.drain_seconds),
+        admission: admission(&policy.gateway),
         rate_limit,
     })
+}
+
+/// Client timeouts and limits from `[gateway]`.
+fn admission(gateway: &GatewaySettings) -> Admission {
+    Admission {
+        header_read_timeout: Duration::from_millis(gateway.header_read_timeout_ms),
+        body_timeout: Duration::from_millis(gateway.body_timeout_ms),
+        idle_timeout: Duration::from_millis(gateway.idle_timeout_ms),
+        max_connections: gateway.max_connections,
+        max_in_flight: gateway.max_in_flight,
+    }
 }
 
 /// The policy's backends, each with its resolved credential (parallel to `policy.backends`).

@@ -68,6 +68,8 @@ pub struct Record {
     limit: OnceLock<Limit>,
     estimate: OnceLock<Estimate>,
     usage: OnceLock<Usage>,
+    /// Set when the server cut the response at the end of its shutdown grace.
+    shutdown: OnceLock<()>,
     end: Mutex<EndState>,
 }
 
@@ -152,6 +154,7 @@ impl Record {
             limit: OnceLock::new(),
             estimate: OnceLock::new(),
             usage: OnceLock::new(),
+            shutdown: OnceLock::new(),
             end: Mutex::new(EndState::Open(Vec::new())),
         }
     }
@@ -216,6 +219,17 @@ impl Record {
     /// Records the backend's usage.
     pub fn set_usage(&self, usage: Usage) {
         let _ = self.usage.set(usage);
+    }
+
+    /// Notes that the server cut the response because it shut down (its grace period ended), so
+    /// that the end is not mistaken for the client's leaving. Call it before the body is dropped.
+    pub fn set_shutdown(&self) {
+        let _ = self.shutdown.set(());
+    }
+
+    /// Whether the server cut the response because it shut down.
+    pub fn shutdown(&self) -> bool {
+        self.shutdown.get().is_some()
     }
 
     /// Calls `hook` once when the response ends (at once if it already has).

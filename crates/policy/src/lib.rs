@@ -114,6 +114,20 @@ pub struct GatewaySettings {
     pub max_body_bytes: usize,
     /// How long in-flight requests (streams included) may run after SIGTERM/SIGINT.
     pub shutdown_grace_seconds: u64,
+    /// On SIGTERM/SIGINT, how long new connections are still accepted while `/readyz` answers 503,
+    /// so load balancers see the drain before the listener closes.
+    pub drain_seconds: u64,
+    /// Longest wait for a request's head once its first byte arrived (or, on a new connection,
+    /// for the first request), in milliseconds; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest silence inside a request body, in milliseconds; then 408 and the connection closes.
+    pub body_timeout_ms: u64,
+    /// How long a keep-alive connection may stay idle between requests, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once; beyond it a connection is answered 503 and closed.
+    pub max_connections: usize,
+    /// Most requests to `/openai/` being served at once; beyond it they are answered 503.
+    pub max_in_flight: usize,
 }
 
 /// `[[backends]]`: one Azure OpenAI resource in one region.
@@ -437,6 +451,12 @@ impl Default for GatewaySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 30,
+            drain_seconds: 5,
+            header_read_timeout_ms: 10_000,
+            body_timeout_ms: 15_000,
+            idle_timeout_ms: 120_000,
+            max_connections: 8_192,
+            max_in_flight: 4_096,
         }
     }
 }

@@ -244,6 +244,18 @@ impl Checker<'_> {
                 ),
             );
         }
+        let g = &policy.gateway;
+        for (name, value) in [
+            ("header_read_timeout_ms", g.header_read_timeout_ms),
+            ("body_timeout_ms", g.body_timeout_ms),
+            ("idle_timeout_ms", g.idle_timeout_ms),
+            ("max_connections", g.max_connections as u64),
+            ("max_in_flight", g.max_in_flight as u64),
+        ] {
+            if value == 0 {
+                self.at_value(&field("gateway", name), "must be greater than 0");
+            }
+        }
     }
 
     fn deployments(&mut self, policy: &Policy) {

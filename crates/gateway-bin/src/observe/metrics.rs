@@ -39,6 +39,16 @@ pub const BACKEND_REMAINING_TOKENS: &str = "gateway_backend_remaining_tokens";
 pub const BACKEND_REMAINING_REQUESTS: &str = "gateway_backend_remaining_requests";
 /// Attempts sent to the backend whose response has not ended, by `backend`.
 pub const BACKEND_IN_FLIGHT: &str = "gateway_backend_in_flight";
+/// Client connections that ended, by `outcome` (`closed`, `header_timeout`, `idle_timeout`,
+/// `body_timeout`, `rejected`, `shutdown`, `error`).
+pub const CONNECTIONS: &str = "gateway_connections_total";
+/// Client connections open now.
+pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
+/// Connections and requests refused by admission control, by `reason` (`connections`,
+/// `in_flight`, `body_timeout`).
+pub const REJECTED: &str = "gateway_rejected_total";
+/// Failed `accept` calls on the listener, by `kind` (`descriptors`: out of file descriptors, `other`).
+pub const ACCEPT_ERRORS: &str = "gateway_accept_errors_total";
 /// Backend selections made in panic mode: every backend serving the deployment was ejected, and the
 /// gateway tried them anyway rather than refuse.
 pub const PANIC_SELECTIONS: &str = "gateway_panic_selections_total";
@@ -135,6 +145,26 @@ fn describe() {
         "Time to response headers of upstream attempts that got an answer."
     );
     describe_counter!(TOKENS, Unit::Count, "Tokens reported by the backends.");
+    describe_counter!(
+        CONNECTIONS,
+        Unit::Count,
+        "Client connections that ended, by outcome."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open now."
+    );
+    describe_counter!(
+        REJECTED,
+        Unit::Count,
+        "Connections and requests refused by admission control, by reason."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        Unit::Count,
+        "Failed accepts on the listener (descriptors: out of file descriptors)."
+    );
     describe_counter!(
         PANIC_SELECTIONS,
         Unit::Count,
