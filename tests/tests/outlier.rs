@@ -169,5 +169,20 @@ async fn readiness_ignores_backends_and_backend_health_reports_them() {
     for secret in ["\"a\"", "Region", "127.0.0.1", "\"m\""] {
         assert!(!text.contains(secret), "{text}");
     }
+
+    // Every backend ejected: the next call still tries them (panic mode), and it is counted.
+    assert_eq!(post(&client, &gw, &chat("hi")).await.status(), 502);
+    assert_eq!(regions[0].handle().request_count(), 6);
+    assert_eq!(gw.pool.panic_selections(), 3);
+    let metrics = get("/metrics").await.text().await.unwrap();
+    let panics: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("gateway_panic_selections_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(panics >= 3.0, "{metrics}");
     gw.stop().await;
 }
