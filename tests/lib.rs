@@ -214,7 +214,9 @@ pub fn policy_with_limits(
     extra: &str,
     consumer: &str,
 ) -> String {
-    let mut s = String::from("[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\n\n");
+    let mut s = String::from(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\ndrain_seconds = 0\n\n",
+    );
     for d in deployments {
         s.push_str(&format!("[[deployments]]\nname = \"{d}\"\n\n"));
     }

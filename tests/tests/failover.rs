@@ -220,9 +220,10 @@ async fn weights_spread_load_inside_a_priority_group() {
 
 #[tokio::test]
 async fn circuit_opens_probes_and_closes() {
-    let (a, _b, gw) =
-        two_regions("[circuit_breaker]\nfailures = 3\ninterval_seconds = 30\ntrip_seconds = 1\n")
-            .await;
+    let (a, _b, gw) = two_regions(
+        "[circuit]\nrequest_volume = 3\ninterval_seconds = 30\nbase_ejection_seconds = 1\n",
+    )
+    .await;
     a.handle()
         .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
     let mut opened = Instant::now();
@@ -253,9 +254,10 @@ async fn circuit_opens_probes_and_closes() {
 
 #[tokio::test]
 async fn a_failed_probe_reopens_the_circuit() {
-    let (a, _b, gw) =
-        two_regions("[circuit_breaker]\nfailures = 2\ninterval_seconds = 30\ntrip_seconds = 1\n")
-            .await;
+    let (a, _b, gw) = two_regions(
+        "[circuit]\nrequest_volume = 2\ninterval_seconds = 30\nbase_ejection_seconds = 1\n",
+    )
+    .await;
     a.handle()
         .set_faults(vec![fault(json!({"kind": "status", "status": 500}))]);
     let mut opened = Instant::now();

@@ -6,16 +6,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use axum::Router;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use gateway_core::limits::{Limits, MemoryStore, Quota, RedisStore};
-use gateway_core::pool::{
-    Backend, BackendPool, BackendState, CircuitSettings, PoolSettings, RedisCooldowns,
-};
+use gateway_core::pool::{Backend, BackendPool, CircuitSettings, PoolSettings, RedisCooldowns};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::entra::{EntraAuthLayer, EntraConfig, EntraValidator};
@@ -26,15 +23,17 @@ use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use gateway_policy::{
-    CircuitBreakerSettings, EntraSettings, FailoverSettings, HeaderAction, HeaderSettings,
-    LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
+    CircuitBreakerSettings, EntraSettings, FailoverSettings, GatewaySettings, HeaderAction,
+    HeaderSettings, LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower::ServiceBuilder;
 
 use crate::admin::Admin;
+use crate::health;
 use crate::observe::ObserveLayer;
+use crate::serve::Admission;
 use crate::store::{Store, share_cooldowns};
 use crate::telemetry::{EnterServerSpanLayer, InjectTraceContextLayer, ServerSpanLayer};
 
@@ -56,6 +55,11 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// How long in-flight requests may run after shutdown begins (`gateway.shutdown_grace_seconds`).
     pub shutdown_grace: Duration,
+    /// How long new connections are still accepted, `/readyz` answering 503, once shutdown begins
+    /// (`gateway.drain_seconds`).
+    pub drain: Duration,
+    /// Client timeouts and limits (`[gateway]`).
+    pub admission: Admission,
     /// The consumer limits, shared with the stack: [`RateLimitLayer::settled`] awaits the accounting
     /// of streams that ended.
     pub rate_limit: RateLimitLayer<Store>,
@@ -90,7 +94,7 @@ impl std::error::Error for BuildError {}
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
     let pool = Arc::new(BackendPool::new(
         backends(policy, secrets)?,
-        pool_settings(&policy.failover, &policy.circuit_breaker),
+        pool_settings(&policy.failover, &policy.circuit),
     ));
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
@@ -171,9 +175,12 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
 
     let draining = Arc::new(AtomicBool::new(false));
     let ready = {
-        let pool = pool.clone();
         let draining = draining.clone();
-        move || readyz(pool.clone(), draining.clone())
+        move || health::readyz(draining.clone())
+    };
+    let backend_health = {
+        let pool = pool.clone();
+        move || health::backends(pool.clone())
     };
     let mut admin = Admin::new(pool.clone(), store, observe.latency(), metrics.clone())
         .key(secrets.admin_key.clone());
@@ -186,7 +193,8 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
     let mut router = Router::new()
         .route_service("/openai/{*path}", proxy)
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready));
+        .route("/readyz", get(ready))
+        .route("/healthz/backends", get(backend_health));
     let admin = match policy.admin.listen {
         Some(listen) => Some(AdminEndpoints {
             listen,
@@ -206,6 +214,8 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         metrics,
         listen: policy.gateway.listen,
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
+        drain: Duration::from_secs(policy.gateway.drain_seconds),
+        admission: admission(&policy.gateway),
         rate_limit,
         tls: None,
     })
@@ -219,6 +229,17 @@ fn entra_layer(entra: &EntraSettings) -> EntraAuthLayer {
         .clock_skew(Duration::from_secs(entra.clock_skew_seconds))
         .key_refresh_min(Duration::from_secs(entra.key_refresh_min_seconds));
     EntraAuthLayer::new(Arc::new(EntraValidator::new(config)))
+}
+
+/// Client timeouts and limits from `[gateway]`.
+fn admission(gateway: &GatewaySettings) -> Admission {
+    Admission {
+        header_read_timeout: Duration::from_millis(gateway.header_read_timeout_ms),
+        body_timeout: Duration::from_millis(gateway.body_timeout_ms),
+        idle_timeout: Duration::from_millis(gateway.idle_timeout_ms),
+        max_connections: gateway.max_connections,
+        max_in_flight: gateway.max_in_flight,
+    }
 }
 
 /// The policy's backends, each with its resolved credential (parallel to `policy.backends`).
@@ -248,16 +269,20 @@ fn backends(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Vec<Backend>, 
     Ok(backends)
 }
 
-/// Cooldowns and circuit breakers from `[failover]` and `[circuit_breaker]`. A half-open probe is
+/// Cooldowns and circuit breakers from `[failover]` and `[circuit]`. A half-open probe is
 /// given the response header timeout to answer.
 fn pool_settings(failover: &FailoverSettings, circuit: &CircuitBreakerSettings) -> PoolSettings {
     PoolSettings {
         default_cooldown: Duration::from_millis(failover.default_cooldown_ms),
         max_cooldown: Duration::from_millis(failover.max_cooldown_ms),
         circuit: CircuitSettings {
-            failures: circuit.failures,
+            failure_percentage: circuit.failure_percentage,
+            request_volume: circuit.request_volume,
+            consecutive_failures: circuit.consecutive_failures,
             interval: Duration::from_secs(circuit.interval_seconds),
-            trip: Duration::from_secs(circuit.trip_seconds),
+            base_ejection: Duration::from_secs(circuit.base_ejection_seconds),
+            max_ejection: Duration::from_secs(circuit.max_ejection_seconds),
+            max_ejection_percent: circuit.max_ejection_percent,
         },
         probe_timeout: Duration::from_millis(failover.response_header_timeout_ms),
         // Not in the policy: the engine's default.
@@ -387,23 +412,6 @@ fn header_rules(h: &HeaderSettings) -> Result<HeaderRules, BuildError> {
     Ok(rules)
 }
 
-/// Ready while not draining and at least one backend can take traffic.
-async fn readyz(pool: Arc<BackendPool>, draining: Arc<AtomicBool>) -> Response {
-    if draining.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
-    }
-    let now = Instant::now();
-    let any = pool
-        .snapshot(now)
-        .iter()
-        .any(|b| b.state != BackendState::CircuitOpen);
-    if any {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no backend available").into_response()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use gateway_core::limits::QuotaPeriod;
@@ -424,9 +432,13 @@ mod tests {
             ..FailoverSettings::default()
         };
         let circuit = CircuitBreakerSettings {
-            failures: 4,
+            failure_percentage: 30,
+            request_volume: 40,
+            consecutive_failures: 4,
             interval_seconds: 15,
-            trip_seconds: 45,
+            base_ejection_seconds: 45,
+            max_ejection_seconds: 90,
+            max_ejection_percent: 34,
         };
         assert_eq!(
             pool_settings(&failover, &circuit),
@@ -434,9 +446,13 @@ mod tests {
                 default_cooldown: Duration::from_millis(1_500),
                 max_cooldown: secs(120),
                 circuit: CircuitSettings {
-                    failures: 4,
+                    failure_percentage: 30,
+                    request_volume: 40,
+                    consecutive_failures: 4,
                     interval: secs(15),
-                    trip: secs(45),
+                    base_ejection: secs(45),
+                    max_ejection: secs(90),
+                    max_ejection_percent: 34,
                 },
                 probe_timeout: secs(20),
                 not_found_cooldown: secs(60),

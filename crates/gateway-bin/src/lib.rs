@@ -25,6 +25,7 @@ pub mod app;
 pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod health;
 pub mod identity;
 pub mod observe;
 pub mod serve;

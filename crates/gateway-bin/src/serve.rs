@@ -1,16 +1,17 @@
-//! Serving with graceful shutdown.
+//! Serving with admission control, drain and graceful shutdown.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+mod admission;
+
+pub use admission::Admission;
 
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::serve::ListenerExt;
 use gateway_layers::context::{client_request_id, new_request_id};
 use gateway_layers::headers::X_REQUEST_ID;
 use tokio::net::TcpListener;
@@ -21,9 +22,13 @@ use crate::app::Gateway;
 /// How often the Prometheus recorder folds recorded histogram samples in: keeps memory bounded
 /// between scrapes.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// At the end of the shutdown grace, how long the streams' closing error events get to be sent.
+const CUT_FLUSH: Duration = Duration::from_secs(1);
 
-/// Serves `gateway` on `listener` until `shutdown` resolves; then stops accepting and lets in-flight
-/// requests (streams included) finish for at most `grace` before dropping them.
+/// Serves `gateway` on `listener` until `shutdown` resolves; then drains: `/readyz` answers 503
+/// while new connections are still accepted for `gateway.drain`, so load balancers see it; then
+/// stops accepting and lets in-flight requests (streams included) finish for at most `grace` before
+/// dropping them. Clients are held to `gateway.admission` throughout.
 ///
 /// When the gateway has admin endpoints of their own (`admin.listen`), they are served there too,
 /// and stop with the rest.
@@ -47,11 +52,20 @@ pub async fn serve(
         }
         None => None,
     };
+    // `rx` turns true when the listener closes, after the drain.
     let (tx, mut rx) = watch::channel(false);
     let draining = gateway.draining.clone();
+    let drain = gateway.drain;
     tokio::spawn(async move {
         shutdown.await;
         draining.store(true, Ordering::Relaxed);
+        if !drain.is_zero() {
+            tracing::info!(
+                drain_seconds = drain.as_secs_f64(),
+                "draining: /readyz answers 503, still accepting connections"
+            );
+            tokio::time::sleep(drain).await;
+        }
         let _ = tx.send(true);
     });
     let admin = admin.map(|(listener, router, tls)| {
@@ -76,17 +90,20 @@ pub async fn serve(
             metrics.run_upkeep();
         }
     });
-    let mut graceful_rx = rx.clone();
-    let stop = async move {
-        let _ = graceful_rx.wait_for(|v| *v).await;
-    };
-    let router = gateway
+    // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
+    let app = gateway
         .router
         .layer(axum::middleware::from_fn(stamp_request_id));
-    let server: Pin<Box<dyn Future<Output = io::Result<()>> + Send>> = match gateway.tls {
-        Some(tls) => Box::pin(crate::tls::serve(listener, tls, router, stop)),
-        None => Box::pin(serve_plain(listener, router, stop)),
-    };
+    // `cut` turns true when the grace is over: streams still running end with an error event.
+    let (cut_tx, cut_rx) = watch::channel(false);
+    let server = admission::serve(
+        listener,
+        app,
+        gateway.admission.clone(),
+        gateway.tls.clone(),
+        rx.clone(),
+        cut_rx,
+    );
     tokio::pin!(server);
     let result = tokio::select! {
         res = &mut server => res,
@@ -95,7 +112,10 @@ pub async fn serve(
             tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: draining in-flight requests");
             tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!("grace period over; closing the remaining connections");
+            tracing::warn!("grace period over; ending the remaining streams and closing the connections");
+            // Streams end with an error event; give their last bytes a moment to leave.
+            let _ = cut_tx.send(true);
+            let _ = tokio::time::timeout(CUT_FLUSH, &mut server).await;
             Ok(())
         }
     };
@@ -105,27 +125,6 @@ pub async fn serve(
         admin.abort();
     }
     result
-}
-
-/// Serves `router` over plain HTTP/1.1 until `stop` resolves, then lets open connections finish.
-async fn serve_plain(
-    listener: TcpListener,
-    router: axum::Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    // Without TCP_NODELAY the last small write of a stream waits for the client's delayed ACK:
-    // measured as +40 ms per streamed answer on a reused connection (docs/benchmarks.md).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
-    });
-    // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
-    let app = router.into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .into_future()
-        .await
 }
 
 /// Gives the answers made outside the proxy stack (health, metrics, admin, the 404 fallback) the

@@ -331,6 +331,12 @@ impl CaptureError {
                     .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
                 res
             }
+            // The server's body timeout (a client that stalled mid-body) says so with `TimedOut`.
+            CaptureError::Body(err) if timed_out(&*err) => azure_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                &format!("The request body stalled: {err}"),
+            ),
             CaptureError::Body(err) => azure_error(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -338,6 +344,20 @@ impl CaptureError {
             ),
         }
     }
+}
+
+/// Whether `err`, or an error it wraps, is an I/O time-out.
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut level = Some(err);
+    while let Some(e) = level {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        level = e.source();
+    }
+    false
 }
 
 // === impl RequestContextLayer ===

@@ -70,6 +70,8 @@ pub struct Record {
     usage: OnceLock<Usage>,
     estimated_usage: OnceLock<Usage>,
     service_tier: OnceLock<ServiceTier>,
+    /// Set when the server cut the response at the end of its shutdown grace.
+    shutdown: OnceLock<()>,
     end: Mutex<EndState>,
 }
 
@@ -188,6 +190,7 @@ impl Record {
             usage: OnceLock::new(),
             estimated_usage: OnceLock::new(),
             service_tier: OnceLock::new(),
+            shutdown: OnceLock::new(),
             end: Mutex::new(EndState::Open(Vec::new())),
         }
     }
@@ -301,6 +304,17 @@ impl Record {
     /// Records the tier the answer was served at (the first call wins).
     pub fn set_service_tier(&self, tier: ServiceTier) {
         let _ = self.service_tier.set(tier);
+    }
+
+    /// Notes that the server cut the response because it shut down (its grace period ended), so
+    /// that the end is not mistaken for the client's leaving. Call it before the body is dropped.
+    pub fn set_shutdown(&self) {
+        let _ = self.shutdown.set(());
+    }
+
+    /// Whether the server cut the response because it shut down.
+    pub fn shutdown(&self) -> bool {
+        self.shutdown.get().is_some()
     }
 
     /// Calls `hook` once when the response ends (at once if it already has).

@@ -78,9 +78,13 @@ pub struct Policy {
     /// How attempts fail over between backends.
     #[serde(default)]
     pub failover: FailoverSettings,
-    /// When a backend's circuit opens.
+    /// When a backend's circuit opens (it is ejected), and for how long.
     #[serde(default)]
-    pub circuit_breaker: CircuitBreakerSettings,
+    pub circuit: CircuitBreakerSettings,
+    /// The section `[circuit]` replaced: accepted by the parser only to be refused with a
+    /// migration hint by [`Policy::validate`].
+    #[serde(default)]
+    pub circuit_breaker: Option<serde::de::IgnoredAny>,
     /// Applications allowed to call the gateway.
     #[serde(default)]
     pub consumers: Vec<ConsumerSpec>,
@@ -119,6 +123,20 @@ pub struct GatewaySettings {
     pub entra: Option<EntraSettings>,
     /// `[gateway.tls]`: serve HTTPS (HTTP/1.1 and HTTP/2) instead of plain HTTP.
     pub tls: Option<TlsSettings>,
+    /// On SIGTERM/SIGINT, how long new connections are still accepted while `/readyz` answers 503,
+    /// so load balancers see the drain before the listener closes.
+    pub drain_seconds: u64,
+    /// Longest wait for a request's head once its first byte arrived (or, on a new connection,
+    /// for the first request), in milliseconds; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest silence inside a request body, in milliseconds; then 408 and the connection closes.
+    pub body_timeout_ms: u64,
+    /// How long a keep-alive connection may stay idle between requests, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once; beyond it a connection is answered 503 and closed.
+    pub max_connections: usize,
+    /// Most requests to `/openai/` being served at once; beyond it they are answered 503.
+    pub max_in_flight: usize,
 }
 
 /// `[gateway.entra]`: which Entra ID access tokens clients may present, as API Management's
@@ -245,16 +263,26 @@ pub struct FailoverSettings {
     pub stream_idle_timeout_ms: u64,
 }
 
-/// `[circuit_breaker]`: when a failing backend is taken out of rotation.
+/// `[circuit]`: when a failing backend is taken out of rotation (ejected), as Envoy's outlier
+/// detection does.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakerSettings {
-    /// Failures within `interval_seconds` that open the circuit.
-    pub failures: u32,
-    /// Window in which failures are counted.
+    /// Share of failed attempts (5xx, timeouts, connection failures), in percent, within
+    /// `interval_seconds` that ejects a backend once `request_volume` is reached; 0 turns it off.
+    pub failure_percentage: u32,
+    /// Least attempts within `interval_seconds` before the failure share is judged.
+    pub request_volume: u32,
+    /// Connection failures and timeouts in a row that eject a backend; 0 turns it off.
+    pub consecutive_failures: u32,
+    /// Window in which the failure share is measured.
     pub interval_seconds: u64,
-    /// How long an open circuit stays open before a probe is let through.
-    pub trip_seconds: u64,
+    /// How long the first ejection lasts; the n-th recent one lasts n times as long.
+    pub base_ejection_seconds: u64,
+    /// Cap on an ejection's length.
+    pub max_ejection_seconds: u64,
+    /// Largest share of a priority group, in percent, ejected at once (at least one backend).
+    pub max_ejection_percent: u32,
 }
 
 /// `[[consumers]]`: an application allowed to call the gateway.
@@ -556,6 +584,12 @@ impl Default for GatewaySettings {
             shutdown_grace_seconds: 30,
             entra: None,
             tls: None,
+            drain_seconds: 5,
+            header_read_timeout_ms: 10_000,
+            body_timeout_ms: 15_000,
+            idle_timeout_ms: 120_000,
+            max_connections: 8_192,
+            max_in_flight: 4_096,
         }
     }
 }
@@ -581,9 +615,13 @@ impl Default for FailoverSettings {
 impl Default for CircuitBreakerSettings {
     fn default() -> Self {
         Self {
-            failures: 5,
+            failure_percentage: 50,
+            request_volume: 20,
+            consecutive_failures: 5,
             interval_seconds: 10,
-            trip_seconds: 30,
+            base_ejection_seconds: 30,
+            max_ejection_seconds: 300,
+            max_ejection_percent: 50,
         }
     }
 }

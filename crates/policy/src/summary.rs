@@ -99,14 +99,18 @@ impl Policy {
                 statuses.join(", ")
             }
         )?;
-        let breaker = &self.circuit_breaker;
+        let circuit = &self.circuit;
         writeln!(
             out,
-            "circuit breaker: opens after {} failure{} within {} s, stays open {} s",
-            breaker.failures,
-            plural(breaker.failures as usize),
-            breaker.interval_seconds,
-            breaker.trip_seconds
+            "circuit: ejects a backend at {}% failures over {}+ attempts within {} s or {} connection failure{} in a row, for {} s growing to {} s, at most {}% of a priority group",
+            circuit.failure_percentage,
+            circuit.request_volume,
+            circuit.interval_seconds,
+            circuit.consecutive_failures,
+            plural(circuit.consecutive_failures as usize),
+            circuit.base_ejection_seconds,
+            circuit.max_ejection_seconds,
+            circuit.max_ejection_percent
         )?;
 
         writeln!(out, "consumers ({}):", self.consumers.len())?;

@@ -247,6 +247,18 @@ impl Checker<'_> {
                 ),
             );
         }
+        let g = &policy.gateway;
+        for (name, value) in [
+            ("header_read_timeout_ms", g.header_read_timeout_ms),
+            ("body_timeout_ms", g.body_timeout_ms),
+            ("idle_timeout_ms", g.idle_timeout_ms),
+            ("max_connections", g.max_connections as u64),
+            ("max_in_flight", g.max_in_flight as u64),
+        ] {
+            if value == 0 {
+                self.at_value(&field("gateway", name), "must be greater than 0");
+            }
+        }
     }
 
     fn deployments(&mut self, policy: &Policy) {
@@ -434,17 +446,45 @@ impl Checker<'_> {
     }
 
     fn circuit_breaker(&mut self, policy: &Policy) {
-        let breaker = &policy.circuit_breaker;
-        if breaker.failures == 0 {
-            self.at_value("circuit_breaker.failures", "must be at least 1");
+        if policy.circuit_breaker.is_some() {
+            self.at_key(
+                "circuit_breaker",
+                "`[circuit_breaker]` was replaced by `[circuit]`, which ejects a backend on a failure \
+                 share, not a failure count: `failures` becomes `consecutive_failures` (connection \
+                 failures and timeouts in a row only; 5xx count through `failure_percentage` over \
+                 `request_volume`), `trip_seconds` becomes `base_ejection_seconds`, \
+                 `interval_seconds` stays; see the README for the defaults",
+            );
+        }
+        let circuit = &policy.circuit;
+        for (name, value) in [
+            ("failure_percentage", circuit.failure_percentage),
+            ("max_ejection_percent", circuit.max_ejection_percent),
+        ] {
+            let low = u32::from(name == "max_ejection_percent");
+            if !(low..=100).contains(&value) {
+                self.at_value(&field("circuit", name), range_message(value, low, 100));
+            }
+        }
+        if circuit.request_volume == 0 {
+            self.at_value("circuit.request_volume", "must be at least 1");
         }
         for (name, value) in [
-            ("interval_seconds", breaker.interval_seconds),
-            ("trip_seconds", breaker.trip_seconds),
+            ("interval_seconds", circuit.interval_seconds),
+            ("base_ejection_seconds", circuit.base_ejection_seconds),
         ] {
             if value == 0 {
-                self.at_value(&field("circuit_breaker", name), "must be greater than 0");
+                self.at_value(&field("circuit", name), "must be greater than 0");
             }
+        }
+        if circuit.max_ejection_seconds < circuit.base_ejection_seconds {
+            self.at_value(
+                "circuit.max_ejection_seconds",
+                format!(
+                    "{} must not be less than circuit.base_ejection_seconds ({})",
+                    circuit.max_ejection_seconds, circuit.base_ejection_seconds
+                ),
+            );
         }
     }
 

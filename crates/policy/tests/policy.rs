@@ -86,7 +86,7 @@ fn full_policy_parses() {
         "https://france.openai.azure.com/aoai"
     );
     assert_eq!(policy.failover.max_attempts, 4);
-    assert_eq!(policy.circuit_breaker.trip_seconds, 20);
+    assert_eq!(policy.circuit.base_ejection_seconds, 20);
     assert_eq!(
         policy.consumers[1].deployments.as_deref(),
         Some(&["embeddings".to_owned()][..])
@@ -126,7 +126,7 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:1:1: listen: unknown field `listen`, expected one of `gateway`, `backends`, \
-         `deployments`, `failover`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`, `key_vault`"
+         `deployments`, `failover`, `circuit`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`, `key_vault`"
     );
 }
 
@@ -286,7 +286,7 @@ fn out_of_range_numbers() {
         "p.toml:2:18: gateway.max_body_bytes: must be between 1024 (1 KiB) and 104857600 (100 MiB), found 512"
     );
     let text = format!(
-        "{BASE}\n[failover]\nmax_attempts = 51\ndeadline_ms = 0\ndefault_cooldown_ms = 90000000\nmax_cooldown_ms = 90000000\n\n[circuit_breaker]\nfailures = 0\ntrip_seconds = 0\n"
+        "{BASE}\n[failover]\nmax_attempts = 51\ndeadline_ms = 0\ndefault_cooldown_ms = 90000000\nmax_cooldown_ms = 90000000\n\n[circuit]\nrequest_volume = 0\nbase_ejection_seconds = 0\nmax_ejection_percent = 0\n"
     );
     assert_eq!(
         errors(&text),
@@ -294,8 +294,9 @@ fn out_of_range_numbers() {
             "p.toml:12:16: failover.max_attempts: must be between 1 and 50, found 51",
             "p.toml:13:15: failover.deadline_ms: must be greater than 0",
             "p.toml:15:19: failover.max_cooldown_ms: must be at most 86400000 (24 hours), found 90000000",
-            "p.toml:18:12: circuit_breaker.failures: must be at least 1",
-            "p.toml:19:16: circuit_breaker.trip_seconds: must be greater than 0",
+            "p.toml:18:18: circuit.request_volume: must be at least 1",
+            "p.toml:19:25: circuit.base_ejection_seconds: must be greater than 0",
+            "p.toml:20:24: circuit.max_ejection_percent: must be between 1 and 100, found 0",
         ]
     );
     let text =
@@ -303,6 +304,46 @@ fn out_of_range_numbers() {
     assert_eq!(
         error(&text),
         "p.toml:12:23: failover.default_cooldown_ms: 60000 must not exceed failover.max_cooldown_ms (30000)"
+    );
+}
+
+#[test]
+fn the_old_circuit_breaker_section_gets_a_migration_hint() {
+    let text = format!(
+        "{BASE}
+[circuit_breaker]
+failures = 5
+trip_seconds = 30
+"
+    );
+    let message = error(&text);
+    assert!(
+        message.starts_with(
+            "p.toml:11:2: circuit_breaker: `[circuit_breaker]` was replaced by `[circuit]`"
+        ),
+        "{message}"
+    );
+    for hint in [
+        "`consecutive_failures`",
+        "`base_ejection_seconds`",
+        "`failure_percentage`",
+    ] {
+        assert!(message.contains(hint), "{message}");
+    }
+    let text = format!(
+        "{BASE}
+[circuit]
+base_ejection_seconds = 60
+max_ejection_seconds = 30
+failure_percentage = 101
+"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "p.toml:13:24: circuit.max_ejection_seconds: 30 must not be less than circuit.base_ejection_seconds (60)",
+            "p.toml:14:22: circuit.failure_percentage: must be between 0 and 100, found 101",
+        ]
     );
 }
 
@@ -720,7 +761,7 @@ backends (3) in 2 priority groups, lower priority first:
       weight 1, api-key from file:/run/secrets/eastus
       deployments: embeddings, gpt-4o
 failover: up to 4 attempts, deadline 60000 ms, response headers within 20000 ms, cooldown 5000 ms (max 120000 ms), on status 408, 429, 500, 502, 503, 504
-circuit breaker: opens after 3 failures within 10 s, stays open 20 s
+circuit: ejects a backend at 50% failures over 20+ attempts within 10 s or 3 connection failures in a row, for 20 s growing to 300 s, at most 50% of a priority group
 consumers (2):
   chat-app: 2 keys, deployments: all
   search: 1 key, deployments: embeddings

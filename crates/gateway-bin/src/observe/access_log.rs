@@ -39,6 +39,9 @@ struct Line<'a> {
     client_closed: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     body_error: bool,
+    /// The gateway cut the response at the end of its shutdown grace.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shutdown: bool,
 }
 
 struct Attempts<'a>(&'a [Attempt]);
@@ -112,8 +115,9 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
             overhead_ms: ms(obs.overhead),
         },
         limit: record.and_then(Record::limit).map(|l| l.as_str()),
-        client_closed: end == End::ClientClosed,
+        client_closed: end == End::ClientClosed && !record.is_some_and(Record::shutdown),
         body_error: end == End::Error,
+        shutdown: record.is_some_and(Record::shutdown),
     };
     let mut buf = Vec::with_capacity(512);
     if serde_json::to_writer(&mut buf, &line).is_err() {

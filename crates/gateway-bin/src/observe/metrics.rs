@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use gateway_core::pool::{BackendPool, BackendState};
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Client requests, by `deployment`, `operation`, `consumer` and `status_class` (`2xx`..`5xx`).
@@ -45,6 +45,19 @@ pub const BACKEND_REMAINING_TOKENS: &str = "gateway_backend_remaining_tokens";
 pub const BACKEND_REMAINING_REQUESTS: &str = "gateway_backend_remaining_requests";
 /// Attempts sent to the backend whose response has not ended, by `backend`.
 pub const BACKEND_IN_FLIGHT: &str = "gateway_backend_in_flight";
+/// Client connections that ended, by `outcome` (`closed`, `header_timeout`, `idle_timeout`,
+/// `body_timeout`, `rejected`, `shutdown`, `error`).
+pub const CONNECTIONS: &str = "gateway_connections_total";
+/// Client connections open now.
+pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
+/// Connections and requests refused by admission control, by `reason` (`connections`,
+/// `in_flight`, `body_timeout`).
+pub const REJECTED: &str = "gateway_rejected_total";
+/// Failed `accept` calls on the listener, by `kind` (`descriptors`: out of file descriptors, `other`).
+pub const ACCEPT_ERRORS: &str = "gateway_accept_errors_total";
+/// Backend selections made in panic mode: every backend serving the deployment was ejected, and the
+/// gateway tried them anyway rather than refuse.
+pub const PANIC_SELECTIONS: &str = "gateway_panic_selections_total";
 /// Time to response headers minus the time spent waiting on upstream attempts: what the gateway
 /// itself adds (authentication, limits, routing, reading a JSON answer whole).
 pub const OVERHEAD: &str = "gateway_overhead_seconds";
@@ -109,6 +122,7 @@ pub fn render(handle: &PrometheusHandle, pool: &BackendPool) -> String {
         }
         gauge!(BACKEND_IN_FLIGHT, "backend" => backend).set(b.in_flight as f64);
     }
+    counter!(PANIC_SELECTIONS).absolute(pool.panic_selections());
     handle.render()
 }
 
@@ -145,6 +159,31 @@ fn describe() {
         SERVICE_TIER,
         Unit::Count,
         "Successful answers by the service tier requested and the one that served them."
+    );
+    describe_counter!(
+        CONNECTIONS,
+        Unit::Count,
+        "Client connections that ended, by outcome."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open now."
+    );
+    describe_counter!(
+        REJECTED,
+        Unit::Count,
+        "Connections and requests refused by admission control, by reason."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        Unit::Count,
+        "Failed accepts on the listener (descriptors: out of file descriptors)."
+    );
+    describe_counter!(
+        PANIC_SELECTIONS,
+        Unit::Count,
+        "Selections made while every backend for the deployment was ejected (panic mode)."
     );
     describe_counter!(
         LIMIT_REJECTIONS,

@@ -1,10 +1,11 @@
 //! One backend's mutable state: cooldown, circuit breaker, not-found marks and the last quota seen.
 //!
-//! Nothing here runs on a timer: every state is derived from the `now` passed in.
+//! Nothing here runs on a timer: every state is derived from the `now` passed in. When the circuit
+//! opens is the outlier detector's rule (see `outlier`).
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::outlier::Window;
 use super::{BackendState, Outcome, PoolSettings, RemainingQuota};
 
 /// The shortest cooldown applied: a `retry-after: 0` from a backend that just refused would otherwise
@@ -19,10 +20,16 @@ pub(super) struct Health {
     /// The part of the cooldown due to throttling (429s), which a client can wait out: only that
     /// becomes the gateway's own 429 with a retry-after.
     throttled_until: Option<Instant>,
-    /// Instants of the circuit failures still inside the interval, oldest first.
-    window: VecDeque<Instant>,
+    /// Attempts and failures within the circuit interval.
+    window: Window,
     /// Failures since the last success, for the status page only.
     consecutive_failures: u32,
+    /// Connection failures and timeouts in a row: any answer from the backend resets it.
+    consecutive_unreachable: u32,
+    /// Recent ejections, which lengthen the next one; one is forgotten per healthy interval.
+    ejections: u32,
+    /// When the circuit last closed, to forget ejections.
+    closed_at: Option<Instant>,
     /// Set while the circuit is not closed: open before this instant, half-open from it on.
     open_until: Option<Instant>,
     /// When the pending half-open probe was let through.
@@ -65,6 +72,10 @@ pub(super) enum CircuitChange {
     Opened,
     Reopened,
     Closed,
+    /// An ejection rule was met: the pool decides whether the priority group has room for it.
+    Tripped,
+    /// An ejection rule was met but the group already has its share of backends ejected.
+    Refused,
 }
 
 /// What a recorded outcome changed.
@@ -99,12 +110,15 @@ pub(super) fn later(now: Instant, d: Duration) -> Instant {
 // === impl Health ===
 
 impl Health {
-    pub(super) fn new(settings: &PoolSettings) -> Self {
+    pub(super) fn new(now: Instant) -> Self {
         Self {
             cooling_until: None,
             throttled_until: None,
-            window: VecDeque::with_capacity(settings.circuit.failures.min(16) as usize),
+            window: Window::new(now),
             consecutive_failures: 0,
+            consecutive_unreachable: 0,
+            ejections: 0,
+            closed_at: None,
             open_until: None,
             probe_started: None,
             not_found: Vec::new(),
@@ -114,16 +128,33 @@ impl Health {
         }
     }
 
+    /// Whether the circuit is open now (ejected), half-open not included.
+    pub(super) fn is_ejected(&self, now: Instant) -> bool {
+        self.open_until.is_some_and(|until| now < until)
+    }
+
     pub(super) fn availability(
         &self,
         deployment: &str,
         now: Instant,
         settings: &PoolSettings,
     ) -> Availability {
+        self.availability_with(deployment, now, settings, false)
+    }
+
+    /// In panic mode the circuit is ignored (open or half-open alike); cooldowns still apply.
+    pub(super) fn availability_with(
+        &self,
+        deployment: &str,
+        now: Instant,
+        settings: &PoolSettings,
+        panic: bool,
+    ) -> Availability {
         if self.is_not_found(deployment, now) {
             return Availability::NotFound;
         }
         let half_open = match self.open_until {
+            _ if panic => false,
             Some(until) if now < until => return Availability::CircuitOpen,
             Some(_) => true,
             None => false,
@@ -165,14 +196,16 @@ impl Health {
     }
 
     /// Re-checks availability under the same lock and, for a half-open backend, takes the probe slot.
-    /// `false` when another thread changed the state since the scan.
+    /// `false` when another thread changed the state since the scan. In panic mode an open circuit
+    /// is no obstacle, and no probe slot is taken.
     pub(super) fn claim(
         &mut self,
         deployment: &str,
         now: Instant,
         settings: &PoolSettings,
+        panic: bool,
     ) -> bool {
-        match self.availability(deployment, now, settings) {
+        match self.availability_with(deployment, now, settings, panic) {
             Availability::Ready => true,
             Availability::Probe => {
                 self.probe_started = Some(now);
@@ -193,6 +226,8 @@ impl Health {
         match outcome {
             Outcome::Success => {
                 self.consecutive_failures = 0;
+                self.consecutive_unreachable = 0;
+                self.window.add(false, now, settings.circuit.interval);
                 recorded.circuit = self.success(now);
             }
             Outcome::Throttled { hint } => {
@@ -208,11 +243,18 @@ impl Health {
                 if hint.is_some() {
                     recorded.cooldown = Some(self.cool_down(hint, false, now, settings));
                 }
+                // It answered: reachable, whatever it said.
+                self.consecutive_unreachable = 0;
                 recorded.circuit = self.failure(now, settings);
             }
-            Outcome::Timeout | Outcome::ConnectError | Outcome::StreamBroken => {
+            Outcome::Timeout | Outcome::ConnectError => {
+                self.consecutive_unreachable = self.consecutive_unreachable.saturating_add(1);
                 recorded.circuit = self.failure(now, settings);
             }
+            // Neither is the backend's fault as far as the breaker is concerned: a stream that broke
+            // was already charged by its attempt's success, and the gateway's own exhaustion says
+            // nothing about the backend. A probe that met either may go again.
+            Outcome::StreamBroken | Outcome::LocalError => self.release_probe(now),
             Outcome::DeploymentNotFound => {
                 self.mark_not_found(deployment, now, settings);
                 self.release_probe(now);
@@ -310,8 +352,7 @@ impl Health {
             cooldown_remaining,
             circuit_open_remaining,
             consecutive_failures: self.consecutive_failures,
-            window_failures: u32::try_from(self.window_failures(now, settings.circuit.interval))
-                .unwrap_or(u32::MAX),
+            window_failures: self.window.counts(now, settings.circuit.interval).1,
             not_found: self
                 .not_found
                 .iter()
@@ -364,7 +405,7 @@ impl Health {
             // Still open: an answer to a request sent before the trip; it proves nothing new.
             Some(until) if now < until => None,
             Some(_) => {
-                self.close();
+                self.close(now);
                 Some(CircuitChange::Closed)
             }
             None => None,
@@ -374,42 +415,57 @@ impl Health {
     fn failure(&mut self, now: Instant, settings: &PoolSettings) -> Option<CircuitChange> {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let circuit = &settings.circuit;
-        if circuit.failures == 0 {
+        self.window.add(true, now, circuit.interval);
+        if circuit.is_disabled() {
             return None;
         }
         match self.open_until {
             // Already open: a straggler sent before the trip does not extend it.
             Some(until) if now < until => None,
+            // The half-open probe failed: out again, for longer.
             Some(_) => {
-                self.open(now, circuit.trip);
+                self.open(now, settings);
                 Some(CircuitChange::Reopened)
             }
             None => {
-                self.prune_window(now, circuit.interval);
-                let threshold = circuit.failures as usize;
-                if self.window.len() >= threshold {
-                    self.window.pop_front();
-                }
-                self.window.push_back(now);
-                if self.window.len() >= threshold {
-                    self.open(now, circuit.trip);
-                    Some(CircuitChange::Opened)
-                } else {
-                    None
-                }
+                let (attempts, failures) = self.window.counts(now, circuit.interval);
+                let unreachable = circuit.consecutive_failures > 0
+                    && self.consecutive_unreachable >= circuit.consecutive_failures;
+                (unreachable || circuit.ratio_trips(attempts, failures))
+                    .then_some(CircuitChange::Tripped)
             }
         }
     }
 
-    fn open(&mut self, now: Instant, trip: Duration) {
-        self.open_until = Some(later(now, trip));
+    /// Opens a closed circuit, as the pool allowed after [`CircuitChange::Tripped`].
+    pub(super) fn eject(&mut self, now: Instant, settings: &PoolSettings) -> Option<CircuitChange> {
+        if self.open_until.is_some() {
+            return None;
+        }
+        // Forget one past ejection per interval spent healthy since the circuit last closed.
+        if let Some(closed) = self.closed_at {
+            let interval = settings.circuit.interval.as_nanos().max(1);
+            let healthy = now.saturating_duration_since(closed).as_nanos() / interval;
+            let forget = u32::try_from(healthy).unwrap_or(u32::MAX);
+            self.ejections = self.ejections.saturating_sub(forget);
+        }
+        self.open(now, settings);
+        Some(CircuitChange::Opened)
+    }
+
+    fn open(&mut self, now: Instant, settings: &PoolSettings) {
+        self.ejections = self.ejections.saturating_add(1);
+        let time = settings.circuit.ejection_time(self.ejections);
+        self.open_until = Some(later(now, time));
         self.probe_started = None;
+        self.consecutive_unreachable = 0;
         self.window.clear();
     }
 
-    fn close(&mut self) {
+    fn close(&mut self, now: Instant) {
         self.open_until = None;
         self.probe_started = None;
+        self.closed_at = Some(now);
         self.window.clear();
     }
 
@@ -432,22 +488,5 @@ impl Health {
             Some(entry) => entry.1 = entry.1.max(until),
             None => self.not_found.push((deployment.into(), until)),
         }
-    }
-
-    fn prune_window(&mut self, now: Instant, interval: Duration) {
-        while let Some(&oldest) = self.window.front() {
-            if now.saturating_duration_since(oldest) >= interval {
-                self.window.pop_front();
-            } else {
-                break;
-            }
-        }
-    }
-
-    fn window_failures(&self, now: Instant, interval: Duration) -> usize {
-        self.window
-            .iter()
-            .filter(|&&at| now.saturating_duration_since(at) < interval)
-            .count()
     }
 }

@@ -52,7 +52,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -61,11 +61,13 @@ use crate::secret::Credential;
 use self::health::{Availability, CircuitChange, Health};
 
 mod health;
+mod outlier;
 #[cfg(feature = "redis")]
 mod shared;
 #[cfg(test)]
 mod tests;
 
+pub use outlier::CircuitSettings;
 #[cfg(feature = "redis")]
 pub use shared::{RedisCooldowns, unix_ms};
 
@@ -116,17 +118,6 @@ pub struct PoolSettings {
     pub not_found_cooldown: Duration,
 }
 
-/// Circuit breaker tuning: `failures` within `interval` open the circuit for `trip`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CircuitSettings {
-    /// Failures within `interval` that open the circuit; 0 disables the circuit breaker.
-    pub failures: u32,
-    /// Sliding window in which failures are counted.
-    pub interval: Duration,
-    /// How long the circuit stays open before a single probe is let through.
-    pub trip: Duration,
-}
-
 /// The set of backends and their shared state. `Send + Sync`: share it behind an `Arc`.
 #[derive(Debug)]
 pub struct BackendPool {
@@ -138,6 +129,11 @@ pub struct BackendPool {
     in_flight: Vec<Arc<AtomicU64>>,
     settings: PoolSettings,
     rng: RngSource,
+    /// Held while deciding an ejection, so a priority group never loses more than its share.
+    ejection_gate: Mutex<()>,
+    panic_selections: AtomicU64,
+    /// Whether the last selection was made in panic mode, to log a run of them once.
+    in_panic: AtomicBool,
 }
 
 /// The answer of [`BackendPool::select`].
@@ -196,12 +192,16 @@ pub enum Outcome {
         /// From [`crate::retry_after::cooldown_hint`]; no cooldown when `None`.
         hint: Option<Duration>,
     },
-    /// No response headers in time. A circuit failure.
+    /// No response headers in time. A circuit failure, and one of a run of unreachable answers.
     Timeout,
-    /// Connecting or sending failed. A circuit failure.
+    /// Connecting or sending failed. A circuit failure, and one of a run of unreachable answers.
     ConnectError,
-    /// The response body broke after it started. A circuit failure.
+    /// The response body broke after it started. Not a circuit failure: the attempt was already
+    /// counted when its headers came, and ejecting for it only moves load onto the others.
     StreamBroken,
+    /// The gateway itself failed to make the attempt (out of file descriptors, say). Never held
+    /// against the backend.
+    LocalError,
     /// 404 `DeploymentNotFound`: skip this backend for this deployment only, for a while.
     DeploymentNotFound,
 }
@@ -299,9 +299,9 @@ impl Backend {
 // === impl PoolSettings ===
 
 impl Default for PoolSettings {
-    /// The policy file's defaults: a 10 s cooldown without a hint, hints capped at 5 minutes, a
-    /// circuit that opens after 5 failures within 10 s for 30 s, and a probe given 30 s (the default
-    /// response header timeout) to answer.
+    /// The policy file's defaults: a 10 s cooldown without a hint, hints capped at 5 minutes, the
+    /// default [`CircuitSettings`], and a probe given 30 s (the default response header timeout) to
+    /// answer.
     fn default() -> Self {
         Self {
             default_cooldown: Duration::from_secs(10),
@@ -313,27 +313,15 @@ impl Default for PoolSettings {
     }
 }
 
-// === impl CircuitSettings ===
-
-impl Default for CircuitSettings {
-    /// The policy file's defaults: 5 failures within 10 s open the circuit for 30 s.
-    fn default() -> Self {
-        Self {
-            failures: 5,
-            interval: Duration::from_secs(10),
-            trip: Duration::from_secs(30),
-        }
-    }
-}
-
 // === impl BackendPool ===
 
 impl BackendPool {
     /// A pool over `backends`, all available.
     pub fn new(backends: Vec<Backend>, settings: PoolSettings) -> Self {
+        let now = Instant::now();
         let health = backends
             .iter()
-            .map(|_| Mutex::new(Health::new(&settings)))
+            .map(|_| Mutex::new(Health::new(now)))
             .collect();
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
         Self {
@@ -342,6 +330,9 @@ impl BackendPool {
             in_flight,
             settings,
             rng: RngSource::Thread,
+            ejection_gate: Mutex::new(()),
+            panic_selections: AtomicU64::new(0),
+            in_panic: AtomicBool::new(false),
         }
     }
 
@@ -385,7 +376,9 @@ impl BackendPool {
     /// headroom is preferred in proportion (equal headroom leaves the configured weights). Missing,
     /// unknown (`-1`) or stale values (older than [`QUOTA_FRESHNESS`]) fall back to plain selection.
     /// If every available backend is too short of quota, selection ignores quota rather than refuse:
-    /// the estimate may be high, and a real 429 still fails over.
+    /// the estimate may be high, and a real 429 still fails over. If nothing is left but backends
+    /// whose circuit is open (none throttled), selection ignores circuits rather than refuse (panic
+    /// mode; see [`panic_selections`](Self::panic_selections)).
     pub fn select_with(
         &self,
         deployment: &str,
@@ -395,15 +388,19 @@ impl BackendPool {
     ) -> Selection {
         let mut exhausted = Exhausted::default();
         let mut need = need_tokens;
+        // Without panic mode: why nothing was selectable, which is what a refused client is told.
+        let mut before_panic: Option<Exhausted> = None;
         // A claim fails only when another thread changed the chosen backend between the scan and the
         // claim (typically: took the same half-open probe slot); scan again, a bounded number of times.
-        for _ in 0..=self.backends.len() + 1 {
-            let scan = self.scan(deployment, tried, need, now);
+        for _ in 0..=self.backends.len() + 2 {
+            let panic = before_panic.is_some();
+            let scan = self.scan(deployment, tried, need, now, panic);
             match scan.chosen {
-                Some(id) if self.lock(id).claim(deployment, now, &self.settings) => {
+                Some(id) if self.lock(id).claim(deployment, now, &self.settings, panic) => {
                     if let Some(tokens) = need_tokens {
                         self.lock(id).note_sent(deployment, tokens);
                     }
+                    self.note_panic(deployment, panic);
                     return Selection::Backend(id);
                 }
                 Some(_) => exhausted = scan.exhausted,
@@ -411,7 +408,15 @@ impl BackendPool {
                     need = None;
                     exhausted = scan.exhausted;
                 }
-                None => return Selection::Exhausted(scan.exhausted),
+                // Throttled backends are excluded: a client told to come back when they are
+                // rested has a good answer already.
+                None if !panic
+                    && scan.exhausted.circuit_open > 0
+                    && scan.exhausted.throttled == 0 =>
+                {
+                    before_panic = Some(scan.exhausted);
+                }
+                None => return Selection::Exhausted(before_panic.unwrap_or(scan.exhausted)),
             }
         }
         Selection::Exhausted(exhausted)
@@ -422,11 +427,12 @@ impl BackendPool {
     /// - `Throttled`, `AuthFailure`, and `ServerError` with a hint cool the backend down for
     ///   `min(hint or default_cooldown, max_cooldown)`; a cooldown already in force that ends later is
     ///   kept (the longest wins).
-    /// - `ServerError`, `Timeout`, `ConnectError` and `StreamBroken` are circuit failures; `failures`
-    ///   of them within the sliding `interval` open the circuit for `trip`. Successes do not reset that
-    ///   count. While open, further outcomes (from requests sent before the trip) change nothing.
-    /// - Half-open: `Success` closes the circuit, a circuit failure reopens it, anything else frees the
-    ///   probe slot for another probe.
+    /// - `ServerError`, `Timeout` and `ConnectError` are circuit failures, `Success` is not; the
+    ///   outlier rules (see [`CircuitSettings`]) decide when they open the circuit, within the
+    ///   priority group's share of ejections. `StreamBroken` and `LocalError` are neither. While
+    ///   open, further outcomes (from requests sent before the trip) change nothing.
+    /// - Half-open: `Success` closes the circuit, a circuit failure reopens it for longer, anything
+    ///   else frees the probe slot for another probe.
     /// - `DeploymentNotFound` skips the backend for `deployment` only, for `not_found_cooldown`.
     ///
     /// An `id` from another pool is ignored.
@@ -443,7 +449,11 @@ impl BackendPool {
             tracing::warn!(%id, "outcome recorded for an unknown backend id");
             return None;
         };
-        let recorded = lock(health).record(deployment, outcome, now, &self.settings);
+        let mut recorded = lock(health).record(deployment, outcome, now, &self.settings);
+        if recorded.circuit == Some(CircuitChange::Tripped) {
+            // Outside the backend's lock: the decision looks at its whole priority group.
+            recorded.circuit = self.eject_if_allowed(id, now);
+        }
 
         let backend = &self.backends[id.0].name;
         if let Some(cooldown) = recorded.cooldown {
@@ -462,12 +472,15 @@ impl BackendPool {
             );
         }
         match recorded.circuit {
-            Some(CircuitChange::Opened) => tracing::warn!(
+            Some(CircuitChange::Opened) => {
+                tracing::warn!(backend, ?outcome, "circuit opened: the backend is ejected")
+            }
+            Some(CircuitChange::Refused) => tracing::debug!(
                 backend,
                 ?outcome,
-                failures = self.settings.circuit.failures,
-                "circuit opened"
+                "circuit not opened: its priority group already has its share of ejected backends"
             ),
+            Some(CircuitChange::Tripped) => {}
             Some(CircuitChange::Reopened) => {
                 tracing::warn!(
                     backend,
@@ -587,7 +600,15 @@ impl BackendPool {
 
     /// One pass: classifies every backend serving `deployment` and draws among the best candidates by
     /// weighted reservoir sampling, so no candidate list is allocated. Each backend is locked once.
-    fn scan(&self, deployment: &str, tried: &[BackendId], need: Option<u64>, now: Instant) -> Scan {
+    /// In panic mode, circuits are ignored.
+    fn scan(
+        &self,
+        deployment: &str,
+        tried: &[BackendId],
+        need: Option<u64>,
+        now: Instant,
+        panic: bool,
+    ) -> Scan {
         let mut exhausted = Exhausted::default();
         let mut serving = 0usize;
         let mut best_priority: Option<u32> = None;
@@ -609,7 +630,7 @@ impl BackendPool {
             let (availability, headroom) = {
                 let health = self.lock(id);
                 (
-                    health.availability(deployment, now, &self.settings),
+                    health.availability_with(deployment, now, &self.settings, panic),
                     need.and_then(|_| health.headroom(deployment, now, QUOTA_FRESHNESS)),
                 )
             };

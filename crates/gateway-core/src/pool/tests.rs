@@ -38,13 +38,22 @@ fn settings() -> PoolSettings {
         default_cooldown: secs(10),
         max_cooldown: secs(60),
         circuit: CircuitSettings {
-            failures: 3,
+            failure_percentage: 50,
+            request_volume: 10,
+            consecutive_failures: 3,
             interval: secs(10),
-            trip: secs(30),
+            base_ejection: secs(30),
+            max_ejection: secs(300),
+            max_ejection_percent: 50,
         },
         probe_timeout: secs(5),
         not_found_cooldown: secs(60),
     }
+}
+
+/// One backend, `a`, with these settings.
+fn pool_with(settings: PoolSettings) -> BackendPool {
+    BackendPool::new(vec![backend("a", 1, 1)], settings)
 }
 
 fn pool(backends: Vec<Backend>) -> BackendPool {
@@ -381,7 +390,8 @@ fn only_throttles_count_as_a_wait_the_client_can_sit_out() {
 fn absurd_durations_do_not_panic() {
     let mut settings = settings();
     settings.max_cooldown = Duration::MAX;
-    settings.circuit.trip = Duration::MAX;
+    settings.circuit.base_ejection = Duration::MAX;
+    settings.circuit.max_ejection = Duration::MAX;
     settings.not_found_cooldown = Duration::MAX;
     let pool = BackendPool::new(vec![backend("a", 1, 1)], settings);
     let t0 = Instant::now();
@@ -458,7 +468,8 @@ fn exhaustion_without_cooldowns_has_no_retry_hint() {
     let t0 = Instant::now();
     fail_n(&pool, A, 3, t0);
     pool.record(B, DEP, Outcome::DeploymentNotFound, t0);
-    let e = exhausted(&pool, &[C], t0);
+    // A was tried too, or panic mode would send the attempt there.
+    let e = exhausted(&pool, &[A, C], t0);
     assert_eq!(
         e,
         Exhausted {
@@ -474,7 +485,7 @@ fn exhaustion_without_cooldowns_has_no_retry_hint() {
 fn circuit_open_and_cooling_counts_as_circuit_open() {
     let pool = pool(vec![backend("a", 1, 1), backend("b", 1, 1)]);
     let t0 = Instant::now();
-    for _ in 0..3 {
+    for _ in 0..10 {
         pool.record(
             A,
             DEP,
@@ -501,18 +512,94 @@ fn circuit_open_and_cooling_counts_as_circuit_open() {
 // --- circuit breaker ---
 
 #[test]
-fn circuit_opens_after_n_failures_within_the_interval() {
+fn consecutive_connection_failures_open_the_circuit() {
     let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
     let t0 = Instant::now();
     pool.record(A, DEP, Outcome::Timeout, t0);
     pool.record(A, DEP, Outcome::ConnectError, t0 + secs(4));
     assert_eq!(state(&pool, A, t0 + secs(4)), BackendState::Available);
-    pool.record(A, DEP, Outcome::StreamBroken, t0 + ms(9_999));
-    let t1 = t0 + ms(9_999);
+    // However far apart: a run is a run.
+    let t1 = t0 + secs(60);
+    pool.record(A, DEP, Outcome::ConnectError, t1);
     assert_eq!(state(&pool, A, t1), BackendState::CircuitOpen);
     assert_eq!(pool.snapshot(t1)[0].circuit_open_remaining, Some(secs(30)));
     assert_eq!(pick(&pool, &[], t1), B);
-    assert_eq!(exhausted(&pool, &[B], t1).circuit_open, 1);
+}
+
+#[test]
+fn any_answer_breaks_a_run_of_connection_failures() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    for answer in [
+        Outcome::Success,
+        Outcome::ServerError { hint: None },
+        Outcome::Success,
+    ] {
+        fail_n(&pool, A, 2, t0);
+        pool.record(A, DEP, answer, t0);
+    }
+    assert_eq!(state(&pool, A, t0), BackendState::Available);
+}
+
+#[test]
+fn broken_streams_and_local_errors_never_count() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    for _ in 0..1_000 {
+        pool.record(A, DEP, Outcome::Success, t0);
+        pool.record(A, DEP, Outcome::StreamBroken, t0);
+        pool.record(A, DEP, Outcome::LocalError, t0);
+    }
+    let status = &pool.snapshot(t0)[0];
+    assert_eq!(status.state, BackendState::Available);
+    assert_eq!(status.window_failures, 0);
+    // Nor do they break a run of connection failures, nor make one.
+    fail_n(&pool, A, 2, t0);
+    pool.record(A, DEP, Outcome::LocalError, t0);
+    assert_eq!(state(&pool, A, t0), BackendState::Available);
+    fail_n(&pool, A, 1, t0);
+    assert_eq!(state(&pool, A, t0), BackendState::CircuitOpen);
+}
+
+#[test]
+fn a_few_server_errors_among_many_answers_never_open() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    // 5% of 1,000 answers over 10 s, in bursts: never 50% of any window.
+    for i in 0..1_000u64 {
+        let outcome = if i % 20 == 19 {
+            Outcome::ServerError { hint: None }
+        } else {
+            Outcome::Success
+        };
+        pool.record(A, DEP, outcome, t0 + ms(i * 10));
+    }
+    let end = t0 + ms(10_000);
+    assert_eq!(state(&pool, A, end), BackendState::Available);
+    // The window slides by tenths: it holds the last 9 to 10 s.
+    assert_eq!(pool.snapshot(end)[0].window_failures, 45);
+}
+
+#[test]
+fn a_failure_ratio_opens_only_over_the_request_volume() {
+    let pool = pool(vec![backend("a", 1, 1)]);
+    let t0 = Instant::now();
+    // 9 of 9 failed: under the volume of 10.
+    for _ in 0..9 {
+        pool.record(A, DEP, Outcome::ServerError { hint: None }, t0);
+    }
+    assert_eq!(state(&pool, A, t0), BackendState::Available);
+    // Half of 10 failed: the threshold.
+    let pool = pool_with(settings());
+    for i in 0..10 {
+        let outcome = if i % 2 == 1 {
+            Outcome::ServerError { hint: None }
+        } else {
+            Outcome::Success
+        };
+        pool.record(A, DEP, outcome, t0);
+    }
+    assert_eq!(state(&pool, A, t0), BackendState::CircuitOpen);
 }
 
 #[test]
@@ -520,29 +607,25 @@ fn failures_spread_beyond_the_interval_do_not_open() {
     let pool = pool(vec![backend("a", 1, 1)]);
     let t0 = Instant::now();
     for i in 0..20 {
+        pool.record(A, DEP, Outcome::ServerError { hint: None }, t0 + secs(i));
+    }
+    // One a second: the 10th within 10 s reaches the volume, all failed.
+    assert_eq!(state(&pool, A, t0 + secs(9)), BackendState::CircuitOpen);
+
+    let pool = pool_with(settings());
+    for i in 0..20 {
         pool.record(
             A,
             DEP,
             Outcome::ServerError { hint: None },
-            t0 + secs(5 * i),
+            t0 + secs(2 * i),
         );
     }
-    let end = t0 + secs(95);
+    let end = t0 + secs(38);
     assert_eq!(state(&pool, A, end), BackendState::Available);
     let status = &pool.snapshot(end)[0];
-    assert_eq!(status.window_failures, 2);
+    assert_eq!(status.window_failures, 5);
     assert_eq!(status.consecutive_failures, 20);
-}
-
-#[test]
-fn successes_do_not_reset_the_sliding_count() {
-    let pool = pool(vec![backend("a", 1, 1)]);
-    let t0 = Instant::now();
-    for i in 0..3 {
-        pool.record(A, DEP, Outcome::Timeout, t0 + secs(i));
-        pool.record(A, DEP, Outcome::Success, t0 + secs(i));
-    }
-    assert_eq!(state(&pool, A, t0 + secs(2)), BackendState::CircuitOpen);
 }
 
 #[test]
@@ -561,13 +644,98 @@ fn throttles_auth_failures_and_not_found_are_not_circuit_failures() {
 }
 
 #[test]
-fn zero_failures_disables_the_circuit_breaker() {
+fn zero_thresholds_disable_the_circuit_breaker() {
     let mut settings = settings();
-    settings.circuit.failures = 0;
+    settings.circuit.consecutive_failures = 0;
+    settings.circuit.failure_percentage = 0;
     let pool = BackendPool::new(vec![backend("a", 1, 1)], settings);
     let t0 = Instant::now();
     fail_n(&pool, A, 100, t0);
+    assert_eq!(state(&pool, A, t0), BackendState::Available);
+}
+
+#[test]
+fn ejection_never_takes_more_than_the_share_of_a_group() {
+    let mut settings = settings();
+    settings.circuit.max_ejection_percent = 50;
+    let pool = BackendPool::new(
+        vec![
+            backend("a", 1, 1),
+            backend("b", 1, 1),
+            backend("c", 1, 1),
+            backend("d", 1, 1),
+            backend("e", 2, 1),
+        ],
+        settings,
+    );
+    let t0 = Instant::now();
+    for id in 0..5 {
+        fail_n(&pool, BackendId(id), 3, t0);
+    }
+    let states: Vec<_> = pool.snapshot(t0).iter().map(|b| b.state).collect();
+    use BackendState::{Available as Up, CircuitOpen as Out};
+    // Two of the four in group 1; the lone backend of group 2 may always go.
+    assert_eq!(states, [Out, Out, Up, Up, Out]);
+    // When one comes back, another may go.
+    let t1 = t0 + secs(30);
+    pool.record(A, DEP, Outcome::Success, t1);
+    fail_n(&pool, BackendId(2), 3, t1);
+    assert_eq!(state(&pool, BackendId(2), t1), BackendState::CircuitOpen);
+    assert_eq!(state(&pool, BackendId(3), t1), BackendState::Available);
+}
+
+#[test]
+fn ejections_grow_with_repeats_up_to_the_cap() {
+    let mut settings = settings();
+    settings.circuit.max_ejection = secs(100);
+    let pool = BackendPool::new(vec![backend("a", 1, 1)], settings);
+    let mut now = Instant::now();
+    let mut lengths = Vec::new();
+    for _ in 0..5 {
+        // Each probe fails: out again, for longer.
+        fail_n(&pool, A, 3, now);
+        let left = pool.snapshot(now)[0].circuit_open_remaining.unwrap();
+        lengths.push(left.as_secs());
+        now += left;
+    }
+    assert_eq!(lengths, [30, 60, 90, 100, 100]);
+    // A healthy stretch forgets one ejection per interval: after 40 s, four of five.
+    pool.record(A, DEP, Outcome::Success, now);
+    now += secs(40);
+    fail_n(&pool, A, 3, now);
+    assert_eq!(pool.snapshot(now)[0].circuit_open_remaining, Some(secs(60)));
+}
+
+#[test]
+fn panic_mode_tries_ejected_backends_rather_than_refuse() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    let t0 = Instant::now();
+    fail_n(&pool, A, 3, t0);
+    fail_n(&pool, B, 3, t0);
+    assert_eq!(state(&pool, A, t0), BackendState::CircuitOpen);
+    assert_eq!(state(&pool, B, t0), BackendState::CircuitOpen);
+    assert_eq!(pool.panic_selections(), 0);
+    // Priority still applies; no probe slot is taken.
     assert_eq!(pick(&pool, &[], t0), A);
+    assert_eq!(pick(&pool, &[A], t0), B);
+    assert_eq!(pool.panic_selections(), 2);
+    // Both tried: the refusal still says why.
+    let e = exhausted(&pool, &[A, B], t0);
+    assert_eq!(e.circuit_open, 2);
+    assert_eq!(e.tried, 0);
+    // A throttled backend is an answer of its own: the client is told when to come back.
+    let pool = self::pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+    fail_n(&pool, A, 3, t0);
+    pool.record(
+        B,
+        DEP,
+        Outcome::Throttled {
+            hint: Some(secs(2)),
+        },
+        t0,
+    );
+    let e = exhausted(&pool, &[], t0);
+    assert_eq!(e.shortest_cooldown, Some(secs(2)));
 }
 
 #[test]
@@ -610,8 +778,8 @@ fn probe_success_closes_the_circuit_and_resets_the_count() {
 }
 
 #[test]
-fn probe_failure_reopens_the_circuit_for_trip() {
-    let pool = pool(vec![backend("a", 1, 1)]);
+fn probe_failure_reopens_the_circuit_for_longer() {
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
     let t0 = Instant::now();
     fail_n(&pool, A, 3, t0);
     let t1 = t0 + secs(40);
@@ -619,14 +787,14 @@ fn probe_failure_reopens_the_circuit_for_trip() {
     pool.record(A, DEP, Outcome::ConnectError, t1 + secs(2));
     let t2 = t1 + secs(2);
     assert_eq!(state(&pool, A, t2), BackendState::CircuitOpen);
-    assert_eq!(pool.snapshot(t2)[0].circuit_open_remaining, Some(secs(30)));
-    assert_eq!(exhausted(&pool, &[], t2 + ms(29_999)).circuit_open, 1);
-    assert_eq!(pick(&pool, &[], t2 + secs(30)), A);
+    assert_eq!(pool.snapshot(t2)[0].circuit_open_remaining, Some(secs(60)));
+    assert_eq!(pick(&pool, &[], t2 + ms(59_999)), B);
+    assert_eq!(pick(&pool, &[], t2 + secs(60)), A);
 }
 
 #[test]
 fn throttled_probe_frees_the_slot_after_its_cooldown() {
-    let pool = pool(vec![backend("a", 1, 1)]);
+    let pool = pool(vec![backend("a", 1, 1), backend("b", 2, 1)]);
     let t0 = Instant::now();
     fail_n(&pool, A, 3, t0);
     let t1 = t0 + secs(30);
@@ -640,13 +808,12 @@ fn throttled_probe_frees_the_slot_after_its_cooldown() {
         t1,
     );
     assert_eq!(state(&pool, A, t1), BackendState::CoolingDown);
-    let e = exhausted(&pool, &[], t1);
-    assert_eq!(e.shortest_cooldown, Some(secs(1)));
+    assert_eq!(pick(&pool, &[], t1), B);
     // Still half-open: one probe after the cooldown, well before probe_timeout.
     let t2 = t1 + secs(1);
     assert_eq!(state(&pool, A, t2), BackendState::HalfOpen);
     assert_eq!(pick(&pool, &[], t2), A);
-    assert_eq!(exhausted(&pool, &[], t2).circuit_open, 1);
+    assert_eq!(pick(&pool, &[], t2), B);
 }
 
 #[test]
@@ -663,26 +830,26 @@ fn stragglers_while_open_change_nothing() {
 
 #[test]
 fn concurrent_selects_share_one_probe() {
-    let pool = Arc::new(pool(vec![backend("a", 1, 1)]));
+    let pool = Arc::new(pool(vec![backend("a", 1, 1), backend("b", 2, 1)]));
     let t0 = Instant::now();
     fail_n(&pool, A, 3, t0);
     let probe_time = t0 + secs(30);
     let threads = 8;
     let barrier = Arc::new(Barrier::new(threads));
-    let winners: usize = (0..threads)
+    let probes: usize = (0..threads)
         .map(|_| {
             let pool = Arc::clone(&pool);
             let barrier = Arc::clone(&barrier);
             thread::spawn(move || {
                 barrier.wait();
-                matches!(pool.select(DEP, &[], probe_time), Selection::Backend(_))
+                pool.select(DEP, &[], probe_time) == Selection::Backend(A)
             })
         })
         .collect::<Vec<_>>()
         .into_iter()
         .map(|handle| usize::from(handle.join().unwrap()))
         .sum();
-    assert_eq!(winners, 1);
+    assert_eq!(probes, 1);
 }
 
 // --- not found ---
@@ -787,9 +954,11 @@ fn concurrent_selects_and_records_smoke() {
                 default_cooldown: ms(3),
                 max_cooldown: ms(5),
                 circuit: CircuitSettings {
-                    failures: 3,
+                    consecutive_failures: 3,
                     interval: ms(20),
-                    trip: ms(5),
+                    base_ejection: ms(5),
+                    max_ejection: ms(10),
+                    ..CircuitSettings::default()
                 },
                 probe_timeout: ms(2),
                 not_found_cooldown: ms(5),

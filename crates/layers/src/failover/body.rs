@@ -24,7 +24,7 @@ pin_project! {
     /// see it is incomplete; any other body ends with an error, which aborts it. That error is an
     /// [`std::io::Error`] of kind [`TimedOut`](std::io::ErrorKind::TimedOut), so a layer that reads
     /// the body whole can answer 504 rather than 502. A body the backend served that breaks is
-    /// charged to the backend as a failure.
+    /// reported to the pool as [`Outcome::StreamBroken`], which the circuit breaker does not count.
     pub struct FailoverBody<B> {
         #[pin]
         inner: MaybeFull<B>,
@@ -49,7 +49,7 @@ pub(super) struct BodyLimits {
     pub(super) sse: bool,
 }
 
-/// A body the backend served: its failure is charged to the backend, and it holds the backend's
+/// A body the backend served: its failure is reported to the pool, and it holds the backend's
 /// in-flight count until it ends.
 pub(super) struct StreamWatch {
     pub(super) pool: Arc<BackendPool>,
@@ -179,8 +179,8 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }
 
-/// Charges the backend with a broken body it served, and decides what the client sees: an SSE error
-/// event, or (for other bodies) the error, which aborts the connection.
+/// Reports a broken body the backend served (logged; no circuit failure), and decides what the
+/// client sees: an SSE error event, or (for other bodies) the error, which aborts the connection.
 fn broken(
     watch: Option<StreamWatch>,
     sse: bool,

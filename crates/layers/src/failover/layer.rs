@@ -118,8 +118,8 @@ impl<P> FailoverLayer<P> {
     }
 
     /// Longest silence allowed inside any upstream response body, errors passed through included
-    /// (default 120 s); then the body is broken off (an SSE stream gets an `event: error`) and, if
-    /// the backend served it, the backend is charged with a failure.
+    /// (default 120 s); then the body is broken off (an SSE stream gets an `event: error`). It is
+    /// not counted against the backend's circuit: the attempt already counted when its headers came.
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.stream_idle_timeout = timeout;
         self

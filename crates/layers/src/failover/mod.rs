@@ -13,8 +13,8 @@
 //!   as `content_filter`) and other answers pass through untouched. That decision is a
 //!   [`FailoverPolicy`]: [`AzurePolicy`] by default, replaceable with [`FailoverLayer::policy`].
 //! - The decision is made on status and headers, before any byte reaches the client; the body then
-//!   streams through without buffering. A body that breaks mid-way is charged to the backend and a
-//!   Server-Sent Events stream ends with an `event: error` frame and no `[DONE]`.
+//!   streams through without buffering. A body that breaks mid-way is logged (it does not count
+//!   against the backend's circuit) and a Server-Sent Events stream ends with an `event: error` frame and no `[DONE]`.
 //! - When no backend is left and some were throttled, the answer is a 429 with `retry-after` and
 //!   `retry-after-ms` set to the shortest remaining cooldown and `x-gateway-throttled: true`; otherwise
 //!   502, 503 or 504 with the cause, in Azure's error shape. Never a hang: an attempt budget and an

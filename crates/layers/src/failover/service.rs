@@ -268,12 +268,13 @@ where
                 // The one line that names the backend and the root cause; the client gets the
                 // category only.
                 tracing::warn!(backend = %up.name, %cause, error = %Chain(&*err), "upstream connection failed; failing over");
-                pool.record(
-                    id,
-                    deployment,
-                    Outcome::ConnectError,
-                    Instant::now().into_std(),
-                );
+                // Running out of descriptors is the gateway's own trouble, never the backend's.
+                let outcome = if cause == ErrorCause::ResourceExhausted {
+                    Outcome::LocalError
+                } else {
+                    Outcome::ConnectError
+                };
+                pool.record(id, deployment, outcome, Instant::now().into_std());
                 record(None, AttemptOutcome::ConnectError);
                 last = Some(LastFailure::Connect(cause));
                 continue;
