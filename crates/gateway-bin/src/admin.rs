@@ -68,6 +68,15 @@ struct BackendView<'a> {
     remaining_requests: Option<QuotaView>,
     in_flight: u64,
     ttfb_ms: Option<LatencyView>,
+    /// Deployments (the backend's own names) resting after a 429 or a spent request window.
+    resting: Vec<RestView>,
+}
+
+#[derive(Serialize)]
+struct RestView {
+    deployment: String,
+    remaining_ms: u64,
+    reason: &'static str,
 }
 
 #[derive(Serialize)]
@@ -230,6 +239,15 @@ impl Admin {
             priority: b.priority,
             weight: b.weight,
             not_found: b.not_found,
+            resting: b
+                .resting
+                .into_iter()
+                .map(|r| RestView {
+                    remaining_ms: millis(r.remaining),
+                    reason: r.reason.as_str(),
+                    deployment: r.deployment,
+                })
+                .collect(),
         }
     }
 

@@ -59,13 +59,16 @@ use std::time::{Duration, Instant};
 use crate::secret::Credential;
 
 use self::health::{Availability, CircuitChange, Health};
+use self::rests::Rests;
 
 mod health;
+mod rests;
 #[cfg(feature = "redis")]
 mod shared;
 #[cfg(test)]
 mod tests;
 
+pub use rests::{DeploymentRest, RestReason};
 #[cfg(feature = "redis")]
 pub use shared::{RedisCooldowns, unix_ms};
 
@@ -73,6 +76,10 @@ pub use shared::{RedisCooldowns, unix_ms};
 /// tokens per minute without saying when its minute started: a short trust keeps a backend whose
 /// window has already reset from being skipped for long.
 pub const QUOTA_FRESHNESS: Duration = Duration::from_secs(15);
+
+/// How long a deployment rests after `x-ratelimit-remaining-requests: 0` came without an
+/// `x-ratelimit-reset-requests`: Azure counts requests in 10-second windows.
+pub const REQUEST_WINDOW: Duration = Duration::from_secs(10);
 
 /// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`.
 const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(60);
@@ -133,6 +140,9 @@ pub struct BackendPool {
     backends: Vec<Backend>,
     /// One entry per backend, same order. Locked briefly, one at a time, never across `.await`.
     health: Vec<Mutex<Health>>,
+    /// One entry per backend, same order: the rests of its deployments (429s, spent request
+    /// windows). Locked after `health`, never together with it.
+    rests: Vec<Mutex<Rests>>,
     /// Attempts in flight per backend, same order; counted outside the health lock so that
     /// starting and ending an attempt never contends with routing.
     in_flight: Vec<Arc<AtomicU64>>,
@@ -250,6 +260,9 @@ pub struct BackendStatus {
     pub remaining_requests: Option<RemainingQuota>,
     /// Attempts sent to it whose response has not ended yet (see [`BackendPool::begin`]).
     pub in_flight: u64,
+    /// Its deployments resting after a 429 or a spent request window (by its own deployment
+    /// names). While any rests, `state` says `CoolingDown` and `cooldown_remaining` is the longest.
+    pub resting: Vec<DeploymentRest>,
 }
 
 /// One attempt in flight on a backend, from [`BackendPool::begin`]: the count goes down when it is
@@ -336,9 +349,11 @@ impl BackendPool {
             .map(|_| Mutex::new(Health::new(&settings)))
             .collect();
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
+        let rests = backends.iter().map(|_| Mutex::default()).collect();
         Self {
             backends,
             health,
+            rests,
             in_flight,
             settings,
             rng: RngSource::Thread,
@@ -443,7 +458,11 @@ impl BackendPool {
             tracing::warn!(%id, "outcome recorded for an unknown backend id");
             return None;
         };
-        let recorded = lock(health).record(deployment, outcome, now, &self.settings);
+        let mut recorded = lock(health).record(deployment, outcome, now, &self.settings);
+        if let Outcome::Throttled { hint } = outcome {
+            let rest = hint.unwrap_or(self.settings.default_cooldown);
+            recorded.cooldown = Some(self.rest(id, deployment, rest, RestReason::Throttled, now));
+        }
 
         let backend = &self.backends[id.0].name;
         if let Some(cooldown) = recorded.cooldown {
@@ -481,13 +500,58 @@ impl BackendPool {
         recorded.cooldown
     }
 
-    /// Cools backend `id` down for `cooldown` (capped at the maximum), as learned from another gateway
-    /// instance; a longer cooldown in force is kept. Unlike [`record`](Self::record) it is no outcome of
-    /// this instance's: circuits and probes are untouched.
-    pub fn cool_down(&self, id: BackendId, cooldown: Duration, now: Instant) {
-        if let Some(health) = self.health.get(id.0) {
-            lock(health).cool_down(Some(cooldown), true, now, &self.settings);
+    /// Rests the deployment named `own_deployment` *on backend `id`* (the backend's own name for it,
+    /// as [`Backend::deployment_name`] gives) for `cooldown` (capped at the maximum), as learned from
+    /// another gateway instance's 429; a longer rest in force is kept. Unlike
+    /// [`record`](Self::record) it is no outcome of this instance's: circuits and probes are untouched.
+    pub fn cool_down(&self, id: BackendId, own_deployment: &str, cooldown: Duration, now: Instant) {
+        if let Some(rests) = self.rests.get(id.0) {
+            lock(rests).rest(
+                own_deployment,
+                cooldown,
+                self.settings.max_cooldown,
+                RestReason::Throttled,
+                now,
+            );
         }
+    }
+
+    /// Backend `id` said `x-ratelimit-remaining-requests: 0` for `deployment`: it rests until its
+    /// request window resets (`reset`, from `x-ratelimit-reset-requests`, else [`REQUEST_WINDOW`]),
+    /// as a 429 would have made it, without the doomed round trip. Returns the rest applied.
+    pub fn requests_spent(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        reset: Option<Duration>,
+        now: Instant,
+    ) -> Option<Duration> {
+        self.rests.get(id.0)?;
+        let rest = reset.unwrap_or(REQUEST_WINDOW);
+        Some(self.rest(id, deployment, rest, RestReason::RequestsSpent, now))
+    }
+
+    /// Rests logical `deployment` on backend `id` (a valid id), keyed by the backend's own name.
+    fn rest(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        rest: Duration,
+        reason: RestReason,
+        now: Instant,
+    ) -> Duration {
+        let own = self.backends[id.0]
+            .deployment_name(deployment)
+            .unwrap_or(deployment);
+        lock(&self.rests[id.0]).rest(own, rest, self.settings.max_cooldown, reason, now)
+    }
+
+    /// Time left resting for logical `deployment` on backend `id` (a valid id), if it rests.
+    fn resting(&self, id: BackendId, deployment: &str, now: Instant) -> Option<Duration> {
+        let own = self.backends[id.0]
+            .deployment_name(deployment)
+            .unwrap_or(deployment);
+        lock(&self.rests[id.0]).remaining(own, now)
     }
 
     /// The least time until a throttled backend serving `deployment` is available again, if any is
@@ -497,15 +561,7 @@ impl BackendPool {
             .iter()
             .enumerate()
             .filter(|(_, b)| b.deployments.contains_key(deployment))
-            .filter_map(|(i, _)| {
-                match self
-                    .lock(BackendId(i))
-                    .availability(deployment, now, &self.settings)
-                {
-                    Availability::CoolingDown(left, true) => Some(left),
-                    _ => None,
-                }
-            })
+            .filter_map(|(i, _)| self.resting(BackendId(i), deployment, now))
             .min()
     }
 
@@ -518,8 +574,13 @@ impl BackendPool {
             .enumerate()
             .filter(|(_, b)| b.deployments.contains_key(deployment))
             .filter_map(|(i, _)| {
-                self.lock(BackendId(i))
-                    .recovers_in(deployment, now, &self.settings)
+                let id = BackendId(i);
+                let health = self.lock(id).recovers_in(deployment, now, &self.settings);
+                match (health, self.resting(id, deployment, now)) {
+                    // The backend is back only when both are over.
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }
             })
             .min()
     }
@@ -565,14 +626,26 @@ impl BackendPool {
             .enumerate()
             .map(|(i, (backend, health))| {
                 let view = lock(health).view(now, &self.settings);
+                let resting = lock(&self.rests[i]).view(now);
+                let longest_rest = resting.iter().map(|r| r.remaining).max();
+                let state = match view.state {
+                    BackendState::Available | BackendState::HalfOpen if longest_rest.is_some() => {
+                        BackendState::CoolingDown
+                    }
+                    state => state,
+                };
+                let cooldown_remaining = match (view.cooldown_remaining, longest_rest) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
                 BackendStatus {
                     id: BackendId(i),
                     name: backend.name.clone(),
                     region: backend.region.clone(),
                     priority: backend.priority,
                     weight: backend.weight,
-                    state: view.state,
-                    cooldown_remaining: view.cooldown_remaining,
+                    state,
+                    cooldown_remaining,
                     circuit_open_remaining: view.circuit_open_remaining,
                     consecutive_failures: view.consecutive_failures,
                     window_failures: view.window_failures,
@@ -580,6 +653,7 @@ impl BackendPool {
                     remaining_tokens: view.remaining_tokens,
                     remaining_requests: view.remaining_requests,
                     in_flight: self.in_flight[i].load(Ordering::Relaxed),
+                    resting,
                 }
             })
             .collect()
@@ -606,12 +680,23 @@ impl BackendPool {
             }
             serving += 1;
             let id = BackendId(i);
-            let (availability, headroom) = {
+            let (mut availability, headroom) = {
                 let health = self.lock(id);
                 (
                     health.availability(deployment, now, &self.settings),
                     need.and_then(|_| health.headroom(deployment, now, QUOTA_FRESHNESS)),
                 )
+            };
+            // The deployment's own rest: a throttle the client can wait out, and the backend is
+            // back only when both its cooldown and this rest are over.
+            availability = match (availability, self.resting(id, deployment, now)) {
+                (Availability::Ready | Availability::Probe, Some(rest)) => {
+                    Availability::CoolingDown(rest, true)
+                }
+                (Availability::CoolingDown(left, _), Some(rest)) => {
+                    Availability::CoolingDown(left.max(rest), true)
+                }
+                (availability, _) => availability,
             };
             match availability {
                 Availability::NotFound => exhausted.not_found += 1,

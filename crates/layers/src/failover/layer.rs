@@ -20,9 +20,9 @@ pub struct FailoverLayer<P = AzurePolicy> {
     on_cooldown: Option<CooldownHook>,
 }
 
-/// Called with a backend's name and the cooldown its answer put it into (see
-/// [`FailoverLayer::on_cooldown`]).
-pub type CooldownHook = Arc<dyn Fn(&str, Duration) + Send + Sync>;
+/// Called with a backend's name, its own name for the deployment that rests, and the rest its answer
+/// put that deployment into (see [`FailoverLayer::on_cooldown`]).
+pub type CooldownHook = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
 
 /// How the layer bounds attempts.
 #[derive(Clone, Debug)]
@@ -125,9 +125,14 @@ impl<P> FailoverLayer<P> {
         self
     }
 
-    /// Calls `hook(backend, cooldown)` whenever a 429 puts a backend into cooldown: the way to tell
-    /// other gateway instances, e.g. through Redis. (Auth failures and 5xx are this instance's own.)
-    pub fn on_cooldown(mut self, hook: impl Fn(&str, Duration) + Send + Sync + 'static) -> Self {
+    /// Calls `hook(backend, deployment, cooldown)` whenever a 429 (or
+    /// `x-ratelimit-remaining-requests: 0`) rests a deployment on a backend, `deployment` being the
+    /// backend's own name for it: the way to tell other gateway instances, e.g. through Redis. (Auth
+    /// failures and 5xx are this instance's own.)
+    pub fn on_cooldown(
+        mut self,
+        hook: impl Fn(&str, &str, Duration) + Send + Sync + 'static,
+    ) -> Self {
         self.on_cooldown = Some(Arc::new(hook));
         self
     }

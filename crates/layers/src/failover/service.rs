@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::pool::{Backend, BackendId, BackendPool, Exhausted, Outcome, Selection};
-use gateway_core::retry_after::parse_remaining;
+use gateway_core::retry_after::{parse_remaining, parse_reset};
 use gateway_core::tokens::Estimate;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -268,13 +268,26 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_remaining)
         };
+        let remaining_requests = remaining(&X_RATELIMIT_REMAINING_REQUESTS);
         pool.observe_remaining(
             id,
             deployment,
             remaining(&X_RATELIMIT_REMAINING_TOKENS),
-            remaining(&X_RATELIMIT_REMAINING_REQUESTS),
+            remaining_requests,
             Instant::now().into_std(),
         );
+        // The window's last request: the next would be a doomed 429 round trip (often a
+        // cross-region one). Rest the deployment until the window resets, as its 429 would.
+        if remaining_requests == Some(0) && status != StatusCode::TOO_MANY_REQUESTS {
+            let reset = headers
+                .get("x-ratelimit-reset-requests")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_reset);
+            let rest = pool.requests_spent(id, deployment, reset, Instant::now().into_std());
+            if let (Some(rest), Some(hook)) = (rest, &shared.on_cooldown) {
+                hook(&up.name, own_deployment(pool, id, deployment), rest);
+            }
+        }
 
         match policy.classify(status, headers) {
             Decision::Serve => {
@@ -311,7 +324,7 @@ where
                 if let (true, Some(cooldown), Some(hook)) =
                     (throttled, cooldown, &shared.on_cooldown)
                 {
-                    hook(&up.name, cooldown);
+                    hook(&up.name, own_deployment(pool, id, deployment), cooldown);
                 }
                 record(Some(status.as_u16()), kind);
                 last = Some(match kind {
@@ -464,6 +477,13 @@ fn record_outcome(span: &tracing::Span, status: Option<u16>, outcome: AttemptOut
         None => span.record("error.type", outcome.as_str()),
     };
     span.record("otel.status_code", "error");
+}
+
+/// The backend's own name for logical `deployment`: what Azure throttles, and what rests.
+fn own_deployment<'a>(pool: &'a BackendPool, id: BackendId, deployment: &'a str) -> &'a str {
+    pool.get(id)
+        .deployment_name(deployment)
+        .unwrap_or(deployment)
 }
 
 fn is_deployment_not_found(body: &[u8]) -> bool {

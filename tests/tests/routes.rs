@@ -1,0 +1,91 @@
+//! Routing state per (backend, deployment), as Azure keeps it (issue 9): a throttle rests one
+//! deployment of a region, never the region's others. Routing is proven by counting the calls each
+//! simulated region received, per deployment.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use gateway_e2e::*;
+use serde_json::json;
+use simulator::{Fault, RunningRegion};
+
+/// Calls `region` received for its own deployment `own`, by status.
+fn calls(region: &RunningRegion, own: &str) -> Vec<u16> {
+    let path = format!("/openai/deployments/{own}/");
+    region
+        .handle()
+        .recent_requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with(&path))
+        .map(|r| r.status)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_429_on_one_deployment_leaves_the_backends_other_deployments_in_use() {
+    // Sweden serves chat and embeddings; East US 2 is the fallback for both.
+    let sweden = region(
+        "Sweden Central",
+        &[("chat-swc", 1_000_000), ("embedding-swc", 1_000_000)],
+    )
+    .await;
+    let eastus = region(
+        "East US 2",
+        &[("chat-eus", 1_000_000), ("embedding-eus", 1_000_000)],
+    )
+    .await;
+    // Sweden's chat deployment is throttled for a minute; its embeddings deployment is not.
+    sweden.handle().set_faults(vec![
+        Fault::status_with_retry_after(429, 60_000).deployment("chat-swc"),
+    ]);
+    let map = |region: &str| {
+        [
+            ("gpt-4o", format!("chat-{region}")),
+            ("embeddings", format!("embedding-{region}")),
+        ]
+    };
+    let backend = |name, sim, region, priority, map: [(&str, String); 2]| {
+        let map: Vec<(&str, &str)> = map.iter().map(|(l, o)| (*l, o.as_str())).collect();
+        backend_toml(name, sim, region, priority, 1, &map)
+    };
+    let backends = [
+        backend("swc", &sweden, "Sweden Central", 1, map("swc")),
+        backend("eus", &eastus, "East US 2", 2, map("eus")),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o", "embeddings"], &backends, ""),
+        &["Sweden Central", "East US 2"],
+    )
+    .await;
+
+    // The first chat call meets the 429 and fails over; the second goes to East US 2 directly.
+    for attempts in ["2", "1"] {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-served-by"], "eus (East US 2)");
+        assert_eq!(res.headers()["x-gateway-attempts"], attempts);
+    }
+    // Embeddings stay in Sweden: its embeddings deployment was never throttled.
+    for _ in 0..3 {
+        let res = client()
+            .post(gw.url("/openai/deployments/embeddings/embeddings?api-version=2024-10-21"))
+            .header("api-key", CLIENT_KEY)
+            .json(&json!({"input": "hello"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-served-by"], "swc (Sweden Central)");
+        assert_eq!(res.headers()["x-gateway-attempts"], "1");
+    }
+    assert_eq!(calls(&sweden, "chat-swc"), [429]);
+    assert_eq!(calls(&sweden, "embedding-swc"), [200, 200, 200]);
+    assert_eq!(calls(&eastus, "chat-eus"), [200, 200]);
+    assert!(calls(&eastus, "embedding-eus").is_empty());
+
+    // The status page names the resting deployment by the backend's own name.
+    let status = gw.status().await;
+    let swc = &status["backends"][0];
+    assert_eq!(swc["state"], "cooling_down", "{swc}");
+    assert_eq!(swc["resting"][0]["deployment"], "chat-swc", "{swc}");
+    assert_eq!(swc["resting"][0]["reason"], "throttled", "{swc}");
+    gw.stop().await;
+}
