@@ -89,3 +89,75 @@ async fn a_429_on_one_deployment_leaves_the_backends_other_deployments_in_use() 
     assert_eq!(swc["resting"][0]["reason"], "throttled", "{swc}");
     gw.stop().await;
 }
+
+/// `[[consumers]]` for the workload `claims-bot`, whose key is that of the pseudo-region `Claims`
+/// (the test gateway resolves region keys only).
+const CLAIMS_BOT: &str = "[[consumers]]\nname = \"claims-bot\"\nkeys = [\"env:KEY_CLAIMS\"]\n";
+
+async fn chat_as(gw: &Gateway, key: &str) -> reqwest::Response {
+    client()
+        .post(gw.chat_url("gpt-4o"))
+        .header("api-key", key)
+        .json(&chat("hi"))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_reserved_backend_is_never_used_by_another_consumer() {
+    let ptu = region("Claims PTU", &[("m", 1_000_000)]).await;
+    let pool = region("Pool", &[("m", 1_000_000)]).await;
+    let mut reserved = backend_toml("claims-ptu", &ptu, "Claims PTU", 1, 1, &[("gpt-4o", "m")]);
+    reserved = reserved.replace(
+        "[backends.deployments]",
+        "reserved_for = [\"claims-bot\"]\n[backends.deployments]",
+    );
+    let backends = [
+        reserved,
+        backend_toml("pool", &pool, "Pool", 2, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, CLAIMS_BOT),
+        &["Claims PTU", "Pool", "Claims"],
+    )
+    .await;
+    let claims_key = backend_key("Claims");
+
+    // The workload is served by its own PTU; everyone else by the pool, at the first attempt.
+    let res = chat_as(&gw, &claims_key).await;
+    assert_eq!(res.headers()["x-served-by"], "claims-ptu (Claims PTU)");
+    for _ in 0..3 {
+        let res = chat_as(&gw, CLIENT_KEY).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-served-by"], "pool (Pool)");
+        assert_eq!(res.headers()["x-gateway-attempts"], "1");
+    }
+    assert_eq!(ptu.handle().request_count(), 1);
+    assert_eq!(pool.handle().request_count(), 3);
+
+    // The PTU throttles briefly: the workload fails over to the pool, its next tier.
+    ptu.handle()
+        .set_faults(vec![Fault::status_with_retry_after(429, 2_000)]);
+    let res = chat_as(&gw, &claims_key).await;
+    assert_eq!(res.headers()["x-served-by"], "pool (Pool)");
+    assert_eq!(res.headers()["x-gateway-attempts"], "2");
+
+    // The pool throttles for longer. The other consumer is told the pool's wait, not the reserved
+    // PTU's shorter one, which is none of its business.
+    pool.handle()
+        .set_faults(vec![Fault::status_with_retry_after(429, 30_000)]);
+    let res = chat_as(&gw, CLIENT_KEY).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-gateway-throttled"], "true");
+    let wait: u64 = res.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait > 2_000, "the reserved PTU's hint leaked: {wait} ms");
+    assert_eq!(res.headers()["x-gateway-attempts"], "1");
+    // Still only the workload's two calls ever reached its PTU.
+    assert_eq!(ptu.handle().request_count(), 2);
+    gw.stop().await;
+}

@@ -70,6 +70,9 @@ struct BackendView<'a> {
     ttfb_ms: Option<LatencyView>,
     /// Deployments (the backend's own names) resting after a 429 or a spent request window.
     resting: Vec<RestView>,
+    /// The consumers it is reserved for; absent when every consumer shares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved_for: Option<Vec<&'a str>>,
 }
 
 #[derive(Serialize)]
@@ -239,6 +242,10 @@ impl Admin {
             priority: b.priority,
             weight: b.weight,
             not_found: b.not_found,
+            reserved_for: self
+                .pool
+                .reserved_for(b.id)
+                .map(|r| r.iter().map(|c| &**c).collect()),
             resting: b
                 .resting
                 .into_iter()

@@ -83,10 +83,20 @@ impl std::error::Error for BuildError {}
 
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
-    let pool = Arc::new(BackendPool::new(
+    let pool = BackendPool::new(
         backends(policy, secrets)?,
         pool_settings(&policy.failover, &policy.circuit_breaker),
-    ));
+    );
+    // Per-workload routes: a reserved backend is left out of every other consumer's selection.
+    let pool = Arc::new(
+        policy
+            .backends
+            .iter()
+            .fold(pool, |pool, b| match &b.reserved_for {
+                Some(consumers) => pool.reserve(&b.name, consumers.iter().map(String::as_str)),
+                None => pool,
+            }),
+    );
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
         ConsumerKeys::new(),

@@ -39,7 +39,7 @@
 //! assert_eq!(
 //!     errors.to_string(),
 //!     "policy.toml:9:1: backends[0].apikey: unknown field `apikey`, expected one of \
-//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`"
+//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`, `reserved_for`"
 //! );
 //! ```
 
@@ -142,6 +142,10 @@ pub struct BackendSpec {
     /// Known requests-per-minute limit of this backend, if any.
     #[serde(default)]
     pub rpm: Option<u64>,
+    /// The consumers this backend is reserved for (a workload's own PTU); shared by all when
+    /// absent. Other consumers never reach it.
+    #[serde(default)]
+    pub reserved_for: Option<Vec<String>>,
 }
 
 /// `[[deployments]]`: a logical deployment clients call by name.

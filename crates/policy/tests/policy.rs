@@ -113,7 +113,8 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:8:1: backends[0].weigth: unknown field `weigth`, expected one of `name`, `region`, \
-         `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`"
+         `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`, \
+         `reserved_for`"
     );
     let text = format!("{BASE}\n[failover]\nmax_attempt = 3\n");
     assert_eq!(

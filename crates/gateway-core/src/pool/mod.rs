@@ -60,15 +60,18 @@ use crate::secret::Credential;
 
 use self::health::{Availability, CircuitChange, Health};
 use self::rests::Rests;
+use self::routes::Reservation;
 
 mod health;
 mod rests;
+mod routes;
 #[cfg(feature = "redis")]
 mod shared;
 #[cfg(test)]
 mod tests;
 
 pub use rests::{DeploymentRest, RestReason};
+pub use routes::Route;
 #[cfg(feature = "redis")]
 pub use shared::{RedisCooldowns, unix_ms};
 
@@ -143,6 +146,8 @@ pub struct BackendPool {
     /// One entry per backend, same order: the rests of its deployments (429s, spent request
     /// windows). Locked after `health`, never together with it.
     rests: Vec<Mutex<Rests>>,
+    /// One entry per backend, same order: the consumers it is reserved for (see `routes`).
+    reserved: Vec<Reservation>,
     /// Attempts in flight per backend, same order; counted outside the health lock so that
     /// starting and ending an attempt never contends with routing.
     in_flight: Vec<Arc<AtomicU64>>,
@@ -350,10 +355,12 @@ impl BackendPool {
             .collect();
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
         let rests = backends.iter().map(|_| Mutex::default()).collect();
+        let reserved = backends.iter().map(|_| None).collect();
         Self {
             backends,
             health,
             rests,
+            reserved,
             in_flight,
             settings,
             rng: RngSource::Thread,
@@ -408,12 +415,25 @@ impl BackendPool {
         need_tokens: Option<u64>,
         now: Instant,
     ) -> Selection {
+        self.select_routed(deployment, tried, need_tokens, Route::default(), now)
+    }
+
+    /// Like [`select_with`](Self::select_with), for `route`: backends reserved for other consumers
+    /// (see [`reserve`](Self::reserve)) are left out as if they did not serve the deployment.
+    pub fn select_routed(
+        &self,
+        deployment: &str,
+        tried: &[BackendId],
+        need_tokens: Option<u64>,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Selection {
         let mut exhausted = Exhausted::default();
         let mut need = need_tokens;
         // A claim fails only when another thread changed the chosen backend between the scan and the
         // claim (typically: took the same half-open probe slot); scan again, a bounded number of times.
         for _ in 0..=self.backends.len() + 1 {
-            let scan = self.scan(deployment, tried, need, now);
+            let scan = self.scan(deployment, tried, need, route, now);
             match scan.chosen {
                 Some(id) if self.lock(id).claim(deployment, now, &self.settings) => {
                     if let Some(tokens) = need_tokens {
@@ -557,10 +577,21 @@ impl BackendPool {
     /// The least time until a throttled backend serving `deployment` is available again, if any is
     /// throttled: what a client told to come back should wait.
     pub fn shortest_throttle(&self, deployment: &str, now: Instant) -> Option<Duration> {
+        self.shortest_throttle_for(deployment, Route::default(), now)
+    }
+
+    /// Like [`shortest_throttle`](Self::shortest_throttle), among the backends `route` may use.
+    pub fn shortest_throttle_for(
+        &self,
+        deployment: &str,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Option<Duration> {
         self.backends
             .iter()
             .enumerate()
             .filter(|(_, b)| b.deployments.contains_key(deployment))
+            .filter(|(i, _)| self.admits(BackendId(*i), route))
             .filter_map(|(i, _)| self.resting(BackendId(i), deployment, now))
             .min()
     }
@@ -569,10 +600,21 @@ impl BackendPool {
     /// a probe out, or resting after a failure) takes traffic again, if any is: what a client refused
     /// with 503 should wait.
     pub fn shortest_recovery(&self, deployment: &str, now: Instant) -> Option<Duration> {
+        self.shortest_recovery_for(deployment, Route::default(), now)
+    }
+
+    /// Like [`shortest_recovery`](Self::shortest_recovery), among the backends `route` may use.
+    pub fn shortest_recovery_for(
+        &self,
+        deployment: &str,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Option<Duration> {
         self.backends
             .iter()
             .enumerate()
             .filter(|(_, b)| b.deployments.contains_key(deployment))
+            .filter(|(i, _)| self.admits(BackendId(*i), route))
             .filter_map(|(i, _)| {
                 let id = BackendId(i);
                 let health = self.lock(id).recovers_in(deployment, now, &self.settings);
@@ -661,7 +703,14 @@ impl BackendPool {
 
     /// One pass: classifies every backend serving `deployment` and draws among the best candidates by
     /// weighted reservoir sampling, so no candidate list is allocated. Each backend is locked once.
-    fn scan(&self, deployment: &str, tried: &[BackendId], need: Option<u64>, now: Instant) -> Scan {
+    fn scan(
+        &self,
+        deployment: &str,
+        tried: &[BackendId],
+        need: Option<u64>,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Scan {
         let mut exhausted = Exhausted::default();
         let mut serving = 0usize;
         let mut best_priority: Option<u32> = None;
@@ -675,11 +724,11 @@ impl BackendPool {
         let mut all_known = true;
 
         for (i, backend) in self.backends.iter().enumerate() {
-            if !backend.deployments.contains_key(deployment) {
+            let id = BackendId(i);
+            if !backend.deployments.contains_key(deployment) || !self.admits(id, route) {
                 continue;
             }
             serving += 1;
-            let id = BackendId(i);
             let (mut availability, headroom) = {
                 let health = self.lock(id);
                 (

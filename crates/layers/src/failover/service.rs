@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::pool::{Backend, BackendId, BackendPool, Exhausted, Outcome, Selection};
+use gateway_core::pool::{Backend, BackendId, BackendPool, Exhausted, Outcome, Route, Selection};
 use gateway_core::retry_after::{parse_remaining, parse_reset};
 use gateway_core::tokens::Estimate;
 use http::request::Parts;
@@ -185,6 +185,10 @@ where
     let pool = &shared.pool;
     // Set by the rate-limit layer: lets the pool skip backends that reported too little quota left.
     let need_tokens = parts.extensions.get::<Estimate>().map(Estimate::total);
+    // Written by the auth layer: backends reserved for other consumers are left out of everything
+    // this request sees, retry hints included.
+    let record = parts.extensions.get::<Arc<Record>>().cloned();
+    let route = Route::for_consumer(record.as_ref().and_then(|r| r.consumer()).map(|c| &**c));
     // From here, not from arrival: a slow upload must not eat the upstream's time.
     let deadline = Instant::now() + config.deadline;
     let mut tried: Vec<BackendId> = Vec::with_capacity(config.max_attempts as usize);
@@ -198,7 +202,7 @@ where
             last = Some(LastFailure::Timeout);
             break;
         }
-        let id = match pool.select_with(deployment, &tried, need_tokens, now.into_std()) {
+        let id = match pool.select_routed(deployment, &tried, need_tokens, route, now.into_std()) {
             Selection::Backend(id) => id,
             Selection::Exhausted(e) => {
                 exhausted = Some(e);
@@ -382,7 +386,9 @@ where
     }
 
     let now = Instant::now().into_std();
-    give_up(&shared, deployment, exhausted, last, report, now, deadline)
+    give_up(
+        &shared, deployment, route, exhausted, last, report, now, deadline,
+    )
 }
 
 /// The answer when no [`RequestContext`] came with the request: the stack is assembled wrong, which
@@ -567,9 +573,11 @@ fn gateway_answer<B>(
     res
 }
 
+#[allow(clippy::too_many_arguments)]
 fn give_up<B>(
     shared: &Shared,
     deployment: &str,
+    route: Route<'_>,
     exhausted: Option<Exhausted>,
     last: Option<LastFailure<B>>,
     mut report: FailoverReport,
@@ -608,7 +616,7 @@ fn give_up<B>(
         Some(LastFailure::Throttled) => {
             let wait = shared
                 .pool
-                .shortest_throttle(deployment, now)
+                .shortest_throttle_for(deployment, route, now)
                 .unwrap_or(Duration::from_secs(1));
             return throttled(deployment, wait, report);
         }
@@ -665,7 +673,7 @@ fn give_up<B>(
                 ),
             );
             // When the first backend comes back is known: tell the client, as a 429 does.
-            if let Some(wait) = shared.pool.shortest_recovery(deployment, now) {
+            if let Some(wait) = shared.pool.shortest_recovery_for(deployment, route, now) {
                 set_retry_after(res.headers_mut(), wait);
             }
             res
