@@ -161,3 +161,49 @@ async fn a_reserved_backend_is_never_used_by_another_consumer() {
     assert_eq!(ptu.handle().request_count(), 2);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_backend_refusing_the_gateways_key_is_misconfigured_and_rests() {
+    let a = region("Region A", &[("m", 1_000_000)]).await;
+    let b = region("Region B", &[("m", 1_000_000)]).await;
+    // A is given the key of another region: it answers 401.
+    let wrong = backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")])
+        .replace("env:KEY_REGION_A", "env:KEY_ELSEWHERE");
+    let backends = [
+        wrong,
+        backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
+    ];
+    let gw = gateway(
+        &policy(&["gpt-4o"], &backends, ""),
+        &["Region A", "Region B", "Elsewhere"],
+    )
+    .await;
+
+    // The first call meets the 401 and fails over; the next ones skip A altogether.
+    for attempts in ["2", "1", "1"] {
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-served-by"], "b (Region B)");
+        assert_eq!(res.headers()["x-gateway-attempts"], attempts);
+    }
+    assert_eq!(a.handle().request_count(), 1);
+    assert_eq!(a.handle().recent_requests()[0].status, 401);
+
+    let status = gw.status().await;
+    assert_eq!(status["backends"][0]["state"], "misconfigured", "{status}");
+    let metrics = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "gateway_backend_state{backend=\"a\",region=\"Region A\",state=\"misconfigured\"} 1"
+        ),
+        "{metrics}"
+    );
+    gw.stop().await;
+}

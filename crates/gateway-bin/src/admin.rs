@@ -371,6 +371,7 @@ fn state_name(state: BackendState) -> &'static str {
         BackendState::CoolingDown => "cooling_down",
         BackendState::CircuitOpen => "circuit_open",
         BackendState::HalfOpen => "half_open",
+        BackendState::Misconfigured => "misconfigured",
     }
 }
 

@@ -52,11 +52,12 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-const STATES: [(BackendState, &str); 4] = [
+const STATES: [(BackendState, &str); 5] = [
     (BackendState::Available, "available"),
     (BackendState::CoolingDown, "cooling_down"),
     (BackendState::CircuitOpen, "circuit_open"),
     (BackendState::HalfOpen, "half_open"),
+    (BackendState::Misconfigured, "misconfigured"),
 ];
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();

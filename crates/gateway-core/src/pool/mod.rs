@@ -84,6 +84,10 @@ pub const QUOTA_FRESHNESS: Duration = Duration::from_secs(15);
 /// `x-ratelimit-reset-requests`: Azure counts requests in 10-second windows.
 pub const REQUEST_WINDOW: Duration = Duration::from_secs(10);
 
+/// How long a backend that refused the gateway's credential (401/403) rests before it is tried
+/// again: a key is not fixed in seconds, and a reload starts it afresh anyway.
+pub const MISCONFIGURED_REST: Duration = Duration::from_secs(300);
+
 /// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`.
 const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(60);
 
@@ -148,6 +152,8 @@ pub struct BackendPool {
     rests: Vec<Mutex<Rests>>,
     /// One entry per backend, same order: the consumers it is reserved for (see `routes`).
     reserved: Vec<Reservation>,
+    /// How long a backend rests after refusing the gateway's credential.
+    misconfigured_rest: Duration,
     /// Attempts in flight per backend, same order; counted outside the health lock so that
     /// starting and ending an attempt never contends with routing.
     in_flight: Vec<Arc<AtomicU64>>,
@@ -165,7 +171,8 @@ pub enum Selection {
 }
 
 /// Why no backend was selected. Every backend serving the deployment is counted once, under the first
-/// reason that applies in this order: `not_found`, `circuit_open`, `throttled`, `tried`.
+/// reason that applies in this order: `misconfigured`, `not_found`, `circuit_open`, `throttled`,
+/// `tried`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exhausted {
     /// The least remaining cooldown among the backends serving the deployment that are cooling down
@@ -184,6 +191,8 @@ pub struct Exhausted {
     pub tried: usize,
     /// Available backends whose last reported remaining tokens could not fit the request.
     pub insufficient_quota: usize,
+    /// Backends resting after they refused the gateway's credential (401/403).
+    pub misconfigured: usize,
     /// No backend serves this deployment at all.
     pub no_candidates: bool,
 }
@@ -232,6 +241,9 @@ pub enum BackendState {
     CircuitOpen,
     /// Trip ended: takes a single probe request, which closes or reopens the circuit.
     HalfOpen,
+    /// It refused the gateway's credential (401/403): skipped for a long rest, then tried again;
+    /// the state holds until it serves.
+    Misconfigured,
 }
 
 /// One backend as shown on a status page or in metrics.
@@ -361,10 +373,18 @@ impl BackendPool {
             health,
             rests,
             reserved,
+            misconfigured_rest: MISCONFIGURED_REST,
             in_flight,
             settings,
             rng: RngSource::Thread,
         }
+    }
+
+    /// Rests a backend that refused the gateway's credential for `rest` instead of
+    /// [`MISCONFIGURED_REST`].
+    pub fn with_misconfigured_rest(mut self, rest: Duration) -> Self {
+        self.misconfigured_rest = rest;
+        self
     }
 
     /// Draws weighted choices from a generator seeded with `seed`, for reproducible tests.
@@ -483,6 +503,7 @@ impl BackendPool {
             let rest = hint.unwrap_or(self.settings.default_cooldown);
             recorded.cooldown = Some(self.rest(id, deployment, rest, RestReason::Throttled, now));
         }
+        self.note_credential(id, outcome, now);
 
         let backend = &self.backends[id.0].name;
         if let Some(cooldown) = recorded.cooldown {
@@ -551,6 +572,30 @@ impl BackendPool {
         Some(self.rest(id, deployment, rest, RestReason::RequestsSpent, now))
     }
 
+    /// A 401/403 marks backend `id` (a valid id) misconfigured, a success clears it; each transition
+    /// is logged once, the first loudly: no client can fix the gateway's credential.
+    fn note_credential(&self, id: BackendId, outcome: Outcome, now: Instant) {
+        let backend = &self.backends[id.0].name;
+        match outcome {
+            Outcome::AuthFailure { .. } => {
+                let rest = self.misconfigured_rest;
+                if lock(&self.rests[id.0]).misconfigure(rest, now) {
+                    tracing::error!(
+                        backend,
+                        rest_s = rest.as_secs(),
+                        "backend refused the gateway's credential (401/403): marked misconfigured; check its api_key or bearer_token; failing over, and trying it again after the rest or on reload"
+                    );
+                }
+            }
+            Outcome::Success => {
+                if lock(&self.rests[id.0]).configured() {
+                    tracing::info!(backend, "backend accepts the gateway's credential again");
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Rests logical `deployment` on backend `id` (a valid id), keyed by the backend's own name.
     fn rest(
         &self,
@@ -568,10 +613,25 @@ impl BackendPool {
 
     /// Time left resting for logical `deployment` on backend `id` (a valid id), if it rests.
     fn resting(&self, id: BackendId, deployment: &str, now: Instant) -> Option<Duration> {
+        self.rest_state(id, deployment, now).0
+    }
+
+    /// Time left resting for logical `deployment` on backend `id` (a valid id), and time left in
+    /// the backend's rest as misconfigured; under one lock.
+    fn rest_state(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        now: Instant,
+    ) -> (Option<Duration>, Option<Duration>) {
         let own = self.backends[id.0]
             .deployment_name(deployment)
             .unwrap_or(deployment);
-        lock(&self.rests[id.0]).remaining(own, now)
+        let rests = lock(&self.rests[id.0]);
+        (
+            rests.remaining(own, now),
+            rests.misconfigured_remaining(now),
+        )
     }
 
     /// The least time until a throttled backend serving `deployment` is available again, if any is
@@ -618,11 +678,9 @@ impl BackendPool {
             .filter_map(|(i, _)| {
                 let id = BackendId(i);
                 let health = self.lock(id).recovers_in(deployment, now, &self.settings);
-                match (health, self.resting(id, deployment, now)) {
-                    // The backend is back only when both are over.
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                }
+                let (rest, misconfigured) = self.rest_state(id, deployment, now);
+                // The backend is back only when all are over.
+                [health, rest, misconfigured].into_iter().flatten().max()
             })
             .min()
     }
@@ -668,9 +726,13 @@ impl BackendPool {
             .enumerate()
             .map(|(i, (backend, health))| {
                 let view = lock(health).view(now, &self.settings);
-                let resting = lock(&self.rests[i]).view(now);
+                let (resting, misconfigured) = {
+                    let rests = lock(&self.rests[i]);
+                    (rests.view(now), rests.is_misconfigured())
+                };
                 let longest_rest = resting.iter().map(|r| r.remaining).max();
                 let state = match view.state {
+                    _ if misconfigured => BackendState::Misconfigured,
                     BackendState::Available | BackendState::HalfOpen if longest_rest.is_some() => {
                         BackendState::CoolingDown
                     }
@@ -736,9 +798,14 @@ impl BackendPool {
                     need.and_then(|_| health.headroom(deployment, now, QUOTA_FRESHNESS)),
                 )
             };
+            let (rest, misconfigured) = self.rest_state(id, deployment, now);
+            if misconfigured.is_some() {
+                exhausted.misconfigured += 1;
+                continue;
+            }
             // The deployment's own rest: a throttle the client can wait out, and the backend is
             // back only when both its cooldown and this rest are over.
-            availability = match (availability, self.resting(id, deployment, now)) {
+            availability = match (availability, rest) {
                 (Availability::Ready | Availability::Probe, Some(rest)) => {
                     Availability::CoolingDown(rest, true)
                 }

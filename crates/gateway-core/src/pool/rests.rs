@@ -2,8 +2,9 @@
 //! resource on its own, so a 429 on Sweden's `gpt-4o` says nothing about Sweden's embeddings.
 //!
 //! Keyed by the backend's own deployment name, the thing Azure throttles: two logical deployments the
-//! policy maps to one backend deployment rest together. The backend as a whole (its circuit, a
-//! credential it refuses) stays in `health`.
+//! policy maps to one backend deployment rest together. The backend as a whole (its circuit) stays
+//! in `health`, except the long rest of a backend that refused the gateway's credential
+//! (misconfigured), which is kept here beside them so a selection locks one more mutex, not two.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,10 @@ pub struct DeploymentRest {
 #[derive(Debug, Default)]
 pub(super) struct Rests {
     entries: Vec<Rest>,
+    /// Set by a 401/403, cleared by the next success: the backend refuses the gateway's credential.
+    misconfigured: bool,
+    /// Not selectable before this instant while misconfigured.
+    misconfigured_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -99,6 +104,31 @@ impl Rests {
         duration
     }
 
+    /// Marks the backend misconfigured (it refused the gateway's credential) and rests it for
+    /// `rest`. `true` when it was not misconfigured before: the transition to report, once.
+    pub(super) fn misconfigure(&mut self, rest: Duration, now: Instant) -> bool {
+        self.misconfigured_until = Some(later(now, rest));
+        !std::mem::replace(&mut self.misconfigured, true)
+    }
+
+    /// A success: the credential works (again). `true` when it was misconfigured.
+    pub(super) fn configured(&mut self) -> bool {
+        self.misconfigured_until = None;
+        std::mem::replace(&mut self.misconfigured, false)
+    }
+
+    /// Whether the backend refused the gateway's credential and has not served since.
+    pub(super) fn is_misconfigured(&self) -> bool {
+        self.misconfigured
+    }
+
+    /// Time left in a misconfigured backend's rest.
+    pub(super) fn misconfigured_remaining(&self, now: Instant) -> Option<Duration> {
+        self.misconfigured_until
+            .map(|until| until.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
     /// Every live rest, for a status page.
     pub(super) fn view(&self, now: Instant) -> Vec<DeploymentRest> {
         self.entries
@@ -144,6 +174,72 @@ mod tests {
             now,
         );
         assert_eq!(rests.remaining("embeddings", now), Some(MIN_COOLDOWN));
+    }
+
+    #[test]
+    fn misconfiguration_is_one_transition_until_a_success() {
+        let now = Instant::now();
+        let rest = Duration::from_secs(300);
+        let mut rests = Rests::default();
+        assert!(
+            rests.misconfigure(rest, now),
+            "the first 401 is the transition"
+        );
+        assert!(
+            !rests.misconfigure(rest, now + rest),
+            "a 401 after the rest is not another"
+        );
+        assert!(rests.is_misconfigured());
+        assert_eq!(rests.misconfigured_remaining(now + rest), Some(rest));
+        assert_eq!(rests.misconfigured_remaining(now + rest * 2), None);
+        assert!(rests.configured());
+        assert!(!rests.configured());
+        assert!(!rests.is_misconfigured());
+    }
+
+    /// Through the pool: a 401 takes the whole backend out for the long rest, then it is tried.
+    #[test]
+    fn a_refused_credential_rests_the_backend_long() {
+        use crate::pool::{Backend, BackendPool, BackendState, Outcome, PoolSettings, Selection};
+        use std::collections::BTreeMap;
+
+        let backend = |name: &str, priority| Backend {
+            name: name.to_owned(),
+            region: "r".to_owned(),
+            endpoint: format!("https://{name}.openai.azure.com"),
+            priority,
+            weight: 1,
+            deployments: BTreeMap::from([("gpt-4o".to_owned(), "gpt-4o".to_owned())]),
+            credential: None,
+        };
+        let rest = Duration::from_secs(120);
+        let pool = BackendPool::new(
+            vec![backend("a", 1), backend("b", 2)],
+            PoolSettings::default(),
+        )
+        .with_misconfigured_rest(rest);
+        let (a, b) = (pool.id_of("a").unwrap(), pool.id_of("b").unwrap());
+        let now = Instant::now();
+        pool.record(a, "gpt-4o", Outcome::AuthFailure { hint: None }, now);
+        // Well past the 10 s default cooldown, still out.
+        let later = now + Duration::from_secs(60);
+        assert_eq!(pool.select("gpt-4o", &[], later), Selection::Backend(b));
+        assert_eq!(pool.snapshot(later)[0].state, BackendState::Misconfigured);
+        let Selection::Exhausted(e) = pool.select("gpt-4o", &[b], later) else {
+            panic!()
+        };
+        assert_eq!((e.misconfigured, e.shortest_cooldown), (1, None));
+        // After the rest it is tried; still misconfigured until it serves.
+        assert_eq!(
+            pool.select("gpt-4o", &[], now + rest),
+            Selection::Backend(a)
+        );
+        assert_eq!(
+            pool.snapshot(now + rest)[0].state,
+            BackendState::Misconfigured
+        );
+        pool.record(a, "gpt-4o", Outcome::Success, now + rest);
+        assert_eq!(pool.snapshot(now + rest)[0].state, BackendState::Available);
     }
 
     /// Through the pool: a throttle rests one deployment of a backend, never its others.

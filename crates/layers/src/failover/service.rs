@@ -598,6 +598,14 @@ fn give_up<B>(
             return gateway_answer(res, report);
         }
     }
+    // Nothing tried, and what is out is out for refusing the gateway's credential: say so, as the
+    // first refusal did, rather than "unavailable".
+    let last = match (last, &exhausted) {
+        (None, Some(e)) if e.misconfigured > 0 && e.circuit_open == 0 && e.cooling == 0 => {
+            Some(LastFailure::Rejected)
+        }
+        (last, _) => last,
+    };
     let res = match last {
         // Azure's own 5xx is more useful to the client than a summary of it.
         Some(LastFailure::Response(id, res)) => {
