@@ -587,10 +587,8 @@ impl BackendPool {
                     );
                 }
             }
-            Outcome::Success => {
-                if lock(&self.rests[id.0]).configured() {
-                    tracing::info!(backend, "backend accepts the gateway's credential again");
-                }
+            Outcome::Success if lock(&self.rests[id.0]).configured() => {
+                tracing::info!(backend, "backend accepts the gateway's credential again");
             }
             _ => {}
         }

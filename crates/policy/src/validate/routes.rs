@@ -59,7 +59,7 @@ pub(super) fn warnings(policy: &Policy, locator: &Locator<'_>, warnings: &mut Ve
             let mut open = serving.filter(|b| {
                 b.reserved_for
                     .as_ref()
-                    .is_none_or(|r| r.iter().any(|c| *c == consumer.name))
+                    .is_none_or(|r| r.contains(&consumer.name))
             });
             if open.next().is_none() {
                 warnings.push(locator.at_value(
