@@ -207,3 +207,98 @@ async fn a_backend_refusing_the_gateways_key_is_misconfigured_and_rests() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_low_tier_consumer_spills_before_a_critical_one_as_the_pools_headroom_shrinks() {
+    // The shared pool takes 10,000 tokens a minute; it keeps its last half from the low tier and
+    // its last fifth from the standard tier. Standard is the next group.
+    let pool = region("Pool", &[("m", 10_000)]).await;
+    let standard = region("Standard", &[("m", 1_000_000)]).await;
+    let shared = backend_toml("pool", &pool, "Pool", 1, 1, &[("gpt-4o", "m")]).replace(
+        "[backends.deployments]",
+        "tpm = 10000\n[backends.headroom]\nlow = 0.5\nstandard = 0.2\n[backends.deployments]",
+    );
+    let backends = [
+        shared,
+        backend_toml("std", &standard, "Standard", 2, 1, &[("gpt-4o", "m")]),
+    ];
+    let batch = "[[consumers]]\nname = \"batch\"\nkeys = [\"env:KEY_BATCH\"]\ntier = \"low\"\n";
+    let gw = gateway(
+        &policy_with_limits(&["gpt-4o"], &backends, batch, "tier = \"critical\"\n"),
+        &["Pool", "Standard", "Batch"],
+    )
+    .await;
+    minute_room(std::time::Duration::from_secs(10)).await;
+    let batch_key = backend_key("Batch");
+    let big = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000});
+    let served = |res: &reqwest::Response| {
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            res.headers()["x-gateway-attempts"],
+            "1",
+            "spilling costs no round trip"
+        );
+        res.headers()["x-served-by"].to_str().unwrap().to_owned()
+    };
+    let mut batch_served = Vec::new();
+    let mut critical_served = Vec::new();
+    for _ in 0..4 {
+        for (key, log) in [
+            (&batch_key, &mut batch_served),
+            (&CLIENT_KEY.to_owned(), &mut critical_served),
+        ] {
+            let res = client()
+                .post(gw.chat_url("gpt-4o"))
+                .header("api-key", key.as_str())
+                .json(&big)
+                .send()
+                .await
+                .unwrap();
+            log.push(served(&res));
+        }
+    }
+    let on_pool = |log: &[String]| log.iter().filter(|s| s.starts_with("pool")).count();
+    // The low tier left the pool once half its minute was spent; the critical tier stayed.
+    assert!(on_pool(&batch_served) >= 1, "{batch_served:?}");
+    assert!(on_pool(&batch_served) < 4, "{batch_served:?}");
+    assert_eq!(on_pool(&critical_served), 4, "{critical_served:?}");
+    let first_spill = batch_served
+        .iter()
+        .position(|s| s.starts_with("std"))
+        .unwrap();
+    assert!(
+        batch_served[first_spill..]
+            .iter()
+            .all(|s| s.starts_with("std")),
+        "{batch_served:?}"
+    );
+    // Counted at the regions: every call went to one region once.
+    let batch_on_pool = u64::try_from(on_pool(&batch_served)).unwrap();
+    assert_eq!(pool.handle().request_count(), 4 + batch_on_pool);
+    assert_eq!(standard.handle().request_count(), 4 - batch_on_pool);
+
+    // The status page and the metrics say when and why.
+    let status = gw.status().await;
+    let low = &status["backends"][0]["headroom"]["tiers"][1];
+    assert_eq!(low["tier"], "low", "{status}");
+    assert_eq!(low["spilling"], true, "{status}");
+    assert_eq!(
+        low["spills"]["remaining_tokens"],
+        4 - batch_on_pool,
+        "{status}"
+    );
+    let metrics = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!(
+        "gateway_spills_total{{backend=\"pool\",tier=\"low\",reason=\"remaining_tokens\"}} {}",
+        4 - batch_on_pool
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    gw.stop().await;
+}

@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use gateway_core::limits::{Limits, MemoryStore, Quota, RedisStore};
 use gateway_core::pool::{
-    Backend, BackendPool, BackendState, CircuitSettings, PoolSettings, RedisCooldowns,
+    Backend, BackendPool, BackendState, CircuitSettings, Headroom, PoolSettings, RedisCooldowns,
+    Tier,
 };
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
@@ -26,7 +27,7 @@ use gateway_layers::{
 };
 use gateway_policy::{
     CircuitBreakerSettings, FailoverSettings, HeaderAction, HeaderSettings, LimitsSpec, Policy,
-    ResolvedSecrets, StoreFailure, StoreKind,
+    ResolvedSecrets, StoreFailure, StoreKind, TierSpec,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -81,6 +82,15 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
+/// The engine's tier for the policy's.
+fn tier_of(tier: TierSpec) -> Tier {
+    match tier {
+        TierSpec::Critical => Tier::Critical,
+        TierSpec::Standard => Tier::Standard,
+        TierSpec::Low => Tier::Low,
+    }
+}
+
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
     let pool = BackendPool::new(
@@ -88,15 +98,28 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         pool_settings(&policy.failover, &policy.circuit_breaker),
     );
     // Per-workload routes: a reserved backend is left out of every other consumer's selection.
-    let pool = Arc::new(
-        policy
-            .backends
-            .iter()
-            .fold(pool, |pool, b| match &b.reserved_for {
-                Some(consumers) => pool.reserve(&b.name, consumers.iter().map(String::as_str)),
-                None => pool,
-            }),
-    );
+    // Application priority: a backend's headroom is kept from the tiers below its shares.
+    let pool = policy.backends.iter().fold(pool, |pool, b| {
+        let pool = match &b.reserved_for {
+            Some(consumers) => pool.reserve(&b.name, consumers.iter().map(String::as_str)),
+            None => pool,
+        };
+        match &b.headroom {
+            Some(spec) => {
+                let headroom = spec.shares().fold(
+                    Headroom::new().limits(b.tpm, b.rpm),
+                    |headroom, (tier, share)| headroom.keep(tier_of(tier), share),
+                );
+                pool.keep_headroom(&b.name, headroom)
+            }
+            None => pool,
+        }
+    });
+    let consumer_tiers = policy
+        .consumers
+        .iter()
+        .map(|c| (c.name.as_str(), tier_of(c.tier)));
+    let pool = Arc::new(pool.tiers(consumer_tiers));
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
         ConsumerKeys::new(),

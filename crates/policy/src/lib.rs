@@ -39,7 +39,7 @@
 //! assert_eq!(
 //!     errors.to_string(),
 //!     "policy.toml:9:1: backends[0].apikey: unknown field `apikey`, expected one of \
-//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`, `reserved_for`"
+//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`, `reserved_for`, `headroom`"
 //! );
 //! ```
 
@@ -52,6 +52,7 @@ mod error;
 mod locate;
 mod parse;
 mod resolve;
+mod routing;
 mod summary;
 mod validate;
 
@@ -61,6 +62,7 @@ pub use error::{PolicyError, PolicyErrors, PolicySource};
 // One definition of the quota calendar: the engine counts in it, the policy names it.
 pub use gateway_core::limits::QuotaPeriod;
 pub use resolve::ResolvedSecrets;
+pub use routing::{HeadroomSpec, TierSpec};
 
 /// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +148,9 @@ pub struct BackendSpec {
     /// absent. Other consumers never reach it.
     #[serde(default)]
     pub reserved_for: Option<Vec<String>>,
+    /// Capacity this backend keeps for higher tiers; none when absent.
+    #[serde(default)]
+    pub headroom: Option<HeadroomSpec>,
 }
 
 /// `[[deployments]]`: a logical deployment clients call by name.
@@ -209,6 +214,9 @@ pub struct ConsumerSpec {
     /// Limits for one logical deployment, counted apart from `limits` (both apply).
     #[serde(default)]
     pub deployment_limits: BTreeMap<String, LimitsSpec>,
+    /// Its priority on shared backends that keep headroom; `standard` when absent.
+    #[serde(default)]
+    pub tier: TierSpec,
 }
 
 /// `[consumers.limits]`: tokens and requests per minute, and a token quota per period.

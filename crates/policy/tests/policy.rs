@@ -114,7 +114,7 @@ fn unknown_field_points_at_the_key() {
         error(&text),
         "p.toml:8:1: backends[0].weigth: unknown field `weigth`, expected one of `name`, `region`, \
          `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `deployments`, `tpm`, `rpm`, \
-         `reserved_for`"
+         `reserved_for`, `headroom`"
     );
     let text = format!("{BASE}\n[failover]\nmax_attempt = 3\n");
     assert_eq!(

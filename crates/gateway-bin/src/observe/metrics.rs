@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use gateway_core::pool::{BackendPool, BackendState};
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Client requests, by `deployment`, `operation`, `consumer` and `status_class` (`2xx`..`5xx`).
@@ -39,6 +39,13 @@ pub const BACKEND_REMAINING_TOKENS: &str = "gateway_backend_remaining_tokens";
 pub const BACKEND_REMAINING_REQUESTS: &str = "gateway_backend_remaining_requests";
 /// Attempts sent to the backend whose response has not ended, by `backend`.
 pub const BACKEND_IN_FLIGHT: &str = "gateway_backend_in_flight";
+/// Counter: requests of a tier turned away from a backend keeping headroom for higher tiers, by
+/// `backend`, `tier` and `reason` (`utilization`, `remaining_tokens`, `remaining_requests`,
+/// `gateway_count`).
+pub const SPILLS: &str = "gateway_spills_total";
+/// Gauge: a backend's known remaining share of capacity, by `backend` and `deployment` (its own
+/// name); only for backends keeping headroom.
+pub const BACKEND_REMAINING_SHARE: &str = "gateway_backend_remaining_share";
 /// Time to response headers minus the time spent waiting on upstream attempts: what the gateway
 /// itself adds (authentication, limits, routing, reading a JSON answer whole).
 pub const OVERHEAD: &str = "gateway_overhead_seconds";
@@ -102,6 +109,19 @@ pub fn render(handle: &PrometheusHandle, pool: &BackendPool) -> String {
         if let Some(q) = b.remaining_requests {
             gauge!(BACKEND_REMAINING_REQUESTS, "backend" => backend.clone()).set(q.value as f64);
         }
+        if let Some(headroom) = b.headroom {
+            // Counted by the pool, which owns them: exported as they stand.
+            for tier in headroom.tiers {
+                for (reason, n) in tier.spills {
+                    counter!(SPILLS, "backend" => backend.clone(), "tier" => tier.tier.as_str(), "reason" => reason.as_str())
+                        .absolute(n);
+                }
+            }
+            for (deployment, share, _) in headroom.remaining {
+                gauge!(BACKEND_REMAINING_SHARE, "backend" => backend.clone(), "deployment" => deployment)
+                    .set(share);
+            }
+        }
         gauge!(BACKEND_IN_FLIGHT, "backend" => backend).set(b.in_flight as f64);
     }
     handle.render()
@@ -121,6 +141,15 @@ fn describe() {
         "Time from a request's arrival to the end of its response body."
     );
     describe_counter!(UPSTREAM_ATTEMPTS, Unit::Count, "Upstream attempts.");
+    describe_counter!(
+        SPILLS,
+        Unit::Count,
+        "Requests of a tier turned away from a backend keeping headroom for higher tiers."
+    );
+    describe_gauge!(
+        BACKEND_REMAINING_SHARE,
+        "A backend deployment's known remaining share of capacity."
+    );
     describe_counter!(
         FAILOVERS,
         Unit::Count,

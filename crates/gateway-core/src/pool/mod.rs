@@ -58,10 +58,12 @@ use std::time::{Duration, Instant};
 
 use crate::secret::Credential;
 
+use self::headroom::HeadroomState;
 use self::health::{Availability, CircuitChange, Health};
 use self::rests::Rests;
 use self::routes::Reservation;
 
+mod headroom;
 mod health;
 mod rests;
 mod routes;
@@ -70,6 +72,7 @@ mod shared;
 #[cfg(test)]
 mod tests;
 
+pub use headroom::{Headroom, HeadroomStatus, SpillReason, Tier, TierStatus, parse_utilization};
 pub use rests::{DeploymentRest, RestReason};
 pub use routes::Route;
 #[cfg(feature = "redis")]
@@ -83,6 +86,10 @@ pub const QUOTA_FRESHNESS: Duration = Duration::from_secs(15);
 /// How long a deployment rests after `x-ratelimit-remaining-requests: 0` came without an
 /// `x-ratelimit-reset-requests`: Azure counts requests in 10-second windows.
 pub const REQUEST_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a request turned away from every backend by headroom kept for higher tiers is told to
+/// wait: headroom is read again with every answer.
+pub const SPILL_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a backend that refused the gateway's credential (401/403) rests before it is tried
 /// again: a key is not fixed in seconds, and a reload starts it afresh anyway.
@@ -154,6 +161,10 @@ pub struct BackendPool {
     reserved: Vec<Reservation>,
     /// How long a backend rests after refusing the gateway's credential.
     misconfigured_rest: Duration,
+    /// One entry per backend, same order: the headroom it keeps for higher tiers (see `headroom`).
+    headroom: Vec<Option<Box<HeadroomState>>>,
+    /// Consumers' tiers; a consumer not listed is `Standard`.
+    tiers: Vec<(Box<str>, Tier)>,
     /// Attempts in flight per backend, same order; counted outside the health lock so that
     /// starting and ending an attempt never contends with routing.
     in_flight: Vec<Arc<AtomicU64>>,
@@ -193,6 +204,8 @@ pub struct Exhausted {
     pub insufficient_quota: usize,
     /// Backends resting after they refused the gateway's credential (401/403).
     pub misconfigured: usize,
+    /// Available backends keeping their remaining capacity for higher tiers than the request's.
+    pub spilled: usize,
     /// No backend serves this deployment at all.
     pub no_candidates: bool,
 }
@@ -247,7 +260,7 @@ pub enum BackendState {
 }
 
 /// One backend as shown on a status page or in metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendStatus {
     /// Its id in the pool.
     pub id: BackendId,
@@ -280,6 +293,8 @@ pub struct BackendStatus {
     /// Its deployments resting after a 429 or a spent request window (by its own deployment
     /// names). While any rests, `state` says `CoolingDown` and `cooldown_remaining` is the longest.
     pub resting: Vec<DeploymentRest>,
+    /// The headroom it keeps for higher tiers, when it keeps some: remaining shares and spills.
+    pub headroom: Option<HeadroomStatus>,
 }
 
 /// One attempt in flight on a backend, from [`BackendPool::begin`]: the count goes down when it is
@@ -368,12 +383,15 @@ impl BackendPool {
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
         let rests = backends.iter().map(|_| Mutex::default()).collect();
         let reserved = backends.iter().map(|_| None).collect();
+        let headroom = backends.iter().map(|_| None).collect();
         Self {
             backends,
             health,
             rests,
             reserved,
             misconfigured_rest: MISCONFIGURED_REST,
+            headroom,
+            tiers: Vec::new(),
             in_flight,
             settings,
             rng: RngSource::Thread,
@@ -450,14 +468,23 @@ impl BackendPool {
     ) -> Selection {
         let mut exhausted = Exhausted::default();
         let mut need = need_tokens;
+        let tier = self.tier_of(route.consumer_name());
         // A claim fails only when another thread changed the chosen backend between the scan and the
         // claim (typically: took the same half-open probe slot); scan again, a bounded number of times.
-        for _ in 0..=self.backends.len() + 1 {
-            let scan = self.scan(deployment, tried, need, route, now);
+        for pass in 0..=self.backends.len() + 1 {
+            // Spills are counted once per selection, not once per pass.
+            let scan = self.scan(deployment, tried, need, route, (tier, pass == 0), now);
             match scan.chosen {
                 Some(id) if self.lock(id).claim(deployment, now, &self.settings) => {
                     if let Some(tokens) = need_tokens {
                         self.lock(id).note_sent(deployment, tokens);
+                    }
+                    if let Some(state) = &self.headroom[id.0] {
+                        state.note_sent(
+                            self.own_name(id, deployment),
+                            need_tokens.unwrap_or(0),
+                            now,
+                        );
                     }
                     return Selection::Backend(id);
                 }
@@ -705,6 +732,7 @@ impl BackendPool {
     ) {
         if let Some(health) = self.health.get(id.0) {
             lock(health).observe_remaining(deployment, tokens, requests, now);
+            self.observe_capacity(id, deployment, None, requests, now);
         }
     }
 
@@ -756,6 +784,7 @@ impl BackendPool {
                     remaining_requests: view.remaining_requests,
                     in_flight: self.in_flight[i].load(Ordering::Relaxed),
                     resting,
+                    headroom: self.headroom_status(BackendId(i), now),
                 }
             })
             .collect()
@@ -769,6 +798,7 @@ impl BackendPool {
         tried: &[BackendId],
         need: Option<u64>,
         route: Route<'_>,
+        (tier, count_spills): (Tier, bool),
         now: Instant,
     ) -> Scan {
         let mut exhausted = Exhausted::default();
@@ -789,11 +819,14 @@ impl BackendPool {
                 continue;
             }
             serving += 1;
+            let keeps = self.headroom[i].as_deref();
             let (mut availability, headroom) = {
                 let health = self.lock(id);
                 (
                     health.availability(deployment, now, &self.settings),
-                    need.and_then(|_| health.headroom(deployment, now, QUOTA_FRESHNESS)),
+                    (need.is_some() || keeps.is_some())
+                        .then(|| health.headroom(deployment, now, QUOTA_FRESHNESS))
+                        .flatten(),
                 )
             };
             let (rest, misconfigured) = self.rest_state(id, deployment, now);
@@ -826,6 +859,26 @@ impl BackendPool {
                 }
                 Availability::Ready | Availability::Probe if tried.contains(&id) => {
                     exhausted.tried += 1;
+                }
+                Availability::Ready | Availability::Probe
+                    if keeps.is_some_and(|state| {
+                        let own = self.own_name(id, deployment);
+                        match state.spills(own, tier, headroom, now) {
+                            Some(reason) if count_spills => {
+                                state.count_spill(tier, reason, now);
+                                true
+                            }
+                            spill => spill.is_some(),
+                        }
+                    }) =>
+                {
+                    exhausted.spilled += 1;
+                    // Headroom is read again with every answer: a second is soon enough to look.
+                    exhausted.shortest_cooldown = Some(
+                        exhausted
+                            .shortest_cooldown
+                            .map_or(SPILL_RETRY, |d| d.min(SPILL_RETRY)),
+                    );
                 }
                 Availability::Ready | Availability::Probe
                     if need.zip(headroom).is_some_and(|(need, room)| room < need) =>

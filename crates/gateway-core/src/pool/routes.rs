@@ -58,6 +58,11 @@ impl<'a> Route<'a> {
     pub fn for_consumer(consumer: Option<&'a str>) -> Self {
         Self { consumer }
     }
+
+    /// The consumer, if known.
+    pub(super) fn consumer_name(&self) -> Option<&'a str> {
+        self.consumer
+    }
 }
 
 // === impl BackendPool ===

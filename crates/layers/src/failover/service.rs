@@ -7,7 +7,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::pool::{Backend, BackendId, BackendPool, Exhausted, Outcome, Route, Selection};
+use gateway_core::pool::{
+    Backend, BackendId, BackendPool, Exhausted, Outcome, Route, Selection, parse_utilization,
+};
 use gateway_core::retry_after::{parse_remaining, parse_reset};
 use gateway_core::tokens::Estimate;
 use http::request::Parts;
@@ -273,6 +275,14 @@ where
                 .and_then(parse_remaining)
         };
         let remaining_requests = remaining(&X_RATELIMIT_REMAINING_REQUESTS);
+        // A PTU deployment's own word on how busy it is: what keeps headroom for higher tiers.
+        if let Some(percent) = headers
+            .get("azure-openai-deployment-utilization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_utilization)
+        {
+            pool.observe_utilization(id, deployment, percent, Instant::now().into_std());
+        }
         pool.observe_remaining(
             id,
             deployment,

@@ -13,6 +13,21 @@ impl Checker<'_> {
     pub(super) fn routes(&mut self, policy: &Policy) {
         let consumers: BTreeSet<&str> = policy.consumers.iter().map(|c| c.name.as_str()).collect();
         for (i, backend) in policy.backends.iter().enumerate() {
+            if let Some(headroom) = &backend.headroom {
+                let path = field(&index("backends", i), "headroom");
+                for (tier, share) in [
+                    ("critical", headroom.critical),
+                    ("standard", headroom.standard),
+                    ("low", headroom.low),
+                ] {
+                    if share.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+                        self.at_value(
+                            &field(&path, tier),
+                            "must be a share of capacity between 0.0 and 1.0, e.g. 0.30",
+                        );
+                    }
+                }
+            }
             let Some(reserved) = &backend.reserved_for else {
                 continue;
             };
@@ -129,6 +144,46 @@ keys = ["env:D"]
             errors.contains("backends[0].reserved_for: must name at least one consumer"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn headroom_is_a_share_and_tiers_are_named() {
+        let with = |headroom: &str| {
+            POLICY.replace(
+                "deployments = { gpt-4o = \"gpt-4o\" }\n",
+                &format!("deployments = {{ gpt-4o = \"gpt-4o\" }}\nheadroom = {{ {headroom} }}\n"),
+            )
+        };
+        let policy = Policy::from_toml_str(&with("low = 0.3, standard = 0.1"), "p.toml").unwrap();
+        let headroom = policy.backends[1].headroom.clone().unwrap();
+        assert_eq!(
+            (headroom.low, headroom.standard, headroom.critical),
+            (Some(0.3), Some(0.1), None)
+        );
+        let errors = Policy::from_toml_str(&with("low = 30.0"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errors.contains(
+                "backends[1].headroom.low: must be a share of capacity between 0.0 and 1.0"
+            ),
+            "{errors}"
+        );
+        let errors = Policy::from_toml_str(&with("lowest = 0.3"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains("unknown field `lowest`"), "{errors}");
+        let tiered = POLICY.replace(
+            "name = \"hr-assistant\"\n",
+            "name = \"hr-assistant\"\ntier = \"low\"\n",
+        );
+        let policy = Policy::from_toml_str(&tiered, "p.toml").unwrap();
+        assert_eq!(policy.consumers[1].tier, crate::TierSpec::Low);
+        assert_eq!(policy.consumers[0].tier, crate::TierSpec::Standard);
+        let errors = Policy::from_toml_str(&tiered.replace("\"low\"", "\"lowest\""), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains("consumers[1].tier"), "{errors}");
     }
 
     #[test]
