@@ -106,8 +106,11 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         };
         match &b.headroom {
             Some(spec) => {
+                // Azure grants 6 requests per minute per 1,000 TPM of quota: without an `rpm`,
+                // that is the request capacity the remaining-requests header is measured against.
+                let rpm = b.rpm.or(b.tpm.map(|tpm| tpm.saturating_mul(6) / 1000));
                 let headroom = spec.shares().fold(
-                    Headroom::new().limits(b.tpm, b.rpm),
+                    Headroom::new().limits(b.tpm, rpm),
                     |headroom, (tier, share)| headroom.keep(tier_of(tier), share),
                 );
                 pool.keep_headroom(&b.name, headroom)
