@@ -32,6 +32,17 @@ pub struct HeadroomSpec {
     pub low: Option<f64>,
 }
 
+impl TierSpec {
+    /// The name used in the policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Standard => "standard",
+            Self::Low => "low",
+        }
+    }
+}
+
 impl HeadroomSpec {
     /// Each tier with its share, where one is set.
     pub fn shares(&self) -> impl Iterator<Item = (TierSpec, f64)> + '_ {
