@@ -302,3 +302,61 @@ async fn a_low_tier_consumer_spills_before_a_critical_one_as_the_pools_headroom_
     assert!(metrics.contains(&line), "{metrics}");
     gw.stop().await;
 }
+
+/// The `service_tier` each call to `region` carried, in order.
+fn tiers_seen(region: &RunningRegion) -> Vec<Option<String>> {
+    region
+        .handle()
+        .recent_requests()
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            body["service_tier"].as_str().map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn flex_falls_back_to_the_default_tier_or_the_next_backend_as_the_policy_says() {
+    for (fallback, served_by) in [
+        ("default_tier", "a (Region A)"),
+        ("next_backend", "b (Region B)"),
+    ] {
+        // A's Flex capacity is out; its default tier is not.
+        let a = region_with("Region A", &[("m", 1_000_000)], |c| c.flex_429(true)).await;
+        let b = region("Region B", &[("m", 1_000_000)]).await;
+        let backends = [
+            backend_toml("a", &a, "Region A", 1, 1, &[("gpt-4o", "m")]),
+            backend_toml("b", &b, "Region B", 2, 1, &[("gpt-4o", "m")]),
+        ];
+        let failover = format!("[failover]\nflex_fallback = \"{fallback}\"\n");
+        let gw = gateway(
+            &policy(&["gpt-4o"], &backends, &failover),
+            &["Region A", "Region B"],
+        )
+        .await;
+
+        let flex = json!({"messages": [{"role": "user", "content": "hi"}], "service_tier": "flex"});
+        let res = gw.chat("gpt-4o", &flex).await;
+        assert_eq!(res.status(), 200, "{fallback}");
+        assert_eq!(res.headers()["x-served-by"], served_by, "{fallback}");
+        assert_eq!(res.headers()["x-gateway-attempts"], "2", "{fallback}");
+        let flex_tier = Some("flex".to_owned());
+        match fallback {
+            "default_tier" => {
+                assert_eq!(tiers_seen(&a), [flex_tier, Some("default".to_owned())]);
+                assert_eq!(b.handle().request_count(), 0);
+            }
+            _ => {
+                // Passed through unchanged to the next backend.
+                assert_eq!(tiers_seen(&a), std::slice::from_ref(&flex_tier));
+                assert_eq!(tiers_seen(&b), [flex_tier]);
+            }
+        }
+        // A Flex 429 rests nothing: default-tier traffic still goes to A at the first attempt.
+        let res = gw.chat("gpt-4o", &chat("hi")).await;
+        assert_eq!(res.headers()["x-served-by"], "a (Region A)", "{fallback}");
+        assert_eq!(res.headers()["x-gateway-attempts"], "1", "{fallback}");
+        gw.stop().await;
+    }
+}

@@ -20,14 +20,15 @@ use gateway_core::pool::{
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::error::azure_error;
+use gateway_layers::failover::FlexFallback;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
 use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
 use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use gateway_policy::{
-    CircuitBreakerSettings, FailoverSettings, HeaderAction, HeaderSettings, LimitsSpec, Policy,
-    ResolvedSecrets, StoreFailure, StoreKind, TierSpec,
+    CircuitBreakerSettings, FailoverSettings, FlexFallbackSpec, HeaderAction, HeaderSettings,
+    LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind, TierSpec,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -144,7 +145,11 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .on_status(policy.failover.on_status.iter().copied())
         .stream_idle_timeout(Duration::from_millis(
             policy.failover.stream_idle_timeout_ms,
-        ));
+        ))
+        .flex_fallback(match policy.failover.flex_fallback {
+            FlexFallbackSpec::DefaultTier => FlexFallback::DefaultTier,
+            FlexFallbackSpec::NextBackend => FlexFallback::NextBackend,
+        });
 
     warm_up_tokenizers(policy);
     let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());

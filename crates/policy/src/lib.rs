@@ -62,7 +62,7 @@ pub use error::{PolicyError, PolicyErrors, PolicySource};
 // One definition of the quota calendar: the engine counts in it, the policy names it.
 pub use gateway_core::limits::QuotaPeriod;
 pub use resolve::ResolvedSecrets;
-pub use routing::{HeadroomSpec, TierSpec};
+pub use routing::{FlexFallbackSpec, HeadroomSpec, TierSpec};
 
 /// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +183,8 @@ pub struct FailoverSettings {
     /// Longest silence allowed inside a response body (a stream's gap between chunks), in
     /// milliseconds; a longer one breaks the stream and charges the backend.
     pub stream_idle_timeout_ms: u64,
+    /// What a `"service_tier": "flex"` request does after a 429.
+    pub flex_fallback: FlexFallbackSpec,
 }
 
 /// `[circuit_breaker]`: when a failing backend is taken out of rotation.
@@ -451,6 +453,7 @@ impl Default for FailoverSettings {
             max_cooldown_ms: 300_000,
             on_status: vec![408, 429, 500, 502, 503, 504],
             stream_idle_timeout_ms: 120_000,
+            flex_fallback: FlexFallbackSpec::default(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The policy's words for application priority on shared backends: a consumer's `tier`, and the
-//! `[backends.headroom]` a backend keeps for higher tiers.
+//! The policy's words for application priority on shared backends (a consumer's `tier`, and the
+//! `[backends.headroom]` a backend keeps for higher tiers) and for Azure's service tiers
+//! (`[failover] flex_fallback`).
 
 use serde::Deserialize;
 
@@ -54,4 +55,16 @@ impl HeadroomSpec {
         .into_iter()
         .filter_map(|(tier, share)| share.map(|s| (tier, s)))
     }
+}
+
+/// `[failover] flex_fallback`: what a request sent with `"service_tier": "flex"` does after a 429
+/// (Flex does not fall back by itself).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlexFallbackSpec {
+    /// Retry the same deployment at once at the default tier.
+    #[default]
+    DefaultTier,
+    /// Go on to the next backend, still at Flex.
+    NextBackend,
 }

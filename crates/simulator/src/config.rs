@@ -67,6 +67,9 @@ pub struct Variants {
     pub omit_stream_content_type: bool,
     /// What follows the final `data: [DONE]` of a stream.
     pub done_ending: DoneEnding,
+    /// Flex capacity is exhausted: every request with `"service_tier": "flex"` is answered 429
+    /// (Flex does not fall back by itself), whatever the quota; other tiers are served.
+    pub flex_429: bool,
 }
 
 /// The format of `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` (the reference,
@@ -199,6 +202,12 @@ impl RegionConfig {
     /// Sets how a stream's `data: [DONE]` ends ([`Variants::done_ending`]).
     pub fn done_ending(mut self, ending: DoneEnding) -> Self {
         self.variants.done_ending = ending;
+        self
+    }
+
+    /// Answers every Flex request 429 ([`Variants::flex_429`]).
+    pub fn flex_429(mut self, on: bool) -> Self {
+        self.variants.flex_429 = on;
         self
     }
 }

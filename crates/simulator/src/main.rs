@@ -39,6 +39,7 @@ VARIANTS (how real backends differ from Azure's documented answers; all off by d
     --no-stream-content-type streams are sent without a content-type header
     --done-ending ENDING     how the final `data: [DONE]` ends: `blank-line` (`\\n\\n`),
                              `newline` (`\\n`) or `bare` (nothing) [default: blank-line]
+    --flex-429               Flex capacity is out: requests with service_tier `flex` get a 429
 
 x-ratelimit-remaining-requests counts the 10-second request window down to 0 on the last request
 it admits; the next one gets a 429.
@@ -167,6 +168,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             "--seconds-only-429" => variants.seconds_only_429 = switch()?,
             "--ignore-include-usage" => variants.ignore_include_usage = switch()?,
             "--no-stream-content-type" => variants.omit_stream_content_type = switch()?,
+            "--flex-429" => variants.flex_429 = switch()?,
             "--reset-format" => {
                 variants.reset_format = match value()?.as_str() {
                     "seconds" => ResetFormat::Seconds,
@@ -305,6 +307,7 @@ mod tests {
             "--ignore-include-usage",
             "--no-stream-content-type",
             "--done-ending=bare",
+            "--flex-429",
         ])
         .unwrap()
         .unwrap()
@@ -316,6 +319,7 @@ mod tests {
         assert!(v.ignore_include_usage && v.omit_stream_content_type);
         assert_eq!(v.reset_format, ResetFormat::Duration);
         assert_eq!(v.done_ending, DoneEnding::Bare);
+        assert!(v.flex_429);
 
         assert!(args(&["--ptu", "nope"]).is_err());
         assert!(args(&["--spaced-json=yes"]).is_err());

@@ -56,6 +56,10 @@ pub(super) fn parse(body: &[u8]) -> Result<RequestJson, ParseError> {
         n: head.n,
         model_at: span(head.model),
         stream_options,
+        service_tier: head.service_tier.and_then(|raw| {
+            let tier = serde_json::from_str::<String>(raw.get()).ok();
+            span(Some(raw)).map(|at| (at, tier))
+        }),
         prompt_fields: PromptFields {
             messages: span(head.messages),
             prompt: span(head.prompt),
@@ -192,6 +196,8 @@ struct Head<'a> {
     tools: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     functions: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    service_tier: Option<&'a RawValue>,
 }
 
 /// A field's raw JSON, `null` included (serde would make a `null` `None` and lose its place).

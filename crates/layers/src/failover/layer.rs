@@ -31,6 +31,7 @@ pub(super) struct Config {
     pub(super) deadline: Duration,
     pub(super) response_header_timeout: Duration,
     pub(super) stream_idle_timeout: Duration,
+    pub(super) flex_fallback: super::FlexFallback,
 }
 
 /// What every service of one layer shares.
@@ -53,6 +54,7 @@ impl Default for Config {
             deadline: Duration::from_secs(120),
             response_header_timeout: Duration::from_secs(30),
             stream_idle_timeout: Duration::from_secs(120),
+            flex_fallback: super::FlexFallback::default(),
         }
     }
 }
@@ -122,6 +124,13 @@ impl<P> FailoverLayer<P> {
     /// the backend served it, the backend is charged with a failure.
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.stream_idle_timeout = timeout;
+        self
+    }
+
+    /// What a `"service_tier": "flex"` request does after a 429 (default: retry the same
+    /// deployment at the default tier); see [`FlexFallback`](super::FlexFallback).
+    pub fn flex_fallback(mut self, fallback: super::FlexFallback) -> Self {
+        self.config.flex_fallback = fallback;
         self
     }
 

@@ -23,9 +23,10 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::body::{BodyLimits, StreamWatch};
+use super::flex::{DEFAULT_TIER, FLEX};
 use super::{
     Attempt, AttemptOutcome, AzurePolicy, Decision, FailoverBody, FailoverLayer, FailoverPolicy,
-    FailoverReport, ServedBy, Shared,
+    FailoverReport, FlexFallback, ServedBy, Shared,
 };
 use crate::BoxError;
 use crate::client::{Chain, ErrorCause};
@@ -197,6 +198,10 @@ where
     let mut report = FailoverReport::default();
     let mut last: Option<LastFailure<ResB>> = None;
     let mut exhausted: Option<Exhausted> = None;
+    // A Flex request throttled once goes on at the default tier, on the same backend first.
+    let flex = ctx.service_tier() == Some(FLEX);
+    let mut tier: Option<&str> = None;
+    let mut retry_same: Option<BackendId> = None;
 
     while report.attempts.len() < config.max_attempts as usize {
         let now = Instant::now();
@@ -204,7 +209,11 @@ where
             last = Some(LastFailure::Timeout);
             break;
         }
-        let id = match pool.select_routed(deployment, &tried, need_tokens, route, now.into_std()) {
+        let selected = match retry_same.take() {
+            Some(id) => Selection::Backend(id),
+            None => pool.select_routed(deployment, &tried, need_tokens, route, now.into_std()),
+        };
+        let id = match selected {
             Selection::Backend(id) => id,
             Selection::Exhausted(e) => {
                 exhausted = Some(e);
@@ -214,7 +223,8 @@ where
         tried.push(id);
         let in_flight = pool.begin(id);
         let up = &shared.upstreams[id.0];
-        let req = match build_attempt(&parts, &ctx, up, pool.get(id).deployment_name(deployment)) {
+        let mapped = pool.get(id).deployment_name(deployment);
+        let req = match build_attempt(&parts, &ctx, up, mapped, tier) {
             Ok(req) => req,
             Err(msg) => {
                 tracing::error!(backend = %up.name, %msg, "could not build upstream request");
@@ -326,6 +336,21 @@ where
                 };
                 let res = res.map(|b| FailoverBody::upstream(b, limits, Some(watch)));
                 return served(res, up.served_by.clone(), report);
+            }
+            Decision::FailOver {
+                outcome: Outcome::Throttled { .. },
+                reason: kind,
+            } if flex && tier.is_none() => {
+                // Flex capacity is short, not the deployment's quota: nothing rests.
+                record(Some(status.as_u16()), kind);
+                last = Some(LastFailure::Throttled);
+                if config.flex_fallback == FlexFallback::DefaultTier {
+                    tracing::info!(backend = %up.name, "flex tier throttled; retrying at the default tier");
+                    tier = Some(DEFAULT_TIER);
+                    retry_same = Some(id);
+                } else {
+                    tracing::info!(backend = %up.name, "flex tier throttled; failing over at flex");
+                }
             }
             Decision::FailOver {
                 outcome,
@@ -520,6 +545,7 @@ fn build_attempt(
     ctx: &RequestContext,
     up: &super::Upstream,
     mapped: Option<&str>,
+    service_tier: Option<&str>,
 ) -> Result<Request<Full<Bytes>>, String> {
     let logical = ctx.deployment.as_deref().unwrap_or_default();
     let mapped = mapped.unwrap_or(logical);
@@ -532,15 +558,15 @@ fn build_attempt(
             uri.push_str("/openai/deployments/");
             uri.push_str(mapped);
             uri.push_str(rest);
-            ctx.body_for(None)
+            ctx.body_at_tier(None, service_tier)
         }
         DeploymentSource::Body => {
             uri.push_str(path);
-            ctx.body_for(Some(mapped))
+            ctx.body_at_tier(Some(mapped), service_tier)
         }
         DeploymentSource::None => {
             uri.push_str(path);
-            ctx.body_for(None)
+            ctx.body_at_tier(None, service_tier)
         }
     };
     if let Some(q) = query {
