@@ -132,6 +132,8 @@ struct Reading {
     deployment: Box<str>,
     utilization: Option<(f64, Instant)>,
     remaining_requests: Option<(u64, Instant)>,
+    /// Requests sent since `remaining_requests` was read: in flight, or answered without it.
+    requests_since: u64,
     /// The gateway's own count: per second of the last minute, tokens and requests sent.
     window: Window,
 }
@@ -288,6 +290,7 @@ impl HeadroomState {
                     deployment: deployment.into(),
                     utilization: None,
                     remaining_requests: None,
+                    requests_since: 0,
                     window: Window::new(now),
                 });
                 readings.deployments.len() - 1
@@ -321,6 +324,7 @@ impl HeadroomState {
                 .filter(|(_, at)| fresh(*at))
                 .zip(rpm)
                 .map(|((left, _), rpm)| {
+                    let left = left.saturating_sub(r.requests_since);
                     (
                         share(left, (rpm / 6).max(1)),
                         SpillReason::RemainingRequests,
@@ -366,7 +370,10 @@ impl HeadroomState {
     }
 
     pub(super) fn note_sent(&self, deployment: &str, tokens: u64, now: Instant) {
-        self.with_reading(deployment, now, |r| r.window.add(tokens, now));
+        self.with_reading(deployment, now, |r| {
+            r.window.add(tokens, now);
+            r.requests_since = r.requests_since.saturating_add(1);
+        });
     }
 
     pub(super) fn observe(
@@ -382,6 +389,7 @@ impl HeadroomState {
             }
             if let Some(left) = remaining_requests {
                 r.remaining_requests = Some((left, now));
+                r.requests_since = 0;
             }
         });
     }
@@ -574,6 +582,12 @@ mod tests {
         assert_eq!(
             state.remaining("d", Some(5_000), t0),
             Some((0.2, SpillReason::RemainingRequests))
+        );
+        // Less what was sent since it said so.
+        state.note_sent("d", 0, t0);
+        assert_eq!(
+            state.remaining("d", Some(5_000), t0),
+            Some((0.1, SpillReason::RemainingRequests))
         );
         // A PTU's utilization is the most direct.
         state.observe("d", Some(95.0), None, t0);
