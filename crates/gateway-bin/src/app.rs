@@ -458,7 +458,7 @@ mod tests {
                     trip: secs(45),
                 },
                 probe_timeout: secs(20),
-                not_found_cooldown: secs(60),
+                not_found_cooldown: secs(300),
             }
         );
     }

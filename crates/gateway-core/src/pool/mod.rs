@@ -95,8 +95,9 @@ pub const SPILL_RETRY: Duration = Duration::from_secs(1);
 /// again: a key is not fixed in seconds, and a reload starts it afresh anyway.
 pub const MISCONFIGURED_REST: Duration = Duration::from_secs(300);
 
-/// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`.
-const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(60);
+/// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`: a
+/// deployment is not created in seconds, and a reload starts afresh (issue 9: it was 60 s).
+const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(300);
 
 /// Index of a backend in its [`BackendPool`], in the order given to [`BackendPool::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
