@@ -538,6 +538,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tier_with_nowhere_else_to_go_is_told_to_come_back_soon() {
+        use crate::pool::{Backend, PoolSettings, Route, SPILL_RETRY, Selection};
+        use std::collections::BTreeMap;
+
+        let backend = Backend {
+            name: "pool".to_owned(),
+            region: "r".to_owned(),
+            endpoint: "https://pool.openai.azure.com".to_owned(),
+            priority: 1,
+            weight: 1,
+            deployments: BTreeMap::from([("gpt-4o".to_owned(), "gpt-4o".to_owned())]),
+            credential: None,
+        };
+        let pool = BackendPool::new(vec![backend], PoolSettings::default())
+            .keep_headroom("pool", Headroom::new().keep(Tier::Low, 0.5))
+            .tiers([("batch", Tier::Low)]);
+        let now = Instant::now();
+        let id = BackendId(0);
+        pool.observe_utilization(id, "gpt-4o", 60.0, now);
+        let Selection::Exhausted(e) =
+            pool.select_routed("gpt-4o", &[], None, Route::consumer("batch"), now)
+        else {
+            panic!("the low tier must not be sent");
+        };
+        assert_eq!((e.spilled, e.shortest_cooldown), (1, Some(SPILL_RETRY)));
+        // Others still are; the spill is counted once, with its reason.
+        let other = pool.select_routed("gpt-4o", &[], None, Route::consumer("app"), now);
+        assert_eq!(other, Selection::Backend(id));
+        let status = pool.headroom_status(id, now).unwrap();
+        assert_eq!(status.tiers[0].spills, [(SpillReason::Utilization, 1)]);
+        assert!(status.tiers[0].spilling);
+    }
+
+    #[test]
     fn the_window_counts_the_last_minute() {
         let t0 = Instant::now();
         let mut w = Window::new(t0);
