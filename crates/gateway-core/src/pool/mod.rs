@@ -184,12 +184,13 @@ pub enum Selection {
 
 /// Why no backend was selected. Every backend serving the deployment is counted once, under the first
 /// reason that applies in this order: `misconfigured`, `not_found`, `circuit_open`, `throttled`,
-/// `tried`.
+/// `tried`, `spilled`, `insufficient_quota`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exhausted {
     /// The least remaining cooldown among the backends serving the deployment that are cooling down
-    /// after a throttle (429), tried or not (the client will come back later). `None` when none is
-    /// throttled, e.g. every circuit is open or every backend failed or rejected the credential.
+    /// after a throttle (429), tried or not (the client will come back later), and [`SPILL_RETRY`]
+    /// when a backend kept its headroom from the request's tier. `None` when none is throttled,
+    /// e.g. every circuit is open or every backend failed or rejected the credential.
     pub shortest_cooldown: Option<Duration>,
     /// Backends cooling down after a throttle.
     pub throttled: usize,
