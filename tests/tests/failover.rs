@@ -509,9 +509,12 @@ async fn backends_refusing_the_gateway_credential_give_502_not_429() {
     let (code, msg) = azure_error(res).await;
     assert_eq!(code, "BadGateway");
     assert!(msg.contains("refused the gateway's credential"), "{msg}");
-    // While both rest, the gateway says so without calling them, and still not as a rate limit.
+    // While both rest as misconfigured, the gateway says so without calling them, as the same
+    // 502 (issue 9: it was a 503 when a refused key was only a short cooldown), and still not as a
+    // rate limit.
     let res = gw.chat("gpt-4o", &chat("hi")).await;
-    assert_eq!(res.status(), 503);
+    assert_eq!(res.status(), 502);
+    assert!(!res.headers().contains_key("x-gateway-throttled"));
     assert_eq!((count(&a), count(&b)), (1, 1));
     gw.stop().await;
 }

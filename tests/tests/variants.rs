@@ -328,8 +328,6 @@ async fn a_stream_ending_in_a_bare_done_is_accounted_and_hides_the_usage_chunk()
 }
 
 #[tokio::test]
-#[ignore = "issue 9: `x-ratelimit-remaining-requests: 0` is recorded but not used for routing: the \
-            next call makes a doomed 429 round trip to the exhausted backend before failing over"]
 async fn remaining_requests_zero_rests_the_backend_without_a_429_round_trip() {
     // A allows 2 requests per 10-second window (12 RPM); the second answer says 0 are left.
     let a = region_with("Region A", &[], |c| {

@@ -7,6 +7,7 @@
 //! a 401 in Azure's error shape. `/metrics` stays open for scrapers: put it on an internal
 //! `admin.listen` to keep it private.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,52 @@ struct BackendView<'a> {
     remaining_requests: Option<QuotaView>,
     in_flight: u64,
     ttfb_ms: Option<LatencyView>,
+    /// Deployments (the backend's own names) resting after a 429 or a spent request window.
+    resting: Vec<RestView>,
+    /// The consumers it is reserved for; absent when every consumer shares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved_for: Option<Vec<&'a str>>,
+    /// The headroom it keeps for higher tiers; absent when it keeps none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    headroom: Option<HeadroomView>,
+}
+
+#[derive(Serialize)]
+struct HeadroomView {
+    /// Per deployment (the backend's own names): the known remaining share and its source.
+    remaining: Vec<ShareView>,
+    tiers: Vec<TierView>,
+}
+
+#[derive(Serialize)]
+struct ShareView {
+    deployment: String,
+    share: f64,
+    source: &'static str,
+}
+
+#[derive(Serialize)]
+struct TierView {
+    tier: &'static str,
+    keep: f64,
+    /// Whether this tier is turned away now.
+    spilling: bool,
+    /// Requests turned away so far, by reason.
+    spills: BTreeMap<&'static str, u64>,
+    last_spill: Option<LastSpillView>,
+}
+
+#[derive(Serialize)]
+struct LastSpillView {
+    ago_ms: u64,
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct RestView {
+    deployment: String,
+    remaining_ms: u64,
+    reason: &'static str,
 }
 
 #[derive(Serialize)]
@@ -230,6 +277,44 @@ impl Admin {
             priority: b.priority,
             weight: b.weight,
             not_found: b.not_found,
+            headroom: b.headroom.map(|h| HeadroomView {
+                remaining: h
+                    .remaining
+                    .into_iter()
+                    .map(|(deployment, share, source)| ShareView {
+                        deployment,
+                        share,
+                        source: source.as_str(),
+                    })
+                    .collect(),
+                tiers: h
+                    .tiers
+                    .into_iter()
+                    .map(|t| TierView {
+                        tier: t.tier.as_str(),
+                        keep: t.keep,
+                        spilling: t.spilling,
+                        spills: t.spills.iter().map(|(r, n)| (r.as_str(), *n)).collect(),
+                        last_spill: t.last_spill.map(|(ago, reason)| LastSpillView {
+                            ago_ms: millis(ago),
+                            reason: reason.as_str(),
+                        }),
+                    })
+                    .collect(),
+            }),
+            reserved_for: self
+                .pool
+                .reserved_for(b.id)
+                .map(|r| r.iter().map(|c| &**c).collect()),
+            resting: b
+                .resting
+                .into_iter()
+                .map(|r| RestView {
+                    remaining_ms: millis(r.remaining),
+                    reason: r.reason.as_str(),
+                    deployment: r.deployment,
+                })
+                .collect(),
         }
     }
 
@@ -346,6 +431,7 @@ fn state_name(state: BackendState) -> &'static str {
         BackendState::CoolingDown => "cooling_down",
         BackendState::CircuitOpen => "circuit_open",
         BackendState::HalfOpen => "half_open",
+        BackendState::Misconfigured => "misconfigured",
     }
 }
 

@@ -12,19 +12,23 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use gateway_core::limits::{Limits, MemoryStore, Quota, RedisStore};
-use gateway_core::pool::{Backend, BackendPool, CircuitSettings, PoolSettings, RedisCooldowns};
+use gateway_core::pool::{
+    Backend, BackendPool, CircuitSettings, Headroom, PoolSettings, RedisCooldowns, Tier,
+};
 use gateway_layers::auth::ConsumerKeys;
 use gateway_layers::client::ReqwestClient;
 use gateway_layers::entra::{EntraAuthLayer, EntraConfig, EntraValidator};
 use gateway_layers::error::azure_error;
+use gateway_layers::failover::FlexFallback;
 use gateway_layers::propagate::{ExistsAction, HeaderRules};
 use gateway_layers::ratelimit::{ConsumerLimits, LimitHeaders, OnStoreError};
 use gateway_layers::{
     ConsumerAuthLayer, FailoverLayer, PropagateHeadersLayer, RateLimitLayer, RequestContextLayer,
 };
 use gateway_policy::{
-    CircuitBreakerSettings, EntraSettings, FailoverSettings, GatewaySettings, HeaderAction,
-    HeaderSettings, LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
+    CircuitBreakerSettings, EntraSettings, FailoverSettings, FlexFallbackSpec, GatewaySettings,
+    HeaderAction, HeaderSettings, LimitsSpec, Policy, ResolvedSecrets, StoreFailure, StoreKind,
+    TierSpec,
 };
 use http::{HeaderName, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -90,12 +94,47 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
+/// The engine's tier for the policy's.
+fn tier_of(tier: TierSpec) -> Tier {
+    match tier {
+        TierSpec::Critical => Tier::Critical,
+        TierSpec::Standard => Tier::Standard,
+        TierSpec::Low => Tier::Low,
+    }
+}
+
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
-    let pool = Arc::new(BackendPool::new(
+    let pool = BackendPool::new(
         backends(policy, secrets)?,
         pool_settings(&policy.failover, &policy.circuit),
-    ));
+    );
+    // Per-workload routes: a reserved backend is left out of every other consumer's selection.
+    // Application priority: a backend's headroom is kept from the tiers below its shares.
+    let pool = policy.backends.iter().fold(pool, |pool, b| {
+        let pool = match &b.reserved_for {
+            Some(consumers) => pool.reserve(&b.name, consumers.iter().map(String::as_str)),
+            None => pool,
+        };
+        match &b.headroom {
+            Some(spec) => {
+                // Azure grants 6 requests per minute per 1,000 TPM of quota: without an `rpm`,
+                // that is the request capacity the remaining-requests header is measured against.
+                let rpm = b.rpm.or(b.tpm.map(|tpm| tpm.saturating_mul(6) / 1000));
+                let headroom = spec.shares().fold(
+                    Headroom::new().limits(b.tpm, rpm),
+                    |headroom, (tier, share)| headroom.keep(tier_of(tier), share),
+                );
+                pool.keep_headroom(&b.name, headroom)
+            }
+            None => pool,
+        }
+    });
+    let consumer_tiers = policy
+        .consumers
+        .iter()
+        .map(|c| (c.name.as_str(), tier_of(c.tier)));
+    let pool = Arc::new(pool.tiers(consumer_tiers));
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
         ConsumerKeys::new(),
@@ -118,7 +157,11 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .on_status(policy.failover.on_status.iter().copied())
         .stream_idle_timeout(Duration::from_millis(
             policy.failover.stream_idle_timeout_ms,
-        ));
+        ))
+        .flex_fallback(match policy.failover.flex_fallback {
+            FlexFallbackSpec::DefaultTier => FlexFallback::DefaultTier,
+            FlexFallbackSpec::NextBackend => FlexFallback::NextBackend,
+        });
 
     warm_up_tokenizers(policy);
     let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());
@@ -455,7 +498,7 @@ mod tests {
                     max_ejection_percent: 34,
                 },
                 probe_timeout: secs(20),
-                not_found_cooldown: secs(60),
+                not_found_cooldown: secs(300),
             }
         );
     }

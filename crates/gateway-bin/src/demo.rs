@@ -18,6 +18,9 @@ pub const DEMO_CLIENT_KEY: &str = "demo-key";
 /// The key of the demo's rate-limited consumer (3 requests per minute).
 pub const DEMO_LIMITED_KEY: &str = "demo-key-limited";
 
+/// The key of the demo's low-tier batch consumer, which spills from the PTU pool first.
+pub const DEMO_BATCH_KEY: &str = "demo-key-batch";
+
 /// A running demo: the simulated regions and the gateway in front of them.
 pub struct Demo {
     /// The simulated regions, in the policy's backend order.
@@ -33,6 +36,7 @@ pub async fn start() -> Result<Demo, String> {
     let secrets = MapSecrets::with_fallback(NoSecrets)
         .with_env("GATEWAY_DEMO_KEY", DEMO_CLIENT_KEY)
         .with_env("GATEWAY_DEMO_LIMITED_KEY", DEMO_LIMITED_KEY)
+        .with_env("GATEWAY_DEMO_BATCH_KEY", DEMO_BATCH_KEY)
         .with_env("DEMO_SWEDEN_KEY", "sim-key-sweden")
         .with_env("DEMO_FRANCE_KEY", "sim-key-france")
         .with_env("DEMO_EASTUS2_KEY", "sim-key-eastus2");
@@ -128,6 +132,9 @@ curl -si '{base}/openai/deployments/text-embedding-3-small/embeddings?api-versio
 for i in $(seq 1 8); do curl -s -o /dev/null -D - '{chat}' -H 'api-key: {DEMO_CLIENT_KEY}' \\\n  -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":100}}' | grep -i x-served-by; done\n\n\
 # consumer limits: '{DEMO_LIMITED_KEY}' may make 3 calls a minute; the 4th gets the gateway's own 429\n\
 for i in $(seq 1 4); do curl -s -o /dev/null -D - '{chat}' -H 'api-key: {DEMO_LIMITED_KEY}' \\\n  -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":20}}' | grep -iE '^(HTTP/|x-ratelimit-remaining-requests|x-gateway-limit|retry-after:)'; done\n\n\
+# tiers: the low-tier batch key leaves the shared PTU pool for Standard once 40 % of it is used;\n\
+# the critical demo-app key stays on PTU (Sweden, its own, then the pool)\n\
+for i in $(seq 1 5); do for k in {DEMO_BATCH_KEY} {DEMO_CLIENT_KEY}; do printf '%-15s ' $k; curl -s -o /dev/null -D - '{chat}' -H \"api-key: $k\" \\\n  -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":400}}' | grep -i x-served-by; done; done\n\n\
 Press Ctrl-C to stop.\n"
     ));
     out

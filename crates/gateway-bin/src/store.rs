@@ -45,26 +45,30 @@ impl LimitStore for Store {
 pub fn share_cooldowns(
     cooldowns: RedisCooldowns,
     pool: Arc<BackendPool>,
-) -> impl Fn(&str, Duration) + Send + Sync + 'static {
+) -> impl Fn(&str, &str, Duration) + Send + Sync + 'static {
     let listener_pool = pool.clone();
     // The listener runs for the life of the process.
-    drop(cooldowns.spawn_listener(move |backend, until_ms| {
-        let Some(id) = listener_pool.id_of(&backend) else {
-            return;
-        };
-        let left = until_ms.saturating_sub(unix_ms());
-        if left > 0 {
-            listener_pool.cool_down(id, Duration::from_millis(left), Instant::now());
-        }
-    }));
-    move |backend: &str, cooldown: Duration| {
+    drop(
+        cooldowns.spawn_listener(move |backend, deployment, until_ms| {
+            let Some(id) = listener_pool.id_of(&backend) else {
+                return;
+            };
+            let left = until_ms.saturating_sub(unix_ms());
+            if left > 0 {
+                let rest = Duration::from_millis(left);
+                listener_pool.cool_down(id, &deployment, rest, Instant::now());
+            }
+        }),
+    );
+    move |backend: &str, deployment: &str, cooldown: Duration| {
         let until =
             unix_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
         let cooldowns = cooldowns.clone();
         let backend = backend.to_owned();
+        let deployment = deployment.to_owned();
         // Publishing must not delay the failover it follows.
         tokio::spawn(async move {
-            if let Err(err) = cooldowns.publish(&backend, until).await {
+            if let Err(err) = cooldowns.publish(&backend, &deployment, until).await {
                 tracing::debug!(error = %err, %backend, "could not share a cooldown");
             }
         });

@@ -279,8 +279,8 @@ fn demo_prints_curl_lines_that_work() {
     let commands = printed_commands(&banner);
     assert_eq!(
         commands.len(),
-        5,
-        "chat, stream, embeddings, failover loop, consumer limit loop:\n{banner}"
+        6,
+        "chat, stream, embeddings, failover loop, consumer limit loop, tier loop:\n{banner}"
     );
     let run = |cmd: &str| {
         let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -327,6 +327,25 @@ fn demo_prints_curl_lines_that_work() {
     assert!(limited.contains("http/1.1 429"), "{limited}");
     assert!(limited.contains("x-gateway-limit: requests"), "{limited}");
     assert!(limited.contains("retry-after:"), "{limited}");
+
+    // Tiers: the low-tier batch consumer leaves the shared pool for Standard, the critical one
+    // stays on PTU. Both PTUs said their request window was spent above: once they take traffic
+    // again.
+    let status = format!("curl -s http://127.0.0.1:{port}/admin/status");
+    gateway_e2e::eventually_blocking("both PTUs available", Duration::from_secs(30), || {
+        let status: serde_json::Value = serde_json::from_str(&run(&status)).ok()?;
+        let available = |i: usize| status["backends"][i]["state"] == "available";
+        (available(0) && available(1)).then_some(())
+    });
+    let tiers = run(&commands[5]).to_ascii_lowercase();
+    let (batch, critical): (Vec<&str>, Vec<&str>) =
+        tiers.lines().partition(|l| l.starts_with("demo-key-batch"));
+    assert_eq!((batch.len(), critical.len()), (5, 5), "{tiers}");
+    assert!(
+        batch.iter().any(|l| l.contains("standard-eastus2")),
+        "{tiers}"
+    );
+    assert!(critical.iter().all(|l| l.contains("ptu-")), "{tiers}");
 
     common::sigterm(&child);
     assert!(common::wait_exit(&mut child, Duration::from_secs(15)).success());

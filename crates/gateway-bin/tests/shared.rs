@@ -146,7 +146,7 @@ async fn a_throttle_seen_by_one_gateway_is_known_to_all() {
     let (_p2, two) = gateway(&policy).await;
     // Both cooldown listeners subscribe, so that the throttle below travels live (a listener that
     // subscribed later would read it in its catch-up instead).
-    let channel = format!("{prefix}:v1:cooldowns");
+    let channel = format!("{prefix}:v2:cooldowns");
     eventually(
         "both gateways subscribed to the cooldown channel",
         || async { (redis.subscribers(&channel) == 2).then_some(()) },

@@ -77,9 +77,17 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// `x-ratelimit-reset-*`: a bare number of seconds, or a sequence of `<decimal><unit>` parts with units
-/// `h`, `m`, `s` and `ms` (`1m30s`, `250ms`, `1.5s`).
-fn parse_reset(value: &str) -> Option<Duration> {
+/// Reads an `x-ratelimit-reset-*` value: a bare number of seconds, or a sequence of
+/// `<decimal><unit>` parts with units `h`, `m`, `s` and `ms` (`1m30s`, `250ms`, `1.5s`).
+///
+/// ```
+/// use std::time::Duration;
+/// use gateway_core::retry_after::parse_reset;
+///
+/// assert_eq!(parse_reset("1m30s"), Some(Duration::from_secs(90)));
+/// assert_eq!(parse_reset("-1"), None);
+/// ```
+pub fn parse_reset(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Some(d) = parse_decimal(value, NANOS_PER_SEC) {
         return Some(d);

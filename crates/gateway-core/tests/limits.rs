@@ -965,11 +965,14 @@ async fn cooldowns(server: &RedisServer, prefix: &str) -> RedisCooldowns {
         .expect("connect to redis")
 }
 
-fn recorder() -> (Seen, impl Fn(String, u64) + Send + Sync + 'static) {
+fn recorder() -> (Seen, impl Fn(String, String, u64) + Send + Sync + 'static) {
     let seen: Seen = Arc::default();
     let sink = seen.clone();
-    (seen, move |backend, until| {
-        sink.lock().expect("lock").push((backend, until))
+    // Backend and deployment as `backend/deployment`, to compare in one string.
+    (seen, move |backend, deployment, until| {
+        sink.lock()
+            .expect("lock")
+            .push((format!("{backend}/{deployment}"), until))
     })
 }
 
@@ -992,80 +995,93 @@ async fn cooldowns_are_shared_between_instances() {
 
     // Published before a listener starts: the listener's catch-up reports it.
     let early = unix_ms() + 60_000;
-    one.publish("ptu-sweden", early).await.expect("publish");
+    one.publish("ptu-sweden", "gpt-4o", early)
+        .await
+        .expect("publish");
     let (seen_one, on_one) = recorder();
     let (seen_two, on_two) = recorder();
     let listener_one = one.spawn_listener(on_one);
     let listener_two = two.spawn_listener(on_two);
-    wait_for(&seen_one, ("ptu-sweden", early)).await;
-    wait_for(&seen_two, ("ptu-sweden", early)).await;
+    wait_for(&seen_one, ("ptu-sweden/gpt-4o", early)).await;
+    wait_for(&seen_two, ("ptu-sweden/gpt-4o", early)).await;
 
     // Published by one instance: both listeners hear it (names may contain spaces).
     let until = unix_ms() + 30_000;
-    two.publish("pool france", until).await.expect("publish");
-    wait_for(&seen_one, ("pool france", until)).await;
-    wait_for(&seen_two, ("pool france", until)).await;
+    two.publish("pool france", "gpt-4o: mini", until)
+        .await
+        .expect("publish");
+    wait_for(&seen_one, ("pool france/gpt-4o: mini", until)).await;
+    wait_for(&seen_two, ("pool france/gpt-4o: mini", until)).await;
 
     let mut live = one.current().await.expect("current");
     live.sort();
+    let own = |b: &str, d: &str, until| (b.to_owned(), d.to_owned(), until);
     assert_eq!(
         live,
         [
-            ("pool france".to_owned(), until),
-            ("ptu-sweden".to_owned(), early)
+            own("pool france", "gpt-4o: mini", until),
+            own("ptu-sweden", "gpt-4o", early)
         ]
     );
 
     // A time already past is not published: announcements arrive in order, so had "past" been
     // announced, the listener would have heard it before "brief".
-    one.publish("past", unix_ms() - 1_000)
+    one.publish("past", "gpt-4o", unix_ms() - 1_000)
         .await
         .expect("publish");
     let short = unix_ms() + 300;
-    one.publish("brief", short).await.expect("publish");
-    wait_for(&seen_two, ("brief", short)).await;
+    one.publish("brief", "gpt-4o", short)
+        .await
+        .expect("publish");
+    wait_for(&seen_two, ("brief/gpt-4o", short)).await;
     assert!(
         seen_two
             .lock()
             .expect("lock")
             .iter()
-            .all(|(b, _)| b != "past"),
+            .all(|(b, _)| b != "past/gpt-4o"),
         "{:?}",
         seen_two.lock().expect("lock")
     );
     let live = two.current().await.expect("current");
-    assert!(live.iter().all(|(b, _)| b != "past"), "{live:?}");
+    assert!(live.iter().all(|(b, _, _)| b != "past"), "{live:?}");
     // Cooldowns expire with their time, not before.
     eventually("the brief cooldown expiring", || async {
         let live = two.current().await.expect("current");
-        live.iter().all(|(b, _)| b != "brief").then_some(())
+        live.iter().all(|(b, _, _)| b != "brief").then_some(())
     })
     .await;
     assert!(unix_ms() >= short, "expired before its time");
 
     // Redis restarts empty: publishing and listening resume on the same objects.
     server.kill();
-    assert!(one.publish("down", unix_ms() + 60_000).await.is_err());
+    assert!(
+        one.publish("down", "gpt-4o", unix_ms() + 60_000)
+            .await
+            .is_err()
+    );
     assert!(two.current().await.is_err());
     server.restart();
     let after = unix_ms() + 60_000;
     eventually("publishing again after Redis came back", || async {
-        one.publish("standard-eastus2", after).await.ok()
+        one.publish("standard-eastus2", "gpt-4o", after).await.ok()
     })
     .await;
     // Heard live or through the catch-up after the listener reconnected.
-    wait_for(&seen_one, ("standard-eastus2", after)).await;
-    wait_for(&seen_two, ("standard-eastus2", after)).await;
+    wait_for(&seen_one, ("standard-eastus2/gpt-4o", after)).await;
+    wait_for(&seen_two, ("standard-eastus2/gpt-4o", after)).await;
     assert_eq!(
         two.current().await.expect("current"),
-        [("standard-eastus2".to_owned(), after)]
+        [own("standard-eastus2", "gpt-4o", after)]
     );
 
     // And later announcements reach the reconnected listeners live.
     let later = unix_ms() + 90_000;
-    two.publish("ptu-sweden", later).await.expect("publish");
-    wait_for(&seen_one, ("ptu-sweden", later)).await;
-    wait_for(&seen_two, ("ptu-sweden", later)).await;
+    two.publish("ptu-sweden", "gpt-4o", later)
+        .await
+        .expect("publish");
+    wait_for(&seen_one, ("ptu-sweden/gpt-4o", later)).await;
+    wait_for(&seen_two, ("ptu-sweden/gpt-4o", later)).await;
 
     listener_one.abort();
     listener_two.abort();
@@ -1077,14 +1093,14 @@ async fn cooldowns_keep_prefixes_apart() {
     let a = cooldowns(&server, "a*").await;
     let b = cooldowns(&server, "ab").await;
     let until = unix_ms() + 60_000;
-    a.publish("x", until).await.expect("publish");
-    b.publish("y", until).await.expect("publish");
+    a.publish("x", "gpt-4o", until).await.expect("publish");
+    b.publish("y", "gpt-4o", until).await.expect("publish");
     assert_eq!(
         a.current().await.expect("current"),
-        [("x".to_owned(), until)]
+        [("x".to_owned(), "gpt-4o".to_owned(), until)]
     );
     assert_eq!(
         b.current().await.expect("current"),
-        [("y".to_owned(), until)]
+        [("y".to_owned(), "gpt-4o".to_owned(), until)]
     );
 }

@@ -287,16 +287,28 @@ impl RequestContext {
     /// `model` replaced by `model` when given (a backend's own deployment name on v1 and Responses
     /// paths). Costs nothing when there is nothing to change.
     pub fn body_for(&self, model: Option<&str>) -> Bytes {
+        self.body_at_tier(model, None)
+    }
+
+    /// Like [`body_for`](Self::body_for), with the body's `service_tier` replaced by
+    /// `service_tier` when given (a Flex request retried at the default tier).
+    pub fn body_at_tier(&self, model: Option<&str>, service_tier: Option<&str>) -> Bytes {
         match &self.json {
             Some(json) => json.edit(
                 &self.body,
                 &Edits {
                     model,
                     include_usage: self.ask_for_usage,
+                    service_tier,
                 },
             ),
             None => self.body.clone(),
         }
+    }
+
+    /// `service_tier` from the body, as the client sent it.
+    pub fn service_tier(&self) -> Option<&str> {
+        self.json.as_ref().and_then(|j| j.service_tier())
     }
 }
 

@@ -180,7 +180,7 @@ impl Record {
                 max_tokens: ctx.max_tokens(),
                 service_tier: ctx
                     .json()
-                    .and_then(|j| j.service_tier.as_deref())
+                    .and_then(|j| j.service_tier())
                     .map(ServiceTier::from_name),
             }),
             consumer: OnceLock::new(),

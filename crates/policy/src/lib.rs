@@ -39,7 +39,7 @@
 //! assert_eq!(
 //!     errors.to_string(),
 //!     "policy.toml:9:1: backends[0].apikey: unknown field `apikey`, expected one of \
-//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `entra`, `deployments`, `tpm`, `rpm`"
+//!      `name`, `region`, `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `entra`, `deployments`, `tpm`, `rpm`, `reserved_for`, `headroom`"
 //! );
 //! ```
 
@@ -52,6 +52,7 @@ mod error;
 mod locate;
 mod parse;
 mod resolve;
+mod routing;
 mod summary;
 mod tls;
 mod validate;
@@ -62,6 +63,7 @@ pub use error::{PolicyError, PolicyErrors, PolicySource};
 // One definition of the quota calendar: the engine counts in it, the policy names it.
 pub use gateway_core::limits::QuotaPeriod;
 pub use resolve::ResolvedSecrets;
+pub use routing::{FlexFallbackSpec, HeadroomSpec, TierSpec};
 pub use tls::{CertificatePair, TlsSecrets};
 
 /// A whole policy file, as written. Secrets are still references here (see [`crate::secret`]).
@@ -211,6 +213,13 @@ pub struct BackendSpec {
     /// Known requests-per-minute limit of this backend, if any.
     #[serde(default)]
     pub rpm: Option<u64>,
+    /// The consumers this backend is reserved for (a workload's own PTU); shared by all when
+    /// absent. Other consumers never reach it.
+    #[serde(default)]
+    pub reserved_for: Option<Vec<String>>,
+    /// Capacity this backend keeps for higher tiers; none when absent.
+    #[serde(default)]
+    pub headroom: Option<HeadroomSpec>,
 }
 
 /// `[backends.entra]`: the backend is called with an Entra ID access token of the gateway's own
@@ -261,6 +270,8 @@ pub struct FailoverSettings {
     /// Longest silence allowed inside a response body (a stream's gap between chunks), in
     /// milliseconds; a longer one breaks the stream and charges the backend.
     pub stream_idle_timeout_ms: u64,
+    /// What a `"service_tier": "flex"` request does after a 429.
+    pub flex_fallback: FlexFallbackSpec,
 }
 
 /// `[circuit]`: when a failing backend is taken out of rotation (ejected), as Envoy's outlier
@@ -310,6 +321,9 @@ pub struct ConsumerSpec {
     /// Limits for one logical deployment, counted apart from `limits` (both apply).
     #[serde(default)]
     pub deployment_limits: BTreeMap<String, LimitsSpec>,
+    /// Its priority on shared backends that keep headroom; `standard` when absent.
+    #[serde(default)]
+    pub tier: TierSpec,
 }
 
 /// `[consumers.limits]`: tokens and requests per minute, and a token quota per period.
@@ -606,6 +620,7 @@ impl Default for FailoverSettings {
             max_cooldown_ms: 300_000,
             on_status: vec![408, 429, 500, 502, 503, 504],
             stream_idle_timeout_ms: 120_000,
+            flex_fallback: FlexFallbackSpec::default(),
         }
     }
 }

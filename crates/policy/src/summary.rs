@@ -160,6 +160,20 @@ fn write_backend(out: &mut String, backend: &BackendSpec) -> std::fmt::Result {
     );
     details.extend(backend.tpm.map(|tpm| format!("tpm {tpm}")));
     details.extend(backend.rpm.map(|rpm| format!("rpm {rpm}")));
+    details.extend((backend.reserved_for.iter().flatten()).map(|c| format!("reserved for {c}")));
+    details.extend(
+        backend
+            .headroom
+            .iter()
+            .flat_map(|h| h.shares())
+            .map(|(tier, share)| {
+                format!(
+                    "keeps {:.0}% from the {} tier",
+                    share * 100.0,
+                    tier.as_str()
+                )
+            }),
+    );
     writeln!(out, "      {}", details.join(", "))?;
     let mappings: Vec<String> = backend
         .deployments

@@ -6,6 +6,8 @@ use super::locate::{Locator, field, index};
 use super::{BackendSpec, Policy, PolicyError, PolicyErrors};
 use crate::secret::SecretRef;
 
+mod routes;
+
 /// Limits checked here, also quoted in the messages.
 const MAX_BODY_BYTES: std::ops::RangeInclusive<usize> = 1024..=100 * 1024 * 1024;
 const WEIGHT: std::ops::RangeInclusive<u32> = 1..=1000;
@@ -44,6 +46,7 @@ impl Policy {
         check.key_vault(self);
         check.entra(self);
         check.tls(self);
+        check.routes(self);
         if check.errors.is_empty() {
             return Ok(());
         }
@@ -97,6 +100,7 @@ impl Policy {
                 ),
             ));
         }
+        routes::warnings(self, &locator, &mut warnings);
         warnings.sort_by_key(|warning| (warning.line, warning.column));
         warnings
     }

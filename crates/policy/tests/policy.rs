@@ -113,14 +113,15 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:8:1: backends[0].weigth: unknown field `weigth`, expected one of `name`, `region`, \
-         `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `entra`, `deployments`, `tpm`, `rpm`"
+         `endpoint`, `priority`, `weight`, `api_key`, `bearer_token`, `entra`, `deployments`, `tpm`, `rpm`, \
+         `reserved_for`, `headroom`"
     );
     let text = format!("{BASE}\n[failover]\nmax_attempt = 3\n");
     assert_eq!(
         error(&text),
         "p.toml:12:1: failover.max_attempt: unknown field `max_attempt`, expected one of \
          `max_attempts`, `deadline_ms`, `response_header_timeout_ms`, `default_cooldown_ms`, \
-         `max_cooldown_ms`, `on_status`, `stream_idle_timeout_ms`"
+         `max_cooldown_ms`, `on_status`, `stream_idle_timeout_ms`, `flex_fallback`"
     );
     let text = format!("listen = \"0.0.0.0:1\"\n{BASE}");
     assert_eq!(

@@ -75,6 +75,9 @@ pub struct Variants {
     /// A request for `service_tier: "priority"` is served at standard, and its answer says
     /// `"service_tier": "default"`, as Azure does when priority traffic ramps up too fast.
     pub priority_as_default: bool,
+    /// Flex capacity is exhausted: every request with `"service_tier": "flex"` is answered 429
+    /// (Flex does not fall back by itself), whatever the quota; other tiers are served.
+    pub flex_429: bool,
 }
 
 /// The format of `x-ratelimit-reset-requests` and `x-ratelimit-reset-tokens` (the reference,
@@ -223,6 +226,12 @@ impl RegionConfig {
     /// Reports cached prompt tokens for long prompts seen before ([`Variants::prompt_cache`]).
     pub fn prompt_cache(mut self, on: bool) -> Self {
         self.variants.prompt_cache = on;
+        self
+    }
+
+    /// Answers every Flex request 429 ([`Variants::flex_429`]).
+    pub fn flex_429(mut self, on: bool) -> Self {
+        self.variants.flex_429 = on;
         self
     }
 }

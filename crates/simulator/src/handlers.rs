@@ -188,6 +188,13 @@ async fn handle(shared: &Shared, parts: &Parts, body: &Bytes) -> Outcome {
         let response = reply.operation_not_supported(route.op, &deployment.config.model);
         return Outcome::Respond(response);
     }
+    // Flex capacity is out: a Flex request gets a 429, as Azure answers it without falling back.
+    if shared.variants.flex_429
+        && request.get("service_tier").and_then(Value::as_str) == Some("flex")
+    {
+        let response = reply.fault_status(429, Some(1_000), route.op, version_label);
+        return Outcome::Respond(response);
+    }
     let plan = match plan(route.op, request) {
         Ok(plan) => plan,
         Err(message) => return Outcome::Respond(reply.bad_request(&message)),

@@ -45,6 +45,7 @@ VARIANTS (how real backends differ from Azure's documented answers; all off by d
                              `default` (Azure's silent downgrade when priority traffic ramps)
     --prompt-cache           prompts of 1,024 tokens or more seen before report cached_tokens
                              (the prompt rounded down to 128), as Azure's prompt caching does
+    --flex-429               Flex capacity is out: requests with service_tier `flex` get a 429
 
 x-ratelimit-remaining-requests counts the 10-second request window down to 0 on the last request
 it admits; the next one gets a 429.
@@ -177,6 +178,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             "--seconds-only-429" => variants.seconds_only_429 = switch()?,
             "--ignore-include-usage" => variants.ignore_include_usage = switch()?,
             "--no-stream-content-type" => variants.omit_stream_content_type = switch()?,
+            "--flex-429" => variants.flex_429 = switch()?,
             "--reset-format" => {
                 variants.reset_format = match value()?.as_str() {
                     "seconds" => ResetFormat::Seconds,
@@ -326,6 +328,7 @@ mod tests {
             "gpt-4o",
             "--prompt-cache",
             "--priority-as-default",
+            "--flex-429",
         ])
         .unwrap()
         .unwrap()
@@ -339,6 +342,7 @@ mod tests {
         assert!(v.ignore_include_usage && v.omit_stream_content_type);
         assert_eq!(v.reset_format, ResetFormat::Duration);
         assert_eq!(v.done_ending, DoneEnding::Bare);
+        assert!(v.flex_429);
 
         assert!(args(&["--ptu", "nope"]).is_err());
         assert!(args(&["--reasoning", "nope"]).is_err());

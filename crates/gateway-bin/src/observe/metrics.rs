@@ -58,6 +58,13 @@ pub const ACCEPT_ERRORS: &str = "gateway_accept_errors_total";
 /// Backend selections made in panic mode: every backend serving the deployment was ejected, and the
 /// gateway tried them anyway rather than refuse.
 pub const PANIC_SELECTIONS: &str = "gateway_panic_selections_total";
+/// Counter: requests of a tier turned away from a backend keeping headroom for higher tiers, by
+/// `backend`, `tier` and `reason` (`utilization`, `remaining_tokens`, `remaining_requests`,
+/// `gateway_count`).
+pub const SPILLS: &str = "gateway_spills_total";
+/// Gauge: a backend's known remaining share of capacity, by `backend` and `deployment` (its own
+/// name); only for backends keeping headroom.
+pub const BACKEND_REMAINING_SHARE: &str = "gateway_backend_remaining_share";
 /// Time to response headers minus the time spent waiting on upstream attempts: what the gateway
 /// itself adds (authentication, limits, routing, reading a JSON answer whole).
 pub const OVERHEAD: &str = "gateway_overhead_seconds";
@@ -71,11 +78,12 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-const STATES: [(BackendState, &str); 4] = [
+const STATES: [(BackendState, &str); 5] = [
     (BackendState::Available, "available"),
     (BackendState::CoolingDown, "cooling_down"),
     (BackendState::CircuitOpen, "circuit_open"),
     (BackendState::HalfOpen, "half_open"),
+    (BackendState::Misconfigured, "misconfigured"),
 ];
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -120,6 +128,19 @@ pub fn render(handle: &PrometheusHandle, pool: &BackendPool) -> String {
         if let Some(q) = b.remaining_requests {
             gauge!(BACKEND_REMAINING_REQUESTS, "backend" => backend.clone()).set(q.value as f64);
         }
+        if let Some(headroom) = b.headroom {
+            // Counted by the pool, which owns them: exported as they stand.
+            for tier in headroom.tiers {
+                for (reason, n) in tier.spills {
+                    counter!(SPILLS, "backend" => backend.clone(), "tier" => tier.tier.as_str(), "reason" => reason.as_str())
+                        .absolute(n);
+                }
+            }
+            for (deployment, share, _) in headroom.remaining {
+                gauge!(BACKEND_REMAINING_SHARE, "backend" => backend.clone(), "deployment" => deployment)
+                    .set(share);
+            }
+        }
         gauge!(BACKEND_IN_FLIGHT, "backend" => backend).set(b.in_flight as f64);
     }
     counter!(PANIC_SELECTIONS).absolute(pool.panic_selections());
@@ -140,6 +161,15 @@ fn describe() {
         "Time from a request's arrival to the end of its response body."
     );
     describe_counter!(UPSTREAM_ATTEMPTS, Unit::Count, "Upstream attempts.");
+    describe_counter!(
+        SPILLS,
+        Unit::Count,
+        "Requests of a tier turned away from a backend keeping headroom for higher tiers."
+    );
+    describe_gauge!(
+        BACKEND_REMAINING_SHARE,
+        "A backend deployment's known remaining share of capacity."
+    );
     describe_counter!(
         FAILOVERS,
         Unit::Count,

@@ -230,8 +230,9 @@ impl Health {
                 self.window.add(false, now, settings.circuit.interval);
                 recorded.circuit = self.success(now);
             }
-            Outcome::Throttled { hint } => {
-                recorded.cooldown = Some(self.cool_down(hint, true, now, settings));
+            // The rest is the deployment's, kept by the pool (`rests`): Azure throttles each
+            // deployment of a resource on its own.
+            Outcome::Throttled { .. } => {
                 self.forget_headroom(deployment);
                 self.release_probe(now);
             }

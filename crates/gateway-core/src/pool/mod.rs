@@ -58,16 +58,25 @@ use std::time::{Duration, Instant};
 
 use crate::secret::Credential;
 
+use self::headroom::HeadroomState;
 use self::health::{Availability, CircuitChange, Health};
+use self::rests::Rests;
+use self::routes::Reservation;
 
+mod headroom;
 mod health;
 mod outlier;
+mod rests;
+mod routes;
 #[cfg(feature = "redis")]
 mod shared;
 #[cfg(test)]
 mod tests;
 
+pub use headroom::{Headroom, HeadroomStatus, SpillReason, Tier, TierStatus, parse_utilization};
 pub use outlier::CircuitSettings;
+pub use rests::{DeploymentRest, RestReason};
+pub use routes::Route;
 #[cfg(feature = "redis")]
 pub use shared::{RedisCooldowns, unix_ms};
 
@@ -76,8 +85,21 @@ pub use shared::{RedisCooldowns, unix_ms};
 /// window has already reset from being skipped for long.
 pub const QUOTA_FRESHNESS: Duration = Duration::from_secs(15);
 
-/// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`.
-const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(60);
+/// How long a deployment rests after `x-ratelimit-remaining-requests: 0` came without an
+/// `x-ratelimit-reset-requests`: Azure counts requests in 10-second windows.
+pub const REQUEST_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a request turned away from every backend by headroom kept for higher tiers is told to
+/// wait: headroom is read again with every answer.
+pub const SPILL_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a backend that refused the gateway's credential (401/403) rests before it is tried
+/// again: a key is not fixed in seconds, and a reload starts it afresh anyway.
+pub const MISCONFIGURED_REST: Duration = Duration::from_secs(300);
+
+/// How long a backend is skipped for a deployment after it answered `DeploymentNotFound`: a
+/// deployment is not created in seconds, and a reload starts afresh (issue 9: it was 60 s).
+const DEFAULT_NOT_FOUND_COOLDOWN: Duration = Duration::from_secs(300);
 
 /// Index of a backend in its [`BackendPool`], in the order given to [`BackendPool::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -124,6 +146,17 @@ pub struct BackendPool {
     backends: Vec<Backend>,
     /// One entry per backend, same order. Locked briefly, one at a time, never across `.await`.
     health: Vec<Mutex<Health>>,
+    /// One entry per backend, same order: the rests of its deployments (429s, spent request
+    /// windows). Locked after `health`, never together with it.
+    rests: Vec<Mutex<Rests>>,
+    /// One entry per backend, same order: the consumers it is reserved for (see `routes`).
+    reserved: Vec<Reservation>,
+    /// How long a backend rests after refusing the gateway's credential.
+    misconfigured_rest: Duration,
+    /// One entry per backend, same order: the headroom it keeps for higher tiers (see `headroom`).
+    headroom: Vec<Option<Box<HeadroomState>>>,
+    /// Consumers' tiers; a consumer not listed is `Standard`.
+    tiers: Vec<(Box<str>, Tier)>,
     /// Attempts in flight per backend, same order; counted outside the health lock so that
     /// starting and ending an attempt never contends with routing.
     in_flight: Vec<Arc<AtomicU64>>,
@@ -146,12 +179,14 @@ pub enum Selection {
 }
 
 /// Why no backend was selected. Every backend serving the deployment is counted once, under the first
-/// reason that applies in this order: `not_found`, `circuit_open`, `throttled`, `tried`.
+/// reason that applies in this order: `misconfigured`, `not_found`, `circuit_open`, `throttled`,
+/// `tried`, `spilled`, `insufficient_quota`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exhausted {
     /// The least remaining cooldown among the backends serving the deployment that are cooling down
-    /// after a throttle (429), tried or not (the client will come back later). `None` when none is
-    /// throttled, e.g. every circuit is open or every backend failed or rejected the credential.
+    /// after a throttle (429), tried or not (the client will come back later), and [`SPILL_RETRY`]
+    /// when a backend kept its headroom from the request's tier. `None` when none is throttled,
+    /// e.g. every circuit is open or every backend failed or rejected the credential.
     pub shortest_cooldown: Option<Duration>,
     /// Backends cooling down after a throttle.
     pub throttled: usize,
@@ -165,6 +200,10 @@ pub struct Exhausted {
     pub tried: usize,
     /// Available backends whose last reported remaining tokens could not fit the request.
     pub insufficient_quota: usize,
+    /// Backends resting after they refused the gateway's credential (401/403).
+    pub misconfigured: usize,
+    /// Available backends keeping their remaining capacity for higher tiers than the request's.
+    pub spilled: usize,
     /// No backend serves this deployment at all.
     pub no_candidates: bool,
 }
@@ -217,10 +256,13 @@ pub enum BackendState {
     CircuitOpen,
     /// Trip ended: takes a single probe request, which closes or reopens the circuit.
     HalfOpen,
+    /// It refused the gateway's credential (401/403): skipped for a long rest, then tried again;
+    /// the state holds until it serves.
+    Misconfigured,
 }
 
 /// One backend as shown on a status page or in metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendStatus {
     /// Its id in the pool.
     pub id: BackendId,
@@ -250,6 +292,11 @@ pub struct BackendStatus {
     pub remaining_requests: Option<RemainingQuota>,
     /// Attempts sent to it whose response has not ended yet (see [`BackendPool::begin`]).
     pub in_flight: u64,
+    /// Its deployments resting after a 429 or a spent request window (by its own deployment
+    /// names). While any rests, `state` says `CoolingDown` and `cooldown_remaining` is the longest.
+    pub resting: Vec<DeploymentRest>,
+    /// The headroom it keeps for higher tiers, when it keeps some: remaining shares and spills.
+    pub headroom: Option<HeadroomStatus>,
 }
 
 /// One attempt in flight on a backend, from [`BackendPool::begin`]: the count goes down when it is
@@ -271,6 +318,15 @@ pub struct RemainingQuota {
 enum RngSource {
     Thread,
     Seeded(Mutex<fastrand::Rng>),
+}
+
+/// How one selection pass looks at the backends: for whom (the consumer's tier), whether spills
+/// are counted (the first pass only), and whether ejected backends count as available (panic mode).
+#[derive(Clone, Copy)]
+struct Pass {
+    tier: Tier,
+    count_spills: bool,
+    panic: bool,
 }
 
 /// The outcome of one pass over the backends.
@@ -324,9 +380,17 @@ impl BackendPool {
             .map(|_| Mutex::new(Health::new(now)))
             .collect();
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
+        let rests = backends.iter().map(|_| Mutex::default()).collect();
+        let reserved = backends.iter().map(|_| None).collect();
+        let headroom = backends.iter().map(|_| None).collect();
         Self {
             backends,
             health,
+            rests,
+            reserved,
+            misconfigured_rest: MISCONFIGURED_REST,
+            headroom,
+            tiers: Vec::new(),
             in_flight,
             settings,
             rng: RngSource::Thread,
@@ -334,6 +398,13 @@ impl BackendPool {
             panic_selections: AtomicU64::new(0),
             in_panic: AtomicBool::new(false),
         }
+    }
+
+    /// Rests a backend that refused the gateway's credential for `rest` instead of
+    /// [`MISCONFIGURED_REST`].
+    pub fn with_misconfigured_rest(mut self, rest: Duration) -> Self {
+        self.misconfigured_rest = rest;
+        self
     }
 
     /// Draws weighted choices from a generator seeded with `seed`, for reproducible tests.
@@ -386,21 +457,48 @@ impl BackendPool {
         need_tokens: Option<u64>,
         now: Instant,
     ) -> Selection {
+        self.select_routed(deployment, tried, need_tokens, Route::default(), now)
+    }
+
+    /// Like [`select_with`](Self::select_with), for `route`: backends reserved for other consumers
+    /// (see [`reserve`](Self::reserve)) are left out as if they did not serve the deployment.
+    pub fn select_routed(
+        &self,
+        deployment: &str,
+        tried: &[BackendId],
+        need_tokens: Option<u64>,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Selection {
         let mut exhausted = Exhausted::default();
         let mut need = need_tokens;
+        let tier = self.tier_of(route.consumer_name());
         // Without panic mode: why nothing was selectable, which is what a refused client is told.
         let mut before_panic: Option<Exhausted> = None;
         // A claim fails only when another thread changed the chosen backend between the scan and the
         // claim (typically: took the same half-open probe slot); scan again, a bounded number of times.
-        for _ in 0..=self.backends.len() + 2 {
+        for pass in 0..=self.backends.len() + 2 {
             let panic = before_panic.is_some();
-            let scan = self.scan(deployment, tried, need, now, panic);
+            // Spills are counted once per selection, not once per pass.
+            let pass = Pass {
+                tier,
+                count_spills: pass == 0,
+                panic,
+            };
+            let scan = self.scan(deployment, tried, need, route, pass, now);
             match scan.chosen {
                 Some(id) if self.lock(id).claim(deployment, now, &self.settings, panic) => {
                     if let Some(tokens) = need_tokens {
                         self.lock(id).note_sent(deployment, tokens);
                     }
                     self.note_panic(deployment, panic);
+                    if let Some(state) = &self.headroom[id.0] {
+                        state.note_sent(
+                            self.own_name(id, deployment),
+                            need_tokens.unwrap_or(0),
+                            now,
+                        );
+                    }
                     return Selection::Backend(id);
                 }
                 Some(_) => exhausted = scan.exhausted,
@@ -454,6 +552,11 @@ impl BackendPool {
             // Outside the backend's lock: the decision looks at its whole priority group.
             recorded.circuit = self.eject_if_allowed(id, now);
         }
+        if let Outcome::Throttled { hint } = outcome {
+            let rest = hint.unwrap_or(self.settings.default_cooldown);
+            recorded.cooldown = Some(self.rest(id, deployment, rest, RestReason::Throttled, now));
+        }
+        self.note_credential(id, outcome, now);
 
         let backend = &self.backends[id.0].name;
         if let Some(cooldown) = recorded.cooldown {
@@ -494,31 +597,116 @@ impl BackendPool {
         recorded.cooldown
     }
 
-    /// Cools backend `id` down for `cooldown` (capped at the maximum), as learned from another gateway
-    /// instance; a longer cooldown in force is kept. Unlike [`record`](Self::record) it is no outcome of
-    /// this instance's: circuits and probes are untouched.
-    pub fn cool_down(&self, id: BackendId, cooldown: Duration, now: Instant) {
-        if let Some(health) = self.health.get(id.0) {
-            lock(health).cool_down(Some(cooldown), true, now, &self.settings);
+    /// Rests the deployment named `own_deployment` *on backend `id`* (the backend's own name for it,
+    /// as [`Backend::deployment_name`] gives) for `cooldown` (capped at the maximum), as learned from
+    /// another gateway instance's 429; a longer rest in force is kept. Unlike
+    /// [`record`](Self::record) it is no outcome of this instance's: circuits and probes are untouched.
+    pub fn cool_down(&self, id: BackendId, own_deployment: &str, cooldown: Duration, now: Instant) {
+        if let Some(rests) = self.rests.get(id.0) {
+            lock(rests).rest(
+                own_deployment,
+                cooldown,
+                self.settings.max_cooldown,
+                RestReason::Throttled,
+                now,
+            );
         }
+    }
+
+    /// Backend `id` said `x-ratelimit-remaining-requests: 0` for `deployment`: it rests until its
+    /// request window resets (`reset`, from `x-ratelimit-reset-requests`, else [`REQUEST_WINDOW`]),
+    /// as a 429 would have made it, without the doomed round trip. Returns the rest applied.
+    pub fn requests_spent(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        reset: Option<Duration>,
+        now: Instant,
+    ) -> Option<Duration> {
+        self.rests.get(id.0)?;
+        let rest = reset.unwrap_or(REQUEST_WINDOW);
+        Some(self.rest(id, deployment, rest, RestReason::RequestsSpent, now))
+    }
+
+    /// A 401/403 marks backend `id` (a valid id) misconfigured, a success clears it; each transition
+    /// is logged once, the first loudly: no client can fix the gateway's credential.
+    fn note_credential(&self, id: BackendId, outcome: Outcome, now: Instant) {
+        let backend = &self.backends[id.0].name;
+        match outcome {
+            Outcome::AuthFailure { .. } => {
+                let rest = self.misconfigured_rest;
+                if lock(&self.rests[id.0]).misconfigure(rest, now) {
+                    tracing::error!(
+                        backend,
+                        rest_s = rest.as_secs(),
+                        "backend refused the gateway's credential (401/403): marked misconfigured; check its api_key or bearer_token; failing over, and trying it again after the rest or on reload"
+                    );
+                }
+            }
+            Outcome::Success if lock(&self.rests[id.0]).configured() => {
+                tracing::info!(backend, "backend accepts the gateway's credential again");
+            }
+            _ => {}
+        }
+    }
+
+    /// Rests logical `deployment` on backend `id` (a valid id), keyed by the backend's own name.
+    fn rest(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        rest: Duration,
+        reason: RestReason,
+        now: Instant,
+    ) -> Duration {
+        let own = self.backends[id.0]
+            .deployment_name(deployment)
+            .unwrap_or(deployment);
+        lock(&self.rests[id.0]).rest(own, rest, self.settings.max_cooldown, reason, now)
+    }
+
+    /// Time left resting for logical `deployment` on backend `id` (a valid id), if it rests.
+    fn resting(&self, id: BackendId, deployment: &str, now: Instant) -> Option<Duration> {
+        self.rest_state(id, deployment, now).0
+    }
+
+    /// Time left resting for logical `deployment` on backend `id` (a valid id), and time left in
+    /// the backend's rest as misconfigured; under one lock.
+    fn rest_state(
+        &self,
+        id: BackendId,
+        deployment: &str,
+        now: Instant,
+    ) -> (Option<Duration>, Option<Duration>) {
+        let own = self.backends[id.0]
+            .deployment_name(deployment)
+            .unwrap_or(deployment);
+        let rests = lock(&self.rests[id.0]);
+        (
+            rests.remaining(own, now),
+            rests.misconfigured_remaining(now),
+        )
     }
 
     /// The least time until a throttled backend serving `deployment` is available again, if any is
     /// throttled: what a client told to come back should wait.
     pub fn shortest_throttle(&self, deployment: &str, now: Instant) -> Option<Duration> {
+        self.shortest_throttle_for(deployment, Route::default(), now)
+    }
+
+    /// Like [`shortest_throttle`](Self::shortest_throttle), among the backends `route` may use.
+    pub fn shortest_throttle_for(
+        &self,
+        deployment: &str,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Option<Duration> {
         self.backends
             .iter()
             .enumerate()
             .filter(|(_, b)| b.deployments.contains_key(deployment))
-            .filter_map(|(i, _)| {
-                match self
-                    .lock(BackendId(i))
-                    .availability(deployment, now, &self.settings)
-                {
-                    Availability::CoolingDown(left, true) => Some(left),
-                    _ => None,
-                }
-            })
+            .filter(|(i, _)| self.admits(BackendId(*i), route))
+            .filter_map(|(i, _)| self.resting(BackendId(i), deployment, now))
             .min()
     }
 
@@ -526,13 +714,27 @@ impl BackendPool {
     /// a probe out, or resting after a failure) takes traffic again, if any is: what a client refused
     /// with 503 should wait.
     pub fn shortest_recovery(&self, deployment: &str, now: Instant) -> Option<Duration> {
+        self.shortest_recovery_for(deployment, Route::default(), now)
+    }
+
+    /// Like [`shortest_recovery`](Self::shortest_recovery), among the backends `route` may use.
+    pub fn shortest_recovery_for(
+        &self,
+        deployment: &str,
+        route: Route<'_>,
+        now: Instant,
+    ) -> Option<Duration> {
         self.backends
             .iter()
             .enumerate()
             .filter(|(_, b)| b.deployments.contains_key(deployment))
+            .filter(|(i, _)| self.admits(BackendId(*i), route))
             .filter_map(|(i, _)| {
-                self.lock(BackendId(i))
-                    .recovers_in(deployment, now, &self.settings)
+                let id = BackendId(i);
+                let health = self.lock(id).recovers_in(deployment, now, &self.settings);
+                let (rest, misconfigured) = self.rest_state(id, deployment, now);
+                // The backend is back only when all are over.
+                [health, rest, misconfigured].into_iter().flatten().max()
             })
             .min()
     }
@@ -559,6 +761,7 @@ impl BackendPool {
     ) {
         if let Some(health) = self.health.get(id.0) {
             lock(health).observe_remaining(deployment, tokens, requests, now);
+            self.observe_capacity(id, deployment, None, requests, now);
         }
     }
 
@@ -578,14 +781,30 @@ impl BackendPool {
             .enumerate()
             .map(|(i, (backend, health))| {
                 let view = lock(health).view(now, &self.settings);
+                let (resting, misconfigured) = {
+                    let rests = lock(&self.rests[i]);
+                    (rests.view(now), rests.is_misconfigured())
+                };
+                let longest_rest = resting.iter().map(|r| r.remaining).max();
+                let state = match view.state {
+                    _ if misconfigured => BackendState::Misconfigured,
+                    BackendState::Available | BackendState::HalfOpen if longest_rest.is_some() => {
+                        BackendState::CoolingDown
+                    }
+                    state => state,
+                };
+                let cooldown_remaining = match (view.cooldown_remaining, longest_rest) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
                 BackendStatus {
                     id: BackendId(i),
                     name: backend.name.clone(),
                     region: backend.region.clone(),
                     priority: backend.priority,
                     weight: backend.weight,
-                    state: view.state,
-                    cooldown_remaining: view.cooldown_remaining,
+                    state,
+                    cooldown_remaining,
                     circuit_open_remaining: view.circuit_open_remaining,
                     consecutive_failures: view.consecutive_failures,
                     window_failures: view.window_failures,
@@ -593,6 +812,8 @@ impl BackendPool {
                     remaining_tokens: view.remaining_tokens,
                     remaining_requests: view.remaining_requests,
                     in_flight: self.in_flight[i].load(Ordering::Relaxed),
+                    resting,
+                    headroom: self.headroom_status(BackendId(i), now),
                 }
             })
             .collect()
@@ -606,8 +827,13 @@ impl BackendPool {
         deployment: &str,
         tried: &[BackendId],
         need: Option<u64>,
+        route: Route<'_>,
+        Pass {
+            tier,
+            count_spills,
+            panic,
+        }: Pass,
         now: Instant,
-        panic: bool,
     ) -> Scan {
         let mut exhausted = Exhausted::default();
         let mut serving = 0usize;
@@ -622,17 +848,36 @@ impl BackendPool {
         let mut all_known = true;
 
         for (i, backend) in self.backends.iter().enumerate() {
-            if !backend.deployments.contains_key(deployment) {
+            let id = BackendId(i);
+            if !backend.deployments.contains_key(deployment) || !self.admits(id, route) {
                 continue;
             }
             serving += 1;
-            let id = BackendId(i);
-            let (availability, headroom) = {
+            let keeps = self.headroom[i].as_deref();
+            let (mut availability, headroom) = {
                 let health = self.lock(id);
                 (
                     health.availability_with(deployment, now, &self.settings, panic),
-                    need.and_then(|_| health.headroom(deployment, now, QUOTA_FRESHNESS)),
+                    (need.is_some() || keeps.is_some())
+                        .then(|| health.headroom(deployment, now, QUOTA_FRESHNESS))
+                        .flatten(),
                 )
+            };
+            let (rest, misconfigured) = self.rest_state(id, deployment, now);
+            if misconfigured.is_some() {
+                exhausted.misconfigured += 1;
+                continue;
+            }
+            // The deployment's own rest: a throttle the client can wait out, and the backend is
+            // back only when both its cooldown and this rest are over.
+            availability = match (availability, rest) {
+                (Availability::Ready | Availability::Probe, Some(rest)) => {
+                    Availability::CoolingDown(rest, true)
+                }
+                (Availability::CoolingDown(left, _), Some(rest)) => {
+                    Availability::CoolingDown(left.max(rest), true)
+                }
+                (availability, _) => availability,
             };
             match availability {
                 Availability::NotFound => exhausted.not_found += 1,
@@ -648,6 +893,26 @@ impl BackendPool {
                 }
                 Availability::Ready | Availability::Probe if tried.contains(&id) => {
                     exhausted.tried += 1;
+                }
+                Availability::Ready | Availability::Probe
+                    if keeps.is_some_and(|state| {
+                        let own = self.own_name(id, deployment);
+                        match state.spills(own, tier, headroom, now) {
+                            Some(reason) if count_spills => {
+                                state.count_spill(tier, reason, now);
+                                true
+                            }
+                            spill => spill.is_some(),
+                        }
+                    }) =>
+                {
+                    exhausted.spilled += 1;
+                    // Headroom is read again with every answer: a second is soon enough to look.
+                    exhausted.shortest_cooldown = Some(
+                        exhausted
+                            .shortest_cooldown
+                            .map_or(SPILL_RETRY, |d| d.min(SPILL_RETRY)),
+                    );
                 }
                 Availability::Ready | Availability::Probe
                     if need.zip(headroom).is_some_and(|(need, room)| room < need) =>

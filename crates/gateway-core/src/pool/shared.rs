@@ -1,17 +1,28 @@
-//! Backend cooldowns shared between gateway instances through Redis.
+//! Deployment cooldowns shared between gateway instances through Redis.
 //!
-//! The first instance that sees a backend's 429 publishes the cooldown; every instance's listener
+//! The first instance that sees a deployment's 429 publishes the cooldown; every instance's listener
 //! applies it to its own [`BackendPool`](super::BackendPool) at once, so the fleet stops sending to a
-//! throttled region after one 429 instead of one per instance.
+//! throttled deployment after one 429 instead of one per instance.
 //!
 //! # Keys
 //!
-//! Under the same prefix and schema version as the limit store (`{prefix}:v1:`):
+//! Under the same prefix as the limit store, in schema version `v2`:
 //!
 //! | key | type | holds | expires |
 //! |---|---|---|---|
-//! | `{prefix}:v1:cooldown:{backend}` | string | the Unix time in ms until which `backend` is throttled | then |
-//! | `{prefix}:v1:cooldowns` | pub/sub channel | messages `{backend} {until_unix_ms}` | |
+//! | `{prefix}:v2:cooldown:{backend}:{deployment}` | string | the Unix time in ms until which that deployment on `backend` is throttled | then |
+//! | `{prefix}:v2:cooldowns` | pub/sub channel | messages `{backend} {deployment} {until_unix_ms}` | |
+//!
+//! `deployment` is the backend's own deployment name (what Azure throttles). In keys and messages
+//! both names are escaped: `%` as `%25`, `:` as `%3A` and a space as `%20`, so that neither can
+//! run into the other.
+//!
+//! **Why `v2`.** Version 1 (`{prefix}:v1:cooldown:{backend}`, messages `{backend} {until}`) named
+//! the backend only, and a v1 instance reading `a b 5` would take `a b` for a backend. The new
+//! shapes live under new names instead: during a rolling upgrade, old and new instances each share
+//! cooldowns among themselves and simply do not see the other version's (each still learns from its
+//! own 429s), and neither misreads the other. The limit store's keys keep `v1`: their shape did not
+//! change.
 
 use std::fmt;
 use std::sync::Arc;
@@ -32,12 +43,12 @@ const LISTENER_PING_EVERY: Duration = Duration::from_secs(5);
 const LISTENER_MIN_BACKOFF: Duration = Duration::from_millis(100);
 const LISTENER_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Backend throttle state shared through Redis: the first instance that sees a 429 publishes the
+/// Deployment throttle state shared through Redis: the first instance that sees a 429 publishes the
 /// cooldown, and every instance's listener learns of it at once.
 ///
-/// Each cooldown is a key `{prefix}:v1:cooldown:{backend}` holding the end time in Unix ms (it
-/// expires then), announced on the channel `{prefix}:v1:cooldowns` as `{backend} {until_unix_ms}`.
-/// Times are wall-clock milliseconds, so instances' clocks should be synchronised (NTP).
+/// Each cooldown is a key `{prefix}:v2:cooldown:{backend}:{deployment}` holding the end time in Unix
+/// ms (it expires then), announced on the channel `{prefix}:v2:cooldowns` as
+/// `{backend} {deployment} {until_unix_ms}` (names escaped, see the module docs). Times are wall-clock milliseconds, so instances' clocks should be synchronised (NTP).
 #[derive(Clone)]
 pub struct RedisCooldowns {
     client: Client,
@@ -78,10 +89,15 @@ impl RedisCooldowns {
         self
     }
 
-    /// Tells every instance that `backend` is throttled until `until_unix_ms`: sets the cooldown
-    /// key (expiring then) and announces it on the channel, atomically. A time already past does
-    /// nothing.
-    pub async fn publish(&self, backend: &str, until_unix_ms: u64) -> Result<(), StoreError> {
+    /// Tells every instance that `deployment` (the backend's own name for it) on `backend` is
+    /// throttled until `until_unix_ms`: sets the cooldown key (expiring then) and announces it on the
+    /// channel, atomically. A time already past does nothing.
+    pub async fn publish(
+        &self,
+        backend: &str,
+        deployment: &str,
+        until_unix_ms: u64,
+    ) -> Result<(), StoreError> {
         let ttl_ms = until_unix_ms.saturating_sub(unix_ms());
         if ttl_ms == 0 {
             return Ok(());
@@ -89,14 +105,18 @@ impl RedisCooldowns {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
-            .arg(self.key(backend))
+            .arg(self.key(backend, deployment))
             .arg(until_unix_ms)
             .arg("PX")
             .arg(ttl_ms)
             .ignore()
             .cmd("PUBLISH")
             .arg(self.channel())
-            .arg(format!("{backend} {until_unix_ms}"))
+            .arg(format!(
+                "{} {} {until_unix_ms}",
+                escape(backend),
+                escape(deployment)
+            ))
             .ignore();
         let mut conn = self.conn.clone();
         bounded(
@@ -107,10 +127,11 @@ impl RedisCooldowns {
         .await
     }
 
-    /// Every live cooldown, as `(backend, until_unix_ms)` (a `SCAN` of the cooldown keys, each call
-    /// bounded by the timeout). For start-up and after a reconnect; the listener calls it itself.
-    pub async fn current(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let key_prefix = self.key("");
+    /// Every live cooldown, as `(backend, deployment, until_unix_ms)` (a `SCAN` of the cooldown keys,
+    /// each call bounded by the timeout). For start-up and after a reconnect; the listener calls it
+    /// itself.
+    pub async fn current(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let key_prefix = self.key_prefix();
         let pattern = format!("{}*", glob_escape(&key_prefix));
         let mut conn = self.conn.clone();
         let mut keys: Vec<String> = Vec::new();
@@ -143,8 +164,13 @@ impl RedisCooldowns {
                 let Some(until) = value.and_then(|v| v.parse::<u64>().ok()) else {
                     continue;
                 };
-                if let Some(backend) = key.strip_prefix(&key_prefix) {
-                    live.push((backend.to_owned(), until));
+                let names = key
+                    .strip_prefix(&key_prefix)
+                    .and_then(|k| k.split_once(':'));
+                if let Some((backend, deployment)) = names {
+                    if let (Some(b), Some(d)) = (unescape(backend), unescape(deployment)) {
+                        live.push((b, d, until));
+                    }
                 }
             }
         }
@@ -152,7 +178,7 @@ impl RedisCooldowns {
     }
 
     /// Spawns a task that listens for cooldowns published by any instance and calls
-    /// `on_cooldown(backend, until_unix_ms)` for each, and for every [`current`](Self::current)
+    /// `on_cooldown(backend, deployment, until_unix_ms)` for each, and for every [`current`](Self::current)
     /// cooldown after each (re)connection (so nothing published during an outage is missed).
     ///
     /// The task keeps its own pub/sub connection, pings it every 5 s, and reconnects with
@@ -161,14 +187,14 @@ impl RedisCooldowns {
     /// must not panic.
     pub fn spawn_listener(
         &self,
-        on_cooldown: impl Fn(String, u64) + Send + Sync + 'static,
+        on_cooldown: impl Fn(String, String, u64) + Send + Sync + 'static,
     ) -> JoinHandle<()> {
         let this = self.clone();
         self.runtime
             .spawn(async move { this.listen(on_cooldown).await })
     }
 
-    async fn listen(self, on_cooldown: impl Fn(String, u64)) {
+    async fn listen(self, on_cooldown: impl Fn(String, String, u64)) {
         let channel = self.channel();
         let mut outage = false;
         let mut backoff = LISTENER_MIN_BACKOFF;
@@ -183,7 +209,7 @@ impl RedisCooldowns {
                     match self.current().await {
                         Ok(live) => live
                             .into_iter()
-                            .for_each(|(b, until)| on_cooldown(b, until)),
+                            .for_each(|(b, d, until)| on_cooldown(b, d, until)),
                         Err(error) => tracing::warn!(%error, "redis cooldowns: cannot read them"),
                     }
                     self.relay(pubsub, &on_cooldown).await
@@ -215,7 +241,7 @@ impl RedisCooldowns {
     async fn relay(
         &self,
         pubsub: redis::aio::PubSub,
-        on_cooldown: &impl Fn(String, u64),
+        on_cooldown: &impl Fn(String, String, u64),
     ) -> StoreError {
         let (mut sink, mut messages) = pubsub.split();
         let mut next_ping = Instant::now() + LISTENER_PING_EVERY;
@@ -227,7 +253,7 @@ impl RedisCooldowns {
                     };
                     let payload = message.get_payload::<String>().unwrap_or_default();
                     match parse_announcement(&payload) {
-                        Some((backend, until)) => on_cooldown(backend.to_owned(), until),
+                        Some((backend, deployment, until)) => on_cooldown(backend, deployment, until),
                         None => tracing::debug!(payload, "redis cooldowns: ignoring a malformed message"),
                     }
                 }
@@ -242,12 +268,21 @@ impl RedisCooldowns {
         }
     }
 
-    fn key(&self, backend: &str) -> String {
-        format!("{}:v1:cooldown:{backend}", self.prefix)
+    fn key(&self, backend: &str, deployment: &str) -> String {
+        format!(
+            "{}{}:{}",
+            self.key_prefix(),
+            escape(backend),
+            escape(deployment)
+        )
+    }
+
+    fn key_prefix(&self) -> String {
+        format!("{}:v2:cooldown:", self.prefix)
     }
 
     fn channel(&self) -> String {
-        format!("{}:v1:cooldowns", self.prefix)
+        format!("{}:v2:cooldowns", self.prefix)
     }
 }
 
@@ -262,10 +297,52 @@ impl fmt::Debug for RedisCooldowns {
 
 // === helpers ===
 
-/// `"{backend} {until_unix_ms}"` (the backend name may contain spaces).
-fn parse_announcement(payload: &str) -> Option<(&str, u64)> {
-    let (backend, until) = payload.rsplit_once(' ')?;
-    Some((backend, until.parse().ok()?)).filter(|(b, _)| !b.is_empty())
+/// `"{backend} {deployment} {until_unix_ms}"`, names escaped.
+fn parse_announcement(payload: &str) -> Option<(String, String, u64)> {
+    let mut parts = payload.split(' ');
+    let (backend, deployment, until) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || backend.is_empty() || deployment.is_empty() {
+        return None;
+    }
+    Some((
+        unescape(backend)?,
+        unescape(deployment)?,
+        until.parse().ok()?,
+    ))
+}
+
+/// A name with `%`, `:` and spaces escaped, so it can sit between `:` in a key and between spaces
+/// in a message.
+fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            ':' => out.push_str("%3A"),
+            ' ' => out.push_str("%20"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The inverse of [`escape`]; `None` for an escape it never writes.
+fn unescape(name: &str) -> Option<String> {
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at + 1..at + 3)?;
+        out.push(match code {
+            "25" => '%',
+            "3A" => ':',
+            "20" => ' ',
+            _ => return None,
+        });
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// `text` with Redis glob metacharacters escaped, for `SCAN MATCH`.
@@ -294,14 +371,30 @@ mod tests {
 
     #[test]
     fn announcements_parse() {
+        let own = |b: &str, d: &str, t| Some((b.to_owned(), d.to_owned(), t));
         assert_eq!(
-            parse_announcement("ptu-sweden 1700000000000"),
-            Some(("ptu-sweden", 1_700_000_000_000))
+            parse_announcement("ptu-sweden gpt-4o-ptu 1700000000000"),
+            own("ptu-sweden", "gpt-4o-ptu", 1_700_000_000_000)
         );
-        assert_eq!(parse_announcement("a b 5"), Some(("a b", 5)));
+        assert_eq!(
+            parse_announcement("a%20b c%3Ad%25 5"),
+            own("a b", "c:d%", 5)
+        );
+        // A v1 message (`{backend} {until}`) is not misread as a v2 one.
+        assert_eq!(parse_announcement("ptu-sweden 1700000000000"), None);
         assert_eq!(parse_announcement("nope"), None);
-        assert_eq!(parse_announcement(" 5"), None);
-        assert_eq!(parse_announcement("x -1"), None);
+        assert_eq!(parse_announcement(" d 5"), None);
+        assert_eq!(parse_announcement("x d -1"), None);
+        assert_eq!(parse_announcement("x d%zz 1"), None);
+    }
+
+    #[test]
+    fn names_escape_and_unescape() {
+        for name in ["plain", "a b", "c:d", "100%", "%3A", ""] {
+            let escaped = escape(name);
+            assert!(!escaped.contains([' ', ':']), "{escaped}");
+            assert_eq!(unescape(&escaped).as_deref(), Some(name));
+        }
     }
 
     #[test]

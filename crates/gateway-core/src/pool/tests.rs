@@ -369,7 +369,11 @@ fn only_throttles_count_as_a_wait_the_client_can_sit_out() {
         t0,
     );
     let e = exhausted(&pool, &[], t0);
-    assert_eq!((e.throttled, e.cooling, e.shortest_cooldown), (0, 2, None));
+    // A refused credential is a misconfiguration (issue 9), not a wait either.
+    assert_eq!(
+        (e.throttled, e.cooling, e.misconfigured, e.shortest_cooldown),
+        (0, 1, 1, None)
+    );
     pool.record(
         BackendId(1),
         DEP,
@@ -381,7 +385,7 @@ fn only_throttles_count_as_a_wait_the_client_can_sit_out() {
     let e = exhausted(&pool, &[], t0);
     // b's 5 s cooldown stands (the longest wins) and it is a throttle now too.
     assert_eq!(
-        (e.throttled, e.cooling, e.shortest_cooldown),
+        (e.throttled, e.misconfigured, e.shortest_cooldown),
         (1, 1, Some(secs(5)))
     );
 }
@@ -638,7 +642,8 @@ fn throttles_auth_failures_and_not_found_are_not_circuit_failures() {
         pool.record(A, DEP, Outcome::DeploymentNotFound, t0);
     }
     let status = &pool.snapshot(t0 + health::MIN_COOLDOWN)[0];
-    assert_eq!(status.state, BackendState::Available);
+    // Out of rotation as misconfigured (issue 9), but no circuit failure.
+    assert_eq!(status.state, BackendState::Misconfigured);
     assert_eq!(status.window_failures, 0);
     assert_eq!(status.consecutive_failures, 0);
 }

@@ -30,7 +30,7 @@
 //! let prompt = json.prompt(Operation::ChatCompletions, &body).unwrap();
 //! assert_eq!(prompt.texts(&body).collect::<Vec<_>>(), ["user", "Hi"]);
 //!
-//! let edits = Edits { model: Some("gpt-4o-ptu"), include_usage: true };
+//! let edits = Edits { model: Some("gpt-4o-ptu"), include_usage: true, service_tier: None };
 //! let sent = json.edit(&body, &edits);
 //! let v: serde_json::Value = serde_json::from_slice(&sent).unwrap();
 //! assert_eq!(v["model"], "gpt-4o-ptu");
@@ -64,14 +64,14 @@ pub struct RequestJson {
     pub max_output_tokens: Option<u64>,
     /// `n`: choices to generate.
     pub n: Option<u32>,
-    /// `service_tier` (`auto`, `default`, `flex`, `priority`) as the client asked, when a string.
-    pub service_tier: Option<String>,
     /// Where the prompt fields are.
     prompt_fields: PromptFields,
     /// Where `model`'s value (with its quotes) sits in the body.
     model_at: Option<Span>,
     /// Where `stream_options`' value sits, and that value when it is an object.
     stream_options: Option<(Span, Option<Map<String, Value>>)>,
+    /// Where `service_tier`'s value sits, and that value when it is a string.
+    service_tier: Option<(Span, Option<String>)>,
     /// Where the body's closing brace is, and whether the object has no member.
     close: Close,
 }
@@ -94,6 +94,9 @@ pub struct Edits<'a> {
     pub model: Option<&'a str>,
     /// Set `stream_options.include_usage` to `true`, keeping any other stream option.
     pub include_usage: bool,
+    /// Replace the value of `service_tier`, when the body has one (a Flex request retried at the
+    /// default tier).
+    pub service_tier: Option<&'a str>,
 }
 
 /// Why a body is not a usable JSON request.
@@ -165,10 +168,18 @@ impl RequestJson {
             .or(self.max_output_tokens)
     }
 
+    /// `service_tier` as the client sent it (`auto`, `default`, `priority`, `flex`), when a string.
+    pub fn service_tier(&self) -> Option<&str> {
+        self.service_tier.as_ref()?.1.as_deref()
+    }
+
     /// The body to send: `body` (the one this view was parsed from) with `edits` spliced in. Returns
     /// `body` itself, without copying, when there is nothing to change.
     pub fn edit(&self, body: &Bytes, edits: &Edits<'_>) -> Bytes {
-        let mut splices: [Option<(Range<usize>, String)>; 2] = [None, None];
+        let mut splices: [Option<(Range<usize>, String)>; 3] = [None, None, None];
+        if let (Some(tier), Some((at, _))) = (edits.service_tier, &self.service_tier) {
+            splices[2] = Some((at.range(), quoted(tier)));
+        }
         if let (Some(mapped), Some(at)) = (edits.model, self.model_at) {
             if self.model.as_deref() != Some(mapped) {
                 splices[0] = Some((at.range(), quoted(mapped)));

@@ -54,12 +54,13 @@ pub(super) fn parse(body: &[u8]) -> Result<RequestJson, ParseError> {
         max_completion_tokens: head.max_completion_tokens,
         max_output_tokens: head.max_output_tokens,
         n: head.n,
-        // Only read, never routed on: a value of another type is Azure's to refuse.
-        service_tier: head
-            .service_tier
-            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
         model_at: span(head.model),
         stream_options,
+        // A value of another type is Azure's to refuse: it is read as no tier, never an error.
+        service_tier: head.service_tier.and_then(|raw| {
+            let tier = serde_json::from_str::<String>(raw.get()).ok();
+            span(Some(raw)).map(|at| (at, tier))
+        }),
         prompt_fields: PromptFields {
             messages: span(head.messages),
             prompt: span(head.prompt),

@@ -83,6 +83,7 @@ fn model_is_rewritten_in_place_keeping_everything_else() {
         &Edits {
             model: Some("emb-\"ptu\""),
             include_usage: false,
+            service_tier: None,
         },
     );
     assert_eq!(
@@ -102,6 +103,7 @@ fn nothing_to_change_returns_the_same_bytes() {
         &Edits {
             model: Some("gpt-4o"),
             include_usage: true,
+            service_tier: None,
         },
     );
     assert_eq!(out.as_ptr(), body.as_ptr());
@@ -118,6 +120,7 @@ fn include_usage_is_added_keeping_other_stream_options() {
         Edits {
             model: None,
             include_usage: true,
+            service_tier: None,
         },
     );
     assert_eq!(v["stream_options"]["other"], 1);
@@ -139,6 +142,7 @@ fn include_usage_is_added_keeping_other_stream_options() {
             Edits {
                 model: None,
                 include_usage: true,
+                service_tier: None,
             },
         );
         assert_eq!(v["stream_options"]["include_usage"], true, "{body}");
@@ -155,6 +159,7 @@ fn both_edits_at_once() {
         Edits {
             model: Some("gpt-4o-ptu"),
             include_usage: true,
+            service_tier: None,
         },
     );
     assert_eq!(v["model"], "gpt-4o-ptu");
@@ -184,6 +189,7 @@ fn a_null_stream_options_is_replaced_not_repeated() {
         &Edits {
             model: None,
             include_usage: true,
+            service_tier: None,
         },
     );
     let text = std::str::from_utf8(&out).unwrap();
@@ -206,7 +212,7 @@ fn duplicate_routing_fields_are_errors() {
 
 #[test]
 fn the_service_tier_is_read_and_never_refuses_a_body() {
-    let tier = |body: &str| parse(body).service_tier;
+    let tier = |body: &str| parse(body).service_tier().map(str::to_owned);
     assert_eq!(
         tier(r#"{"service_tier": "priority"}"#).as_deref(),
         Some("priority")
@@ -215,4 +221,35 @@ fn the_service_tier_is_read_and_never_refuses_a_body() {
     // Azure's to refuse: the gateway only reads it.
     assert_eq!(tier(r#"{"service_tier":null}"#), None);
     assert_eq!(tier(r#"{"service_tier":7}"#), None);
+}
+
+#[test]
+fn service_tier_is_read_and_replaced_in_place() {
+    let body = Bytes::from_static(br#"{"model":"gpt-4o","service_tier": "flex","messages":[]}"#);
+    let json = RequestJson::parse(&body).unwrap();
+    assert_eq!(json.service_tier(), Some("flex"));
+    let edited = json.edit(
+        &body,
+        &Edits {
+            model: Some("gpt-4o-ptu"),
+            include_usage: false,
+            service_tier: Some("default"),
+        },
+    );
+    assert_eq!(
+        &edited[..],
+        br#"{"model":"gpt-4o-ptu","service_tier": "default","messages":[]}"#
+    );
+    // No tier in the body: nothing is added.
+    let plain = Bytes::from_static(br#"{"messages":[]}"#);
+    let json = RequestJson::parse(&plain).unwrap();
+    assert_eq!(json.service_tier(), None);
+    let same = json.edit(
+        &plain,
+        &Edits {
+            service_tier: Some("default"),
+            ..Edits::default()
+        },
+    );
+    assert_eq!(same, plain);
 }

@@ -20,9 +20,9 @@ pub struct FailoverLayer<P = AzurePolicy> {
     on_cooldown: Option<CooldownHook>,
 }
 
-/// Called with a backend's name and the cooldown its answer put it into (see
-/// [`FailoverLayer::on_cooldown`]).
-pub type CooldownHook = Arc<dyn Fn(&str, Duration) + Send + Sync>;
+/// Called with a backend's name, its own name for the deployment that rests, and the rest its answer
+/// put that deployment into (see [`FailoverLayer::on_cooldown`]).
+pub type CooldownHook = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
 
 /// How the layer bounds attempts.
 #[derive(Clone, Debug)]
@@ -31,6 +31,7 @@ pub(super) struct Config {
     pub(super) deadline: Duration,
     pub(super) response_header_timeout: Duration,
     pub(super) stream_idle_timeout: Duration,
+    pub(super) flex_fallback: super::FlexFallback,
 }
 
 /// What every service of one layer shares.
@@ -53,6 +54,7 @@ impl Default for Config {
             deadline: Duration::from_secs(120),
             response_header_timeout: Duration::from_secs(30),
             stream_idle_timeout: Duration::from_secs(120),
+            flex_fallback: super::FlexFallback::default(),
         }
     }
 }
@@ -125,9 +127,21 @@ impl<P> FailoverLayer<P> {
         self
     }
 
-    /// Calls `hook(backend, cooldown)` whenever a 429 puts a backend into cooldown: the way to tell
-    /// other gateway instances, e.g. through Redis. (Auth failures and 5xx are this instance's own.)
-    pub fn on_cooldown(mut self, hook: impl Fn(&str, Duration) + Send + Sync + 'static) -> Self {
+    /// What a `"service_tier": "flex"` request does after a 429 (default: retry the same
+    /// deployment at the default tier); see [`FlexFallback`](super::FlexFallback).
+    pub fn flex_fallback(mut self, fallback: super::FlexFallback) -> Self {
+        self.config.flex_fallback = fallback;
+        self
+    }
+
+    /// Calls `hook(backend, deployment, cooldown)` whenever a 429 (or
+    /// `x-ratelimit-remaining-requests: 0`) rests a deployment on a backend, `deployment` being the
+    /// backend's own name for it: the way to tell other gateway instances, e.g. through Redis. (Auth
+    /// failures and 5xx are this instance's own.)
+    pub fn on_cooldown(
+        mut self,
+        hook: impl Fn(&str, &str, Duration) + Send + Sync + 'static,
+    ) -> Self {
         self.on_cooldown = Some(Arc::new(hook));
         self
     }

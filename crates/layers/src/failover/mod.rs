@@ -95,6 +95,7 @@
 //! [`BackendPool`]: gateway_core::pool::BackendPool
 
 mod body;
+mod flex;
 mod layer;
 mod policy;
 mod service;
@@ -109,6 +110,7 @@ use http::{HeaderName, HeaderValue};
 use self::layer::Shared;
 
 pub use body::FailoverBody;
+pub use flex::FlexFallback;
 pub use layer::{CooldownHook, FailoverLayer};
 pub use policy::{AzurePolicy, DEFAULT_ON_STATUS, Decision, FailoverPolicy};
 pub use service::{Failover, FailoverFuture};

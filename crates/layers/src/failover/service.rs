@@ -7,8 +7,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::pool::{Backend, BackendId, BackendPool, Exhausted, Outcome, Selection};
-use gateway_core::retry_after::parse_remaining;
+use gateway_core::pool::{
+    Backend, BackendId, BackendPool, Exhausted, Outcome, Route, Selection, parse_utilization,
+};
+use gateway_core::retry_after::{parse_remaining, parse_reset};
 use gateway_core::tokens::Estimate;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -21,9 +23,10 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::body::{BodyLimits, StreamWatch};
+use super::flex::{DEFAULT_TIER, FLEX};
 use super::{
     Attempt, AttemptOutcome, AzurePolicy, Decision, FailoverBody, FailoverLayer, FailoverPolicy,
-    FailoverReport, ServedBy, Shared,
+    FailoverReport, FlexFallback, ServedBy, Shared,
 };
 use crate::BoxError;
 use crate::client::{Chain, ErrorCause};
@@ -185,12 +188,20 @@ where
     let pool = &shared.pool;
     // Set by the rate-limit layer: lets the pool skip backends that reported too little quota left.
     let need_tokens = parts.extensions.get::<Estimate>().map(Estimate::total);
+    // Written by the auth layer: backends reserved for other consumers are left out of everything
+    // this request sees, retry hints included.
+    let record = parts.extensions.get::<Arc<Record>>().cloned();
+    let route = Route::for_consumer(record.as_ref().and_then(|r| r.consumer()).map(|c| &**c));
     // From here, not from arrival: a slow upload must not eat the upstream's time.
     let deadline = Instant::now() + config.deadline;
     let mut tried: Vec<BackendId> = Vec::with_capacity(config.max_attempts as usize);
     let mut report = FailoverReport::default();
     let mut last: Option<LastFailure<ResB>> = None;
     let mut exhausted: Option<Exhausted> = None;
+    // A Flex request throttled once goes on at the default tier, on the same backend first.
+    let flex = ctx.service_tier() == Some(FLEX);
+    let mut tier: Option<&str> = None;
+    let mut retry_same: Option<BackendId> = None;
 
     while report.attempts.len() < config.max_attempts as usize {
         let now = Instant::now();
@@ -198,7 +209,11 @@ where
             last = Some(LastFailure::Timeout);
             break;
         }
-        let id = match pool.select_with(deployment, &tried, need_tokens, now.into_std()) {
+        let selected = match retry_same.take() {
+            Some(id) => Selection::Backend(id),
+            None => pool.select_routed(deployment, &tried, need_tokens, route, now.into_std()),
+        };
+        let id = match selected {
             Selection::Backend(id) => id,
             Selection::Exhausted(e) => {
                 exhausted = Some(e);
@@ -229,7 +244,7 @@ where
             continue;
         };
         let mapped = pool.get(id).deployment_name(deployment);
-        let req = match build_attempt(&parts, &ctx, up, credential, mapped) {
+        let req = match build_attempt(&parts, &ctx, up, credential, mapped, tier) {
             Ok(req) => req,
             Err(msg) => {
                 tracing::error!(backend = %up.name, %msg, "could not build upstream request");
@@ -290,13 +305,34 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_remaining)
         };
+        let remaining_requests = remaining(&X_RATELIMIT_REMAINING_REQUESTS);
+        // A PTU deployment's own word on how busy it is: what keeps headroom for higher tiers.
+        if let Some(percent) = headers
+            .get("azure-openai-deployment-utilization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_utilization)
+        {
+            pool.observe_utilization(id, deployment, percent, Instant::now().into_std());
+        }
         pool.observe_remaining(
             id,
             deployment,
             remaining(&X_RATELIMIT_REMAINING_TOKENS),
-            remaining(&X_RATELIMIT_REMAINING_REQUESTS),
+            remaining_requests,
             Instant::now().into_std(),
         );
+        // The window's last request: the next would be a doomed 429 round trip (often a
+        // cross-region one). Rest the deployment until the window resets, as its 429 would.
+        if remaining_requests == Some(0) && status != StatusCode::TOO_MANY_REQUESTS {
+            let reset = headers
+                .get("x-ratelimit-reset-requests")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_reset);
+            let rest = pool.requests_spent(id, deployment, reset, Instant::now().into_std());
+            if let (Some(rest), Some(hook)) = (rest, &shared.on_cooldown) {
+                hook(&up.name, own_deployment(pool, id, deployment), rest);
+            }
+        }
 
         match policy.classify(status, headers) {
             Decision::Serve => {
@@ -323,6 +359,21 @@ where
                 return served(res, up.served_by.clone(), report);
             }
             Decision::FailOver {
+                outcome: Outcome::Throttled { .. },
+                reason: kind,
+            } if flex && tier.is_none() => {
+                // Flex capacity is short, not the deployment's quota: nothing rests.
+                record(Some(status.as_u16()), kind);
+                last = Some(LastFailure::Throttled);
+                if config.flex_fallback == FlexFallback::DefaultTier {
+                    tracing::info!(backend = %up.name, "flex tier throttled; retrying at the default tier");
+                    tier = Some(DEFAULT_TIER);
+                    retry_same = Some(id);
+                } else {
+                    tracing::info!(backend = %up.name, "flex tier throttled; failing over at flex");
+                }
+            }
+            Decision::FailOver {
                 outcome,
                 reason: kind,
             } => {
@@ -333,7 +384,7 @@ where
                 if let (true, Some(cooldown), Some(hook)) =
                     (throttled, cooldown, &shared.on_cooldown)
                 {
-                    hook(&up.name, cooldown);
+                    hook(&up.name, own_deployment(pool, id, deployment), cooldown);
                 }
                 record(Some(status.as_u16()), kind);
                 last = Some(match kind {
@@ -391,7 +442,9 @@ where
     }
 
     let now = Instant::now().into_std();
-    give_up(&shared, deployment, exhausted, last, report, now, deadline)
+    give_up(
+        &shared, deployment, route, exhausted, last, report, now, deadline,
+    )
 }
 
 /// The answer when no [`RequestContext`] came with the request: the stack is assembled wrong, which
@@ -488,6 +541,13 @@ fn record_outcome(span: &tracing::Span, status: Option<u16>, outcome: AttemptOut
     span.record("otel.status_code", "error");
 }
 
+/// The backend's own name for logical `deployment`: what Azure throttles, and what rests.
+fn own_deployment<'a>(pool: &'a BackendPool, id: BackendId, deployment: &'a str) -> &'a str {
+    pool.get(id)
+        .deployment_name(deployment)
+        .unwrap_or(deployment)
+}
+
 fn is_deployment_not_found(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Error {
@@ -507,6 +567,7 @@ fn build_attempt(
     up: &super::Upstream,
     credential: Option<(http::HeaderName, HeaderValue)>,
     mapped: Option<&str>,
+    service_tier: Option<&str>,
 ) -> Result<Request<Full<Bytes>>, String> {
     let logical = ctx.deployment.as_deref().unwrap_or_default();
     let mapped = mapped.unwrap_or(logical);
@@ -519,15 +580,15 @@ fn build_attempt(
             uri.push_str("/openai/deployments/");
             uri.push_str(mapped);
             uri.push_str(rest);
-            ctx.body_for(None)
+            ctx.body_at_tier(None, service_tier)
         }
         DeploymentSource::Body => {
             uri.push_str(path);
-            ctx.body_for(Some(mapped))
+            ctx.body_at_tier(Some(mapped), service_tier)
         }
         DeploymentSource::None => {
             uri.push_str(path);
-            ctx.body_for(None)
+            ctx.body_at_tier(None, service_tier)
         }
     };
     if let Some(q) = query {
@@ -570,9 +631,11 @@ fn gateway_answer<B>(
     res
 }
 
+#[allow(clippy::too_many_arguments)]
 fn give_up<B>(
     shared: &Shared,
     deployment: &str,
+    route: Route<'_>,
     exhausted: Option<Exhausted>,
     last: Option<LastFailure<B>>,
     mut report: FailoverReport,
@@ -593,6 +656,14 @@ fn give_up<B>(
             return gateway_answer(res, report);
         }
     }
+    // Nothing tried, and what is out is out for refusing the gateway's credential: say so, as the
+    // first refusal did, rather than "unavailable".
+    let last = match (last, &exhausted) {
+        (None, Some(e)) if e.misconfigured > 0 && e.circuit_open == 0 && e.cooling == 0 => {
+            Some(LastFailure::Rejected)
+        }
+        (last, _) => last,
+    };
     let res = match last {
         // Azure's own 5xx is more useful to the client than a summary of it.
         Some(LastFailure::Response(id, res)) => {
@@ -611,7 +682,7 @@ fn give_up<B>(
         Some(LastFailure::Throttled) => {
             let wait = shared
                 .pool
-                .shortest_throttle(deployment, now)
+                .shortest_throttle_for(deployment, route, now)
                 .unwrap_or(Duration::from_secs(1));
             return throttled(deployment, wait, report);
         }
@@ -668,7 +739,7 @@ fn give_up<B>(
                 ),
             );
             // When the first backend comes back is known: tell the client, as a 429 does.
-            if let Some(wait) = shared.pool.shortest_recovery(deployment, now) {
+            if let Some(wait) = shared.pool.shortest_recovery_for(deployment, route, now) {
                 set_retry_after(res.headers_mut(), wait);
             }
             res
