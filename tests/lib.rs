@@ -165,7 +165,16 @@ pub async fn gateway_with_identity(
         let refresh = Duration::from_secs(policy.key_vault.refresh_seconds);
         gateway_bin::identity::keep_fresh(identity, &resolved, refresh).await?;
     }
-    let gw = app::build(&policy, &resolved).map_err(|e| e.to_string())?;
+    let mut gw = app::build(&policy, &resolved).map_err(|e| e.to_string())?;
+    // As `gateway serve`: certificates from Key Vault are read from the values kept fresh.
+    let https = policy.gateway.tls.is_some();
+    let tls_source = gateway_bin::identity::tls_source(&resolved, Arc::new(secrets));
+    let tls = gateway_bin::tls::load(&policy, &*tls_source)?;
+    gateway_bin::tls::keep_renewed(&tls, &policy, tls_source);
+    gw.tls = tls.gateway;
+    if let Some(admin) = &mut gw.admin {
+        admin.tls = tls.admin;
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let pool = gw.pool.clone();
@@ -185,7 +194,7 @@ pub async fn gateway_with_identity(
         rate_limit,
         shutdown: Some(tx),
         task,
-        https: false,
+        https,
     })
 }
 

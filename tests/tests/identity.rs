@@ -11,6 +11,7 @@ use std::time::Duration;
 use gateway_e2e::azure_stub::{
     AOAI_SCOPE, AzureStub, CERT_PEM_PATH, CLIENT_ID, TENANT, VAULT_SCOPE,
 };
+use gateway_e2e::https::TestCa;
 use gateway_e2e::{CLIENT_KEY, Gateway, Poller, chat, eventually, gateway_with_identity, policy};
 
 const VAULT_REF: &str = "keyvault:https://stub-vault.vault.azure.net/secrets";
@@ -326,4 +327,83 @@ async fn start_up_fails_naming_the_policy_location_of_an_unreadable_reference() 
         error.contains("cannot get an Entra ID token for the backends (scope `https://cognitiveservices.azure.com/.default`): service principal (client secret): the token endpoint answered 500 Internal Server Error"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_listener_certificate_from_key_vault_is_served_and_its_rotation_reaches_new_connections()
+{
+    let stub = AzureStub::start(Duration::from_secs(3600)).await;
+    stub.accept_key("kv-key-1", true);
+    stub.put_secret("aoai-key", "kv-key-1");
+    let ca = TestCa::new();
+    let first = ca.leaf();
+    // One secret holds the certificate and its key, as Key Vault stores a PEM certificate.
+    stub.put_secret(
+        "gateway-tls",
+        &format!("{}{}", first.cert_pem, first.key_pem),
+    );
+    let tls = format!(
+        "[key_vault]\nrefresh_seconds = 1\n\n[gateway.tls]\ncertificate = \"{VAULT_REF}/gateway-tls\"\nprivate_key = \"{VAULT_REF}/gateway-tls\"\nreload_seconds = 1\n"
+    );
+    let toml = policy(
+        &["gpt-4o"],
+        &[stub.backend_toml("aoai", 1, &format!("api_key = \"{VAULT_REF}/aoai-key\""))],
+        &tls,
+    );
+    let gw = gateway_with_identity(&toml, &env(stub.env(), &[]))
+        .await
+        .unwrap();
+    let peer = |res: &reqwest::Response| {
+        res.extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|info| info.peer_certificate())
+            .map(<[u8]>::to_vec)
+    };
+    let client = ca.client().build().unwrap();
+    let res = client
+        .post(gw.url("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"))
+        .header("api-key", CLIENT_KEY)
+        .json(&chat("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(peer(&res), Some(first.der.clone()));
+
+    // Renewed in Key Vault: read again by the identity, then loaded for new handshakes.
+    let second = ca.leaf();
+    stub.put_secret(
+        "gateway-tls",
+        &format!("{}{}", second.cert_pem, second.key_pem),
+    );
+    eventually("the renewed certificate on a new connection", || async {
+        let fresh = ca.client().build().unwrap();
+        let res = fresh.get(gw.url("/healthz")).send().await.ok()?;
+        (peer(&res) == Some(second.der.clone())).then_some(())
+    })
+    .await;
+    gw.stop().await;
+    stub.stop();
+}
+
+#[tokio::test]
+async fn a_listener_certificate_missing_from_key_vault_stops_start_up_naming_the_field() {
+    let stub = AzureStub::start(Duration::from_secs(3600)).await;
+    let tls = format!(
+        "[gateway.tls]\ncertificate = \"{VAULT_REF}/absent\"\nprivate_key = \"{VAULT_REF}/absent\"\n"
+    );
+    let toml = policy(
+        &["gpt-4o"],
+        &[stub.backend_toml("aoai", 1, "api_key = \"env:CLIENT_KEY\"")],
+        &tls,
+    );
+    let error = match gateway_with_identity(&toml, &env(stub.env(), &[])).await {
+        Ok(_) => panic!("start-up must fail"),
+        Err(error) => error,
+    };
+    assert!(
+        error.contains("gateway.tls.certificate") && error.contains("SecretNotFound"),
+        "{error}"
+    );
+    stub.stop();
 }

@@ -118,7 +118,8 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
         // The certificates `serve` would load: readable, PEM, the key fitting the certificate.
-        if let Err(msg) = gateway_bin::tls::load(&policy, &SystemSecrets) {
+        let tls_source = identity::tls_source(&secrets, std::sync::Arc::new(SystemSecrets));
+        if let Err(msg) = gateway_bin::tls::load(&policy, &*tls_source) {
             eprintln!("{msg}");
             return ExitCode::FAILURE;
         }
@@ -150,9 +151,11 @@ async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> 
         identity::keep_fresh(identity, &secrets, refresh).await?;
     }
     let mut gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
-    let tls = gateway_bin::tls::load(policy, &SystemSecrets)
+    // Certificates from Key Vault are read from the values the identity keeps fresh.
+    let tls_source = identity::tls_source(&secrets, std::sync::Arc::new(SystemSecrets));
+    let tls = gateway_bin::tls::load(policy, &*tls_source)
         .map_err(|e| format!("cannot load TLS certificates\n{e}"))?;
-    gateway_bin::tls::keep_renewed(&tls, policy, std::sync::Arc::new(SystemSecrets));
+    gateway_bin::tls::keep_renewed(&tls, policy, tls_source);
     gateway.tls = tls.gateway;
     if let Some(admin) = &mut gateway.admin {
         admin.tls = tls.admin;

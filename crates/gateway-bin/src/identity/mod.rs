@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_core::secret::LiveCredential;
+use gateway_core::secret::{CredentialKind, LiveCredential, Secret};
 use gateway_policy::secret::{KeyVaultRef, SecretRef, SecretSource};
 use gateway_policy::{Policy, ResolvedSecrets};
 use tokio::time::Instant;
@@ -111,10 +111,90 @@ pub async fn resolve_secrets(
         }
     }
     let fetched = Fetched { values, inner: src };
-    let secrets = policy
+    let mut secrets = policy
         .resolve_secrets(&fetched, None)
         .map_err(|e| e.to_string())?;
+    // The listeners' certificates are resolved by the TLS loader, through `tls_source`: their Key
+    // Vault values ride along here so that `keep_fresh` keeps them current too.
+    for (field, reference) in tls_key_vault_references(policy) {
+        if secrets.key_vault.iter().any(|(r, _)| *r == reference) {
+            continue;
+        }
+        match fetched.values.get(&reference) {
+            Some(Ok(value)) => {
+                // Only its value is read (by `tls_source`), never sent in a header.
+                let live = LiveCredential::new(CredentialKind::ApiKey, Some(Secret::new(value)));
+                secrets.key_vault.push((reference, live));
+            }
+            Some(Err(error)) => {
+                return Err(format!(
+                    "{}: {field}: cannot read `keyvault:{}`: {error}",
+                    policy.source.name(),
+                    reference.url()
+                ));
+            }
+            None => {}
+        }
+    }
     Ok((secrets, identity))
+}
+
+/// A source for what is resolved again while the gateway runs (the listeners' certificates, see
+/// [`crate::tls::keep_renewed`]): a `keyvault:` reference answers the value [`keep_fresh`] keeps
+/// current, anything else is read from `inner`.
+pub fn tls_source(
+    secrets: &ResolvedSecrets,
+    inner: Arc<dyn SecretSource + Send + Sync>,
+) -> Arc<dyn SecretSource + Send + Sync> {
+    Arc::new(LiveVault {
+        values: secrets.key_vault.iter().cloned().collect(),
+        inner,
+    })
+}
+
+/// See [`tls_source`].
+struct LiveVault {
+    values: BTreeMap<KeyVaultRef, LiveCredential>,
+    inner: Arc<dyn SecretSource + Send + Sync>,
+}
+
+impl SecretSource for LiveVault {
+    fn env(&self, name: &str) -> Option<String> {
+        self.inner.env(name)
+    }
+
+    fn read_file(&self, path: &std::path::Path) -> std::io::Result<String> {
+        self.inner.read_file(path)
+    }
+
+    fn key_vault(&self, reference: &KeyVaultRef) -> Result<String, String> {
+        match self.values.get(reference).and_then(LiveCredential::current) {
+            Some(value) => Ok(value.expose().to_owned()),
+            None => self.inner.key_vault(reference),
+        }
+    }
+}
+
+/// The `keyvault:` references of `[gateway.tls]` and `[admin.tls]`, with the field of each.
+fn tls_key_vault_references(policy: &Policy) -> Vec<(String, KeyVaultRef)> {
+    let listeners = [
+        ("gateway.tls", &policy.gateway.tls),
+        ("admin.tls", &policy.admin.tls),
+    ];
+    listeners
+        .into_iter()
+        .filter_map(|(path, tls)| Some((path, tls.as_ref()?)))
+        .flat_map(|(path, tls)| {
+            [
+                (format!("{path}.certificate"), &tls.certificate),
+                (format!("{path}.private_key"), &tls.private_key),
+            ]
+        })
+        .filter_map(|(field, r)| match SecretRef::parse(r) {
+            Ok(SecretRef::KeyVault(reference)) => Some((field, reference)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Fetches the first token of every Entra ID scope in `secrets` (an error names the scope), then
@@ -175,6 +255,7 @@ fn key_vault_references(policy: &Policy) -> Vec<KeyVaultRef> {
             Ok(SecretRef::KeyVault(reference)) => Some(reference),
             _ => None,
         })
+        .chain(tls_key_vault_references(policy).into_iter().map(|(_, r)| r))
         .collect();
     references.sort();
     references.dedup();

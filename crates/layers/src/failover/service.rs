@@ -225,14 +225,10 @@ where
         let up = &shared.upstreams[id.0];
         let Ok(credential) = up.credential.header() else {
             // Its token expired before it could be renewed (the renewal logs why): the backend
-            // would refuse the gateway, so it is skipped the way a 401 from it would be.
+            // would refuse the gateway, so this request fails over as on a 401. Nothing is
+            // recorded against the backend: it is not misconfigured, and the first request after
+            // the renewal uses it again.
             tracing::debug!(backend = %up.name, "no valid credential for this backend; failing over");
-            pool.record(
-                id,
-                deployment,
-                Outcome::AuthFailure { hint: None },
-                now.into_std(),
-            );
             report.attempts.push(Attempt {
                 backend: id,
                 backend_name: up.name.clone(),
