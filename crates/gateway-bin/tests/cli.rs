@@ -61,6 +61,7 @@ async fn check_reports_unresolvable_secrets_with_their_location() {
             ("GATEWAY_KEY_SUPPORT_CHATBOT", "k1"),
             ("GATEWAY_KEY_SEARCH_INDEXER", "k2"),
             ("GATEWAY_KEY_SEARCH_INDEXER_NEXT", "k3"),
+            ("GATEWAY_KEY_NIGHTLY_REPORTS", "k5"),
             ("GATEWAY_ADMIN_KEY", "k4"),
         ])
         .output()
@@ -69,7 +70,7 @@ async fn check_reports_unresolvable_secrets_with_their_location() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         stderr.lines().next().unwrap(),
-        "policies/azure-multi-region.toml:60:11: backends[2].api_key: cannot read Key Vault secret \
+        "policies/azure-multi-region.toml:74:11: backends[2].api_key: cannot read Key Vault secret \
          `https://contoso-aoai-kv.vault.azure.net/secrets/aoai-key-std-eus2`: Key Vault answered 404 Not Found (SecretNotFound)"
             .replace("policies/", &format!("{}/", policies_dir().display())),
         "{stderr}"
