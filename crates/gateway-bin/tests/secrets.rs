@@ -429,6 +429,13 @@ async fn no_token_or_private_key_appears_in_any_output() {
     assert_eq!(status.status(), 200);
     let status = status.text().await.unwrap();
     assert!(status.contains("\"app\""), "{status}");
+    // The key in the URL, as the admin page passes it on: URLs are logged and traced too.
+    let res = http1
+        .get(format!("{admin}/admin/status?key={ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     let res = http1
         .get(format!("{admin}/admin/status"))
         .send()
