@@ -298,3 +298,38 @@ pub fn keep_renewed(tls: &ListenerTls, policy: &Policy, src: Arc<dyn SecretSourc
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use gateway_core::secret::Secret;
+
+    /// A throwaway self-signed certificate and its key, made for the tests.
+    const PEM: &str = include_str!("../../../tests/fixtures/sp-cert.pem");
+
+    /// The base64 lines of every PEM block: what a leaked certificate or key would show.
+    fn pem_lines() -> Vec<&'static str> {
+        PEM.lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 8)
+            .collect()
+    }
+
+    #[test]
+    fn debug_shows_neither_the_key_nor_the_certificate() {
+        let pair = CertificatePair {
+            certificate: Secret::new(PEM),
+            private_key: Secret::new(PEM),
+        };
+        let tls = Arc::new(Tls::new(&pair).unwrap());
+        let listeners = ListenerTls {
+            gateway: Some(tls.clone()),
+            admin: Some(tls.clone()),
+        };
+        let shown = format!("{tls:?} {:?} {listeners:?} {pair:?}", tls.config());
+        assert!(shown.contains("CurrentCert"), "{shown}");
+        for line in pem_lines() {
+            assert!(!shown.contains(line), "{line} in {shown}");
+        }
+    }
+}

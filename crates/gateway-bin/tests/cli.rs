@@ -68,10 +68,16 @@ async fn check_reports_unresolvable_secrets_with_their_location() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // The line of that reference in the example policy, which others edit.
+    let text = std::fs::read_to_string(policies_dir().join("azure-multi-region.toml")).unwrap();
+    let line = 1 + text
+        .lines()
+        .position(|l| l.contains("secrets/aoai-key-std-eus2\""))
+        .unwrap();
     assert_eq!(
         stderr.lines().next().unwrap(),
-        "policies/azure-multi-region.toml:74:11: backends[2].api_key: cannot read Key Vault secret \
-         `https://contoso-aoai-kv.vault.azure.net/secrets/aoai-key-std-eus2`: Key Vault answered 404 Not Found (SecretNotFound)"
+        format!("policies/azure-multi-region.toml:{line}:11: backends[2].api_key: cannot read Key Vault secret \
+         `https://contoso-aoai-kv.vault.azure.net/secrets/aoai-key-std-eus2`: Key Vault answered 404 Not Found (SecretNotFound)")
             .replace("policies/", &format!("{}/", policies_dir().display())),
         "{stderr}"
     );

@@ -3,6 +3,8 @@
 //! it, consumer keys from env, file and Key Vault, the admin key), driven through successes,
 //! refusals and a backend that refuses the gateway; then logs, the access log, exported traces,
 //! `/metrics`, `/admin/status`, every error body and `gateway check` are searched for every value.
+//! A second run adds HTTPS on both listeners (private keys from `file:` and Key Vault) and Entra ID
+//! tokens from clients, valid and refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -246,6 +248,283 @@ async fn no_secret_appears_in_any_output() {
         ("service principal secret", CLIENT_SECRET),
     ];
     secrets.extend(tokens.iter().map(|t| ("Entra ID token", t.as_str())));
+    assert_no_secrets(
+        &secrets,
+        &[
+            ("the log (stderr, TRACE)", &stderr),
+            ("the access log (stdout)", &stdout),
+            ("exported spans", &exported),
+            ("/metrics", &metrics),
+            ("/admin/status", &status),
+            ("error bodies", &bodies),
+            ("gateway check", &check),
+        ],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The base64 lines of a PEM private key (not its armor): what a leaked key would show.
+fn pem_body_lines(pem: &str) -> Vec<String> {
+    pem.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with("-----") && line.len() >= 8)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The same grep with HTTPS on both listeners (the gateway's key from `file:`, the admin
+/// listener's from Key Vault) and Entra ID tokens from clients: one served as its consumer, and an
+/// expired, a wrong-audience and a badly signed one refused. Each token, each token's signature
+/// alone and each private key's base64 lines are searched for, with the secrets of the test above
+/// that this setup has too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_private_key_appears_in_any_output() {
+    use gateway_e2e::https::TestCa;
+    use gateway_e2e::issuer::{AUDIENCE, Issuer, now};
+
+    const APP: &str = "aaaaaaaa-1111-4111-8111-00000000000a";
+    let stub = AzureStub::start(Duration::from_secs(3600)).await;
+    stub.put_secret("backend-key", KV_BACKEND_KEY);
+    stub.accept_key(KV_BACKEND_KEY, true);
+    let issuer = Issuer::start().await;
+    let ca = TestCa::new();
+    let gateway_leaf = ca.leaf();
+    let admin_leaf = ca.leaf();
+    stub.put_secret(
+        "admin-tls",
+        &format!("{}{}", admin_leaf.cert_pem, admin_leaf.key_pem),
+    );
+    let (otlp, exported) = collector().await;
+    let dir = temp_dir();
+    std::fs::write(dir.join("gateway-cert.pem"), &gateway_leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("gateway-key.pem"), &gateway_leaf.key_pem).unwrap();
+    let vault = "keyvault:https://stub-vault.vault.azure.net/secrets";
+    let admin_port = free_port();
+    let mut policy = format!(
+        "[key_vault]\nrefresh_seconds = 1\n\n\
+         [gateway.tls]\ncertificate = \"file:gateway-cert.pem\"\nprivate_key = \"file:gateway-key.pem\"\nreload_seconds = 1\n\n\
+         {}\n\
+         [[deployments]]\nname = \"d-kv\"\n\n[[deployments]]\nname = \"d-entra\"\n\n",
+        issuer.entra_toml()
+    );
+    policy.push_str(&backend(
+        "kv",
+        "d-kv",
+        &stub,
+        &format!("api_key = \"{vault}/backend-key\""),
+    ));
+    policy.push_str(&backend("entra", "d-entra", &stub, "[backends.entra]"));
+    policy.push_str(&format!(
+        "[[consumers]]\nname = \"app\"\nkeys = [\"env:ENV_CLIENT_KEY\"]\nentra_app_ids = [\"{APP}\"]\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\nkey = \"env:ADMIN_KEY\"\n\n\
+         [admin.tls]\ncertificate = \"{vault}/admin-tls\"\nprivate_key = \"{vault}/admin-tls\"\nreload_seconds = 1\n\n\
+         [telemetry]\notlp_endpoint = \"{otlp}\"\n"
+    ));
+    let policy_file = dir.join("policy.toml");
+    std::fs::write(&policy_file, &policy).unwrap();
+
+    let mut env = stub.env();
+    env.extend(
+        [
+            ("ENV_CLIENT_KEY", ENV_CLIENT_KEY),
+            ("ADMIN_KEY", ADMIN_KEY),
+            ("RUST_LOG", "trace"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let (stdout_path, stderr_path) = (dir.join("stdout"), dir.join("stderr"));
+    let port = free_port();
+    let mut serve = Command::new(GATEWAY);
+    serve
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--policy",
+        ])
+        .arg(&policy_file)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let gateway = common::Proc::spawn(&mut serve);
+    let base = format!("https://127.0.0.1:{port}");
+    let admin = format!("https://127.0.0.1:{admin_port}");
+    // HTTP/2 by ALPN; HTTP/1.1 for the refusals, so both code paths are grepped.
+    let http2 = ca.client().build().unwrap();
+    let http1 = ca.client().http1_only().build().unwrap();
+    eventually("the gateway answering over HTTPS", || async {
+        http2.get(format!("{base}/healthz")).send().await.ok()
+    })
+    .await;
+
+    let chat = |client: &reqwest::Client, deployment: &str, token: &str| {
+        client
+            .post(format!(
+                "{base}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
+            ))
+            .bearer_auth(token)
+            .body(r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#)
+            .send()
+    };
+    let with = |changes: serde_json::Value| {
+        let mut claims = Issuer::claims(APP, "bbbbbbbb-2222-4222-8222-00000000000b");
+        for (k, v) in changes.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        claims
+    };
+    let valid = issuer.token("kid-1", &with(serde_json::json!({})));
+    let expired = issuer.token(
+        "kid-1",
+        &with(serde_json::json!({"iat": now() - 7200, "nbf": now() - 7200, "exp": now() - 3600})),
+    );
+    let wrong_audience = issuer.token(
+        "kid-1",
+        &with(serde_json::json!({"aud": "api://someone-else"})),
+    );
+    let bad_signature = issuer.forged("kid-1", &with(serde_json::json!({})));
+    assert_ne!(AUDIENCE, "api://someone-else");
+
+    let mut bodies = String::new();
+    // The valid token is served as `app`, on both backends (a Key Vault key, an Entra ID token).
+    for d in ["d-kv", "d-entra"] {
+        let res = chat(&http2, d, &valid).await.unwrap();
+        assert_eq!(res.status(), 200, "{d}");
+        assert_eq!(res.version(), reqwest::Version::HTTP_2);
+        bodies.push_str(&res.text().await.unwrap());
+    }
+    let res = chat(&http1, "d-kv", &valid).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), reqwest::Version::HTTP_11);
+    for (why, token) in [
+        ("expired", &expired),
+        ("wrong audience", &wrong_audience),
+        ("bad signature", &bad_signature),
+    ] {
+        for client in [&http1, &http2] {
+            let res = chat(client, "d-kv", token).await.unwrap();
+            assert_eq!(res.status(), 401, "{why}");
+            bodies.push_str(&res.text().await.unwrap());
+        }
+    }
+    // A key still works next to tokens; a wrong one is refused.
+    let res = chat(&http2, "d-kv", ENV_CLIENT_KEY).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = chat(&http2, "d-kv", "not-a-client-key").await.unwrap();
+    assert_eq!(res.status(), 401);
+    bodies.push_str(&res.text().await.unwrap());
+
+    // The operator endpoints, over the admin listener's own TLS.
+    let status = eventually("the admin listener answering over HTTPS", || async {
+        http2
+            .get(format!("{admin}/admin/status"))
+            .header("api-key", ADMIN_KEY)
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(status.status(), 200);
+    let status = status.text().await.unwrap();
+    assert!(status.contains("\"app\""), "{status}");
+    // The key in the URL, as the admin page passes it on: URLs are logged and traced too.
+    let res = http1
+        .get(format!("{admin}/admin/status?key={ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = http1
+        .get(format!("{admin}/admin/status"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    bodies.push_str(&res.text().await.unwrap());
+    // Key Vault read again (the admin certificate with it), with its token.
+    eventually_within("a Key Vault refresh", Duration::from_secs(15), || async {
+        (stub.token_fetches(gateway_e2e::azure_stub::VAULT_SCOPE) >= 2).then_some(())
+    })
+    .await;
+    let metrics = http2
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    eventually("spans exported", || async {
+        (!exported.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+
+    common::sigterm(&gateway);
+    let mut gateway = gateway;
+    let exit = common::wait_exit(&mut gateway, Duration::from_secs(20));
+    assert!(exit.success(), "{exit:?}");
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(stderr.contains("TRACE"), "{stderr}");
+    // The refusals were logged (so the log was there to leak them).
+    assert!(stderr.contains("the token has expired"), "{stderr}");
+
+    let check = Command::new(GATEWAY)
+        .args(["check", "--policy"])
+        .arg(&policy_file)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let check = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let exported = String::from_utf8_lossy(&exported.lock().unwrap()).into_owned();
+
+    let mut secrets: Vec<(String, String)> = [
+        ("Key Vault backend key", KV_BACKEND_KEY),
+        ("env client key", ENV_CLIENT_KEY),
+        ("admin key", ADMIN_KEY),
+        ("service principal secret", CLIENT_SECRET),
+    ]
+    .map(|(label, value)| (label.to_owned(), value.to_owned()))
+    .to_vec();
+    for (label, token) in [
+        ("valid client token", &valid),
+        ("expired client token", &expired),
+        ("wrong-audience client token", &wrong_audience),
+        ("badly signed client token", &bad_signature),
+    ] {
+        let signature = token.rsplit('.').next().unwrap();
+        secrets.push((label.to_owned(), token.clone()));
+        secrets.push((format!("{label}'s signature"), signature.to_owned()));
+    }
+    for (label, pem) in [
+        ("gateway TLS private key", &gateway_leaf.key_pem),
+        ("admin TLS private key", &admin_leaf.key_pem),
+    ] {
+        let lines = pem_body_lines(pem);
+        assert!(!lines.is_empty(), "{label} has no base64 lines");
+        for (i, line) in lines.into_iter().enumerate() {
+            secrets.push((format!("{label} (line {})", i + 1), line));
+        }
+    }
+    let tokens = stub.issued_tokens();
+    assert!(
+        tokens.len() >= 2,
+        "a token for the backends and one for Key Vault"
+    );
+    secrets.extend(tokens.into_iter().map(|t| ("Entra ID token".to_owned(), t)));
+    let secrets: Vec<(&str, &str)> = secrets
+        .iter()
+        .map(|(label, value)| (label.as_str(), value.as_str()))
+        .collect();
     assert_no_secrets(
         &secrets,
         &[

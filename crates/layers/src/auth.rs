@@ -386,6 +386,16 @@ mod tests {
     }
 
     #[test]
+    fn debug_counts_keys_without_showing_them() {
+        let keys = ConsumerKeys::new().consumer("a", ["client-key-8f2e61"], None);
+        let shown = format!("{keys:?}");
+        assert!(shown.contains("keys: 1"), "{shown}");
+        assert!(!shown.contains("client-key-8f2e61"), "{shown}");
+        // Nor as the bytes a derived `Debug` of `Box<[u8]>` would print.
+        assert!(!shown.contains("99, 108, 105"), "{shown}");
+    }
+
+    #[test]
     fn keys_match_only_exactly() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));

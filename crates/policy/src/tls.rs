@@ -94,3 +94,23 @@ impl Policy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_placeholders_for_the_certificate_and_key() {
+        let pair = CertificatePair {
+            certificate: Secret::new("MIIDGzCCAgOgAwIBAgIU certificate body"),
+            private_key: Secret::new("MIIEvQIBADANBgkqhkiG key body"),
+        };
+        let secrets = TlsSecrets {
+            gateway: Some(pair.clone()),
+            admin: Some(pair),
+        };
+        let shown = format!("{secrets:?}");
+        assert!(shown.contains("Secret(***)"), "{shown}");
+        assert!(!shown.contains("MII"), "{shown}");
+    }
+}

@@ -447,7 +447,50 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use gateway_policy::secret::{MapSecrets, NoSecrets};
+
+    #[test]
+    fn debug_shows_no_credential_of_any_source() {
+        // A throwaway certificate and key made for the tests (base64 lines only, not the armor).
+        let pem = include_str!("../../../../tests/fixtures/sp-cert.pem");
+        let key_lines: Vec<&str> = pem
+            .lines()
+            .skip_while(|l| !l.contains("PRIVATE KEY"))
+            .filter(|l| !l.starts_with("-----") && l.len() >= 8)
+            .collect();
+        assert!(!key_lines.is_empty());
+        let env = |vars: &[(&str, &str)]| {
+            vars.iter().fold(
+                MapSecrets::with_fallback(NoSecrets).with_file("/certs/sp.pem", pem),
+                |env, (k, v)| env.with_env(*k, *v),
+            )
+        };
+        let sp = [("AZURE_TENANT_ID", "t"), ("AZURE_CLIENT_ID", "c")];
+        let secret = [&sp[..], &[("AZURE_CLIENT_SECRET", "s3cret-value")]].concat();
+        let certificate = [
+            &sp[..],
+            &[("AZURE_CLIENT_CERTIFICATE_PATH", "/certs/sp.pem")],
+        ]
+        .concat();
+        let app_service = [
+            ("IDENTITY_ENDPOINT", "http://127.0.0.1:1/msi/token"),
+            ("IDENTITY_HEADER", "identity-header-value"),
+        ];
+        for vars in [&secret[..], &certificate[..], &app_service[..]] {
+            let identity = Identity::from_env(&env(vars)).unwrap();
+            let shown = format!("{identity:?}");
+            for value in ["s3cret-value", "identity-header-value"]
+                .into_iter()
+                .chain(key_lines.iter().copied())
+            {
+                assert!(!shown.contains(value), "{value} in {shown}");
+            }
+        }
+        let shown = format!("{:?}", Identity::from_env(&env(&certificate)).unwrap());
+        assert!(shown.contains("certificate"), "{shown}");
+    }
 
     #[test]
     fn renews_ahead_of_expiry() {
