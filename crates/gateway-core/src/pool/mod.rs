@@ -60,6 +60,7 @@ use crate::secret::Credential;
 
 use self::health::{Availability, CircuitChange, Health};
 
+mod handover;
 mod health;
 #[cfg(feature = "redis")]
 mod shared;
@@ -132,7 +133,8 @@ pub struct CircuitSettings {
 pub struct BackendPool {
     backends: Vec<Backend>,
     /// One entry per backend, same order. Locked briefly, one at a time, never across `.await`.
-    health: Vec<Mutex<Health>>,
+    /// Behind an `Arc` so a pool built on reload can take an entry over (`handover`).
+    health: Vec<Arc<Mutex<Health>>>,
     /// Attempts in flight per backend, same order; counted outside the health lock so that
     /// starting and ending an attempt never contends with routing.
     in_flight: Vec<Arc<AtomicU64>>,
@@ -333,7 +335,7 @@ impl BackendPool {
     pub fn new(backends: Vec<Backend>, settings: PoolSettings) -> Self {
         let health = backends
             .iter()
-            .map(|_| Mutex::new(Health::new(&settings)))
+            .map(|_| Arc::new(Mutex::new(Health::new(&settings))))
             .collect();
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
         Self {
