@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
@@ -58,6 +58,10 @@ pub struct Gateway {
     /// The consumer limits, shared with the stack: [`RateLimitLayer::settled`] awaits the accounting
     /// of streams that ended.
     pub rate_limit: RateLimitLayer<Store>,
+    /// The policy this gateway was built from, as `/admin/status` shows it.
+    pub version: PolicyVersion,
+    /// What a gateway built on reload takes over from this one ([`build_from`]).
+    handover: Handover,
 }
 
 /// The operator endpoints, to be served on their own listener.
@@ -67,6 +71,65 @@ pub struct AdminEndpoints {
     pub listen: SocketAddr,
     /// Serve this there.
     pub router: Router,
+}
+
+/// Which loaded policy a gateway serves: the SHA-256 of the policy file's bytes (what `sha256sum`
+/// prints) and when it was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersion {
+    /// Lower-case hex SHA-256 of the policy text.
+    pub sha256: String,
+    /// When the gateway was built from it.
+    pub loaded_at: SystemTime,
+}
+
+/// What a gateway built on reload may take over: the limit store when it is configured the same
+/// way, and the task that applies other instances' cooldowns, which ends with this gateway.
+#[derive(Clone)]
+struct Handover {
+    store: Arc<Store>,
+    store_identity: StoreIdentity,
+    _cooldown_listener: Option<Arc<AbortOnDrop>>,
+}
+
+/// The part of `[rate_limit]` that decides where counters live.
+#[derive(Clone, PartialEq, Eq)]
+struct StoreIdentity {
+    kind: StoreKind,
+    redis_url: Option<String>,
+    key_prefix: String,
+}
+
+/// Aborts a background task when the last gateway that needs it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl PolicyVersion {
+    /// The version of `policy`, loaded now.
+    pub fn of(policy: &Policy) -> Self {
+        Self {
+            sha256: sha256_hex(policy.source.text().as_bytes()),
+            loaded_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Lower-case hex SHA-256, from the crypto library rustls already links.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// The policy could not be turned into layers (what validation cannot see, e.g. header values).
@@ -83,10 +146,26 @@ impl std::error::Error for BuildError {}
 
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
-    let pool = Arc::new(BackendPool::new(
+    build_from(policy, secrets, None)
+}
+
+/// Builds the gateway for `policy`, taking over `previous`'s state when the policy is reloaded:
+/// backend health for the backends still in the policy (same name and endpoint), the consumers'
+/// counters when the limit store is configured the same way, and the draining flag. Requests in
+/// flight keep the stack they started on; nothing of `previous` is changed.
+pub fn build_from(
+    policy: &Policy,
+    secrets: &ResolvedSecrets,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, BuildError> {
+    let mut pool = BackendPool::new(
         backends(policy, secrets)?,
         pool_settings(&policy.failover, &policy.circuit_breaker),
-    ));
+    );
+    if let Some(previous) = previous {
+        pool = pool.take_over(&previous.pool);
+    }
+    let pool = Arc::new(pool);
 
     let keys = policy.consumers.iter().zip(&secrets.consumers).fold(
         ConsumerKeys::new(),
@@ -112,20 +191,33 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
 
     warm_up_tokenizers(policy);
     let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());
-    let store = match (policy.rate_limit.store, redis_url) {
-        (StoreKind::Redis, Some(url)) => Store::Redis(
+    let store_identity = StoreIdentity {
+        kind: policy.rate_limit.store,
+        redis_url: redis_url.map(str::to_owned),
+        key_prefix: policy.rate_limit.key_prefix.clone(),
+    };
+    // Counters live in the store: a reload that keeps it keeps every consumer's usage.
+    let kept = previous
+        .map(|p| &p.handover)
+        .filter(|h| h.store_identity == store_identity)
+        .map(|h| h.store.clone());
+    let store = match (kept, policy.rate_limit.store, redis_url) {
+        (Some(store), _, _) => store,
+        (None, StoreKind::Redis, Some(url)) => Arc::new(Store::Redis(
             RedisStore::connect_lazy(url, &policy.rate_limit.key_prefix)
                 .map_err(|e| BuildError(format!("rate_limit.redis_url: {e}")))?,
-        ),
-        _ => Store::Memory(MemoryStore::new()),
+        )),
+        // Shared with the status page, which reports consumers' usage from it.
+        (None, _, _) => Arc::new(Store::Memory(MemoryStore::new())),
     };
-    // Shared with the status page, which reports consumers' usage from it.
-    let store = Arc::new(store);
+    let mut cooldown_listener = None;
     if let (StoreKind::Redis, Some(url)) = (policy.rate_limit.store, redis_url) {
         // Every instance learns of a throttled region from the first 429 any instance sees.
         let cooldowns = RedisCooldowns::connect_lazy(url, &policy.rate_limit.key_prefix)
             .map_err(|e| BuildError(format!("rate_limit.redis_url: {e}")))?;
-        failover_layer = failover_layer.on_cooldown(share_cooldowns(cooldowns, pool.clone()));
+        let (hook, listener) = share_cooldowns(cooldowns, pool.clone());
+        failover_layer = failover_layer.on_cooldown(hook);
+        cooldown_listener = Some(Arc::new(AbortOnDrop(listener)));
     }
 
     let consumer_limits = consumer_limits(policy);
@@ -161,14 +253,21 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .layer(InjectTraceContextLayer)
         .service(ReqwestClient::new());
 
-    let draining = Arc::new(AtomicBool::new(false));
+    let draining = previous.map_or_else(Arc::default, |p| p.draining.clone());
+    let version = PolicyVersion::of(policy);
     let ready = {
         let pool = pool.clone();
         let draining = draining.clone();
         move || readyz(pool.clone(), draining.clone())
     };
-    let mut admin = Admin::new(pool.clone(), store, observe.latency(), metrics.clone())
-        .key(secrets.admin_key.clone());
+    let mut admin = Admin::new(
+        pool.clone(),
+        store.clone(),
+        observe.latency(),
+        metrics.clone(),
+    )
+    .key(secrets.admin_key.clone())
+    .policy(version.clone());
     for (name, limits) in consumer_limits {
         admin = admin.consumer(&name, limits);
     }
@@ -198,6 +297,12 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         listen: policy.gateway.listen,
         shutdown_grace: Duration::from_secs(policy.gateway.shutdown_grace_seconds),
         rate_limit,
+        version,
+        handover: Handover {
+            store,
+            store_identity,
+            _cooldown_listener: cooldown_listener,
+        },
     })
 }
 

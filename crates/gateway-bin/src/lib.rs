@@ -3,7 +3,8 @@
 //! - [`app`] is the one place where the policy (`gateway-policy`) becomes engine values
 //!   (`gateway-core`) and layer arguments (`gateway-layers`), and composes the layers into an axum
 //!   `Router` in one function that reads top to bottom.
-//! - [`serve`] serves it with graceful shutdown.
+//! - [`serve`] serves it with graceful shutdown; [`reload`] swaps in a reloaded policy without
+//!   dropping a request.
 //! - `demo` runs the gateway in front of three simulated regions, for a first contact (feature
 //!   `demo`).
 //! - [`store`] picks the limit store (memory or Redis) and shares backend cooldowns.
@@ -24,6 +25,7 @@ pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod observe;
+pub mod reload;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

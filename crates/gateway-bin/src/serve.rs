@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::Gateway;
+use crate::reload::Current;
 
 /// How often the Prometheus recorder folds recorded histogram samples in: keeps memory bounded
 /// between scrapes.
@@ -32,6 +34,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> io::Result<()> {
+    let (_fixed, current) = watch::channel(gateway);
+    serve_current(listener, current, shutdown, grace).await
+}
+
+/// Like [`serve`], for the gateway current in `gateways` when each request arrives: a policy
+/// reload ([`crate::reload`]) swaps it while requests in flight finish on theirs. The admin
+/// listener, metrics upkeep and draining flag are the first gateway's, which reloads keep.
+pub async fn serve_current(
+    listener: TcpListener,
+    gateways: watch::Receiver<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> io::Result<()> {
+    let gateway = gateways.borrow().clone();
     // Bound before anything else starts, so a taken admin port fails start-up as a whole.
     let admin = match &gateway.admin {
         Some(admin) => {
@@ -42,7 +58,7 @@ pub async fn serve(
                 )
             })?;
             tracing::info!(addr = %admin.listen, "admin endpoints listening");
-            Some((listener, admin.router.clone()))
+            Some((listener, Current::admin(gateways.clone())))
         }
         None => None,
     };
@@ -56,7 +72,7 @@ pub async fn serve(
     let admin = admin.map(|(listener, router)| {
         let mut stop = rx.clone();
         tokio::spawn(
-            axum::serve(listener, router)
+            axum::serve(listener, Router::new().fallback_service(router))
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|v| *v).await;
                 })
@@ -80,8 +96,8 @@ pub async fn serve(
         }
     });
     // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
-    let app = gateway
-        .router
+    let app = Router::new()
+        .fallback_service(Current::main(gateways))
         .layer(axum::middleware::from_fn(stamp_request_id))
         .into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app)

@@ -7,6 +7,7 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitStore, MemoryStore, RedisStore, Reservation, StoreError, Usage,
 };
 use gateway_core::pool::{BackendPool, RedisCooldowns, unix_ms};
+use tokio::task::JoinHandle;
 
 /// The store chosen by `rate_limit.store`.
 #[derive(Debug)]
@@ -41,14 +42,17 @@ impl LimitStore for Store {
 }
 
 /// Shares backend cooldowns through Redis: what this instance learns from a 429 is published, and
-/// what any instance publishes is applied to `pool`. Returns the hook for the failover layer.
+/// what any instance publishes is applied to `pool`. Returns the hook for the failover layer, and
+/// the listener's task, to be aborted when `pool` is replaced (a policy reload).
 pub fn share_cooldowns(
     cooldowns: RedisCooldowns,
     pool: Arc<BackendPool>,
-) -> impl Fn(&str, Duration) + Send + Sync + 'static {
+) -> (
+    impl Fn(&str, Duration) + Send + Sync + 'static,
+    JoinHandle<()>,
+) {
     let listener_pool = pool.clone();
-    // The listener runs for the life of the process.
-    drop(cooldowns.spawn_listener(move |backend, until_ms| {
+    let listener = cooldowns.spawn_listener(move |backend, until_ms| {
         let Some(id) = listener_pool.id_of(&backend) else {
             return;
         };
@@ -56,8 +60,8 @@ pub fn share_cooldowns(
         if left > 0 {
             listener_pool.cool_down(id, Duration::from_millis(left), Instant::now());
         }
-    }));
-    move |backend: &str, cooldown: Duration| {
+    });
+    let hook = move |backend: &str, cooldown: Duration| {
         let until =
             unix_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
         let cooldowns = cooldowns.clone();
@@ -68,5 +72,6 @@ pub fn share_cooldowns(
                 tracing::debug!(error = %err, %backend, "could not share a cooldown");
             }
         });
-    }
+    };
+    (hook, listener)
 }
