@@ -3,7 +3,20 @@
 use std::fmt;
 
 #[cfg(feature = "tokenizer")]
-use tiktoken_rs::CoreBPE;
+use std::sync::OnceLock;
+
+#[cfg(feature = "tokenizer")]
+use super::compact::CompactBpe;
+
+/// Regular tokens of `o200k_base` (ranks `0..199_998`; its special tokens come after).
+#[cfg(feature = "tokenizer")]
+pub(crate) const O200K_RANKS: u32 = 199_998;
+/// Regular tokens of `cl100k_base` (ranks `0..100_256`).
+#[cfg(feature = "tokenizer")]
+pub(crate) const CL100K_RANKS: u32 = 100_256;
+/// `cl100k_base`'s split pattern, as tiktoken-rs writes it (it does not export this one).
+#[cfg(feature = "tokenizer")]
+pub(crate) const CL100K_PATTERN: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
 
 /// A tiktoken encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,12 +42,39 @@ impl Encoding {
         let _ = self.bpe();
     }
 
+    /// The encoding's compact table, built on first use from tiktoken's, which are freed then
+    /// (see `compact`). `None` only if tiktoken's own tables fail to load, which its tests rule out.
     #[cfg(feature = "tokenizer")]
-    fn bpe(self) -> &'static CoreBPE {
-        match self {
-            Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
-            Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
-        }
+    fn bpe(self) -> Option<&'static CompactBpe> {
+        static O200K: OnceLock<Option<CompactBpe>> = OnceLock::new();
+        static CL100K: OnceLock<Option<CompactBpe>> = OnceLock::new();
+        let (cell, ranks, pattern, load): (_, _, _, fn() -> _) = match self {
+            Encoding::O200k => (
+                &O200K,
+                O200K_RANKS,
+                tiktoken_rs::O200K_BASE_PAT_STR,
+                tiktoken_rs::o200k_base,
+            ),
+            Encoding::Cl100k => (
+                &CL100K,
+                CL100K_RANKS,
+                CL100K_PATTERN,
+                tiktoken_rs::cl100k_base,
+            ),
+        };
+        cell.get_or_init(|| {
+            let compact = load()
+                .ok()
+                .and_then(|bpe| CompactBpe::from_tiktoken(&bpe, ranks, pattern));
+            if compact.is_none() {
+                tracing::error!(
+                    encoding = self.name(),
+                    "cannot load the tokenizer tables; prompts are estimated from their length"
+                );
+            }
+            compact
+        })
+        .as_ref()
     }
 }
 
@@ -83,5 +123,8 @@ pub fn count(encoding: Encoding, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    encoding.bpe().encode_ordinary(text).len() as u64
+    match encoding.bpe() {
+        Some(bpe) => bpe.count(text) as u64,
+        None => (text.len() as u64).div_ceil(4),
+    }
 }
