@@ -376,9 +376,12 @@ fn warm_up_tokenizers(policy: &Policy) {
     let spawned = std::thread::Builder::new()
         .name("tokenizer-warm-up".into())
         .spawn(move || {
-            for model in models {
-                gateway_core::tokens::encoding_for_model(&model).warm_up();
-            }
+            // Together: the memory tiktoken takes while loading is returned once, for all.
+            gateway_core::tokens::Encoding::warm_up_all(
+                models
+                    .iter()
+                    .map(|m| gateway_core::tokens::encoding_for_model(m)),
+            );
         });
     if let Err(err) = spawned {
         tracing::warn!(%err, "could not warm up the tokenizers; the first limited request will");

@@ -18,6 +18,8 @@
 //!
 //! - `demo` (on by default): `gateway demo` and its simulated regions. A production build can leave
 //!   it out (`--no-default-features`) and links no simulator; `gateway demo` then says so.
+//! - `mimalloc` (off by default): mimalloc as the global allocator of the `gateway` binary, which
+//!   returns memory to the OS after a burst of streams (docs/benchmarks.md, "Memory").
 
 pub mod admin;
 pub mod app;

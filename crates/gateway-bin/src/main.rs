@@ -7,6 +7,10 @@ use gateway_bin::{app, reload, serve, telemetry};
 use gateway_policy::Policy;
 use gateway_policy::secret::SystemSecrets;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,

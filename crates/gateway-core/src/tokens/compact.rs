@@ -30,28 +30,56 @@ pub(crate) struct CompactBpe {
     pattern: Regex,
 }
 
-impl CompactBpe {
-    /// Copies the regular (not special) tokens of `bpe`, whose ranks are `0..ranks`, and compiles
-    /// `pattern`, tiktoken's split pattern for that encoding.
-    pub(crate) fn from_tiktoken(bpe: &CoreBPE, ranks: Rank, pattern: &str) -> Option<Self> {
-        let mut bytes = Vec::new();
-        let mut offsets = Vec::with_capacity(ranks as usize + 1);
-        for rank in 0..ranks {
-            offsets.push(u32::try_from(bytes.len()).ok()?);
+/// The buffers of a [`CompactBpe`], allocated before tiktoken's tables are loaded.
+///
+/// Ordered so that the ~40 MB tiktoken allocates for a moment go back to the OS with glibc's malloc:
+/// everything kept is allocated first (while the buffers are still large enough to be mapped apart
+/// from the heap), so that once tiktoken's tables are freed, the free space sits at the top of the
+/// heap, where a trim returns it. Loading several encodings, reserve them all before copying any
+/// (measured in docs/benchmarks.md, "Memory").
+pub(crate) struct Reserved {
+    ranks: Rank,
+    bytes: Vec<u8>,
+    offsets: Vec<u32>,
+    table: Vec<u32>,
+    pattern: Regex,
+}
+
+impl Reserved {
+    /// Buffers for `ranks` tokens of about `bytes_hint` bytes in all, and the compiled `pattern`.
+    pub(crate) fn new(ranks: Rank, bytes_hint: usize, pattern: &str) -> Option<Self> {
+        Some(Self {
+            ranks,
+            pattern: Regex::new(pattern).ok()?,
+            bytes: Vec::with_capacity(bytes_hint),
+            offsets: Vec::with_capacity(ranks as usize + 1),
+            table: vec![EMPTY; (ranks as usize * LOAD).next_power_of_two()],
+        })
+    }
+
+    /// Loads tiktoken's tables with `load`, copies the tokens, and frees the tables.
+    pub(crate) fn copy(&mut self, load: impl FnOnce() -> Option<CoreBPE>) -> Option<()> {
+        let bpe = load()?;
+        for rank in 0..self.ranks {
+            self.offsets.push(u32::try_from(self.bytes.len()).ok()?);
             if let Ok(token) = bpe.decode_bytes(&[rank]) {
-                bytes.extend_from_slice(&token);
+                self.bytes.extend_from_slice(&token);
             }
         }
-        offsets.push(u32::try_from(bytes.len()).ok()?);
-        bytes.shrink_to_fit();
-        let slots = (ranks as usize * LOAD).next_power_of_two();
-        let mut compact = Self {
-            bytes,
-            offsets,
-            table: vec![EMPTY; slots],
-            pattern: Regex::new(pattern).ok()?,
+        self.offsets.push(u32::try_from(self.bytes.len()).ok()?);
+        Some(())
+    }
+
+    /// Indexes the copied tokens.
+    pub(crate) fn finish(self) -> CompactBpe {
+        let slots = self.table.len();
+        let mut compact = CompactBpe {
+            bytes: self.bytes,
+            offsets: self.offsets,
+            table: self.table,
+            pattern: self.pattern,
         };
-        for rank in 0..ranks {
+        for rank in 0..self.ranks {
             let token = compact.token(rank);
             if token.is_empty() {
                 continue;
@@ -62,7 +90,25 @@ impl CompactBpe {
             }
             compact.table[slot] = rank;
         }
-        Some(compact)
+        compact
+    }
+}
+
+impl CompactBpe {
+    /// Loads tiktoken's tables with `load`, copies their regular (not special) tokens, whose ranks
+    /// are `0..ranks` and whose bytes add up to `bytes_hint` or so, then frees them; compiles
+    /// `pattern`, tiktoken's split pattern for that encoding. [`Reserved`] does the same for several
+    /// encodings at once.
+    pub(crate) fn load(
+        load: impl FnOnce() -> Option<CoreBPE>,
+        ranks: Rank,
+        bytes_hint: usize,
+        pattern: &str,
+    ) -> Option<Self> {
+        let mut reserved = Reserved::new(ranks, bytes_hint, pattern)?;
+        reserved.copy(load)?;
+        release_freed_heap();
+        Some(reserved.finish())
     }
 
     /// Tokens in `text`, as `CoreBPE::encode_ordinary(text).len()`.
@@ -222,6 +268,15 @@ impl CompactBpe {
     }
 }
 
+/// Nudges the allocator into returning what was just freed. glibc's malloc consolidates its small
+/// free chunks and trims the top of the heap when a chunk of 64 KiB or more is freed; the tens of
+/// thousands of small ones tiktoken's tables were made of do not trigger that on their own. Any other
+/// allocator just reuses the block.
+pub(crate) fn release_freed_heap() {
+    let block: Vec<u8> = Vec::with_capacity(1 << 20);
+    drop(std::hint::black_box(block));
+}
+
 #[derive(Eq, PartialEq, Clone, Copy)]
 struct Merge {
     start: usize,
@@ -294,12 +349,14 @@ mod tests {
     #[test]
     fn counts_exactly_as_tiktoken_o200k() {
         let bpe = tiktoken_rs::o200k_base().unwrap();
-        let compact = CompactBpe::from_tiktoken(
-            &bpe,
+        let compact = CompactBpe::load(
+            || tiktoken_rs::o200k_base().ok(),
             super::super::encoding::O200K_RANKS,
+            super::super::encoding::O200K_BYTES,
             tiktoken_rs::O200K_BASE_PAT_STR,
         )
         .unwrap();
+        assert_eq!(compact.bytes.len(), super::super::encoding::O200K_BYTES);
         for text in corpus() {
             assert_eq!(
                 compact.count(&text),
@@ -313,12 +370,14 @@ mod tests {
     #[test]
     fn counts_exactly_as_tiktoken_cl100k() {
         let bpe = tiktoken_rs::cl100k_base().unwrap();
-        let compact = CompactBpe::from_tiktoken(
-            &bpe,
+        let compact = CompactBpe::load(
+            || tiktoken_rs::cl100k_base().ok(),
             super::super::encoding::CL100K_RANKS,
+            super::super::encoding::CL100K_BYTES,
             super::super::encoding::CL100K_PATTERN,
         )
         .unwrap();
+        assert_eq!(compact.bytes.len(), super::super::encoding::CL100K_BYTES);
         for text in corpus() {
             assert_eq!(
                 compact.count(&text),
