@@ -47,23 +47,28 @@ pub async fn serve_current(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> io::Result<()> {
-    let gateway = gateways.borrow().clone();
+    // Only what outlives reloads is taken from the first gateway: holding it whole would keep its
+    // stack (and its tasks) alive after a reload replaced it.
+    let (admin_listen, draining, metrics) = {
+        let first = gateways.borrow();
+        let listen = first.admin.as_ref().map(|a| a.listen);
+        (listen, first.draining.clone(), first.metrics.clone())
+    };
     // Bound before anything else starts, so a taken admin port fails start-up as a whole.
-    let admin = match &gateway.admin {
-        Some(admin) => {
-            let listener = TcpListener::bind(admin.listen).await.map_err(|e| {
+    let admin = match admin_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("cannot listen on admin.listen {}: {e}", admin.listen),
+                    format!("cannot listen on admin.listen {addr}: {e}"),
                 )
             })?;
-            tracing::info!(addr = %admin.listen, "admin endpoints listening");
+            tracing::info!(%addr, "admin endpoints listening");
             Some((listener, Current::admin(gateways.clone())))
         }
         None => None,
     };
     let (tx, mut rx) = watch::channel(false);
-    let draining = gateway.draining.clone();
     tokio::spawn(async move {
         shutdown.await;
         draining.store(true, Ordering::Relaxed);
@@ -79,7 +84,6 @@ pub async fn serve_current(
                 .into_future(),
         )
     });
-    let metrics = gateway.metrics.clone();
     let upkeep = tokio::spawn(async move {
         let mut every = tokio::time::interval(METRICS_UPKEEP);
         loop {
