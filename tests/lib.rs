@@ -161,11 +161,14 @@ pub async fn gateway_with_identity(
             s.with_env(k.clone(), v.clone())
         });
     let (resolved, identity) = gateway_bin::identity::resolve_secrets(&policy, &secrets).await?;
+    let mut refreshers = None;
     if let Some(identity) = &identity {
         let refresh = Duration::from_secs(policy.key_vault.refresh_seconds);
-        gateway_bin::identity::keep_fresh(identity, &resolved, refresh).await?;
+        refreshers = Some(gateway_bin::identity::keep_fresh(identity, &resolved, refresh).await?);
     }
     let mut gw = app::build(&policy, &resolved).map_err(|e| e.to_string())?;
+    // Served as long as the gateway is.
+    gw.refreshers = refreshers.map(Arc::new);
     // As `gateway serve`: certificates from Key Vault are read from the values kept fresh.
     let https = policy.gateway.tls.is_some();
     let tls_source = gateway_bin::identity::tls_source(&resolved, Arc::new(secrets));

@@ -24,7 +24,8 @@ use http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
-use crate::observe::Latency;
+use crate::app::PolicyVersion;
+use crate::observe::{Latency, Rfc3339};
 use crate::store::Store;
 
 /// The status page, compiled in: one file, inline CSS and JS, nothing fetched from elsewhere.
@@ -39,6 +40,8 @@ pub struct Admin {
     key: Option<Secret>,
     /// Each consumer with its limits, as the rate-limit layer enforces them.
     consumers: Vec<(String, ConsumerLimits)>,
+    /// The policy being served, when known.
+    policy: Option<PolicyVersion>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +51,8 @@ struct KeyParam {
 
 #[derive(Serialize)]
 struct Status<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<PolicyView>,
     backends: Vec<BackendView<'a>>,
     consumers: Vec<ConsumerView<'a>>,
 }
@@ -118,6 +123,13 @@ struct RestView {
 }
 
 #[derive(Serialize)]
+struct PolicyView {
+    sha256: String,
+    #[serde(serialize_with = "display")]
+    loaded_at: Rfc3339,
+}
+
+#[derive(Serialize)]
 struct QuotaView {
     value: u64,
     age_ms: u64,
@@ -179,12 +191,19 @@ impl Admin {
             metrics,
             key: None,
             consumers: Vec::new(),
+            policy: None,
         }
     }
 
     /// Requires `key` for `/admin` and `/admin/status`.
     pub fn key(mut self, key: Option<Secret>) -> Self {
         self.key = key;
+        self
+    }
+
+    /// Shows the version of the policy being served (its SHA-256 and load time).
+    pub fn policy(mut self, version: PolicyVersion) -> Self {
+        self.policy = Some(version);
         self
     }
 
@@ -240,6 +259,10 @@ impl Admin {
             consumers.push(self.consumer_view(c).await);
         }
         Status {
+            policy: self.policy.as_ref().map(|v| PolicyView {
+                sha256: v.sha256.clone(),
+                loaded_at: Rfc3339(v.loaded_at),
+            }),
             backends,
             consumers,
         }
@@ -433,6 +456,10 @@ fn state_name(state: BackendState) -> &'static str {
         BackendState::HalfOpen => "half_open",
         BackendState::Misconfigured => "misconfigured",
     }
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::routing::get;
@@ -69,6 +69,13 @@ pub struct Gateway {
     pub rate_limit: RateLimitLayer<Store>,
     /// Serve HTTPS with this (`gateway.tls`, loaded by [`crate::tls::load`]); plain HTTP when `None`.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The policy this gateway was built from, as `/admin/status` shows it.
+    pub version: PolicyVersion,
+    /// The renewals of this gateway's Entra ID tokens and Key Vault values, when a reload started
+    /// them: they stop when the last request on this gateway ends.
+    pub refreshers: Option<Arc<crate::identity::Refreshers>>,
+    /// What a gateway built on reload takes over from this one ([`build_from`]).
+    handover: Handover,
 }
 
 /// The operator endpoints, to be served on their own listener.
@@ -80,6 +87,65 @@ pub struct AdminEndpoints {
     pub router: Router,
     /// Serve HTTPS there with this (`admin.tls`); plain HTTP when `None`.
     pub tls: Option<Arc<crate::tls::Tls>>,
+}
+
+/// Which loaded policy a gateway serves: the SHA-256 of the policy file's bytes (what `sha256sum`
+/// prints) and when it was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersion {
+    /// Lower-case hex SHA-256 of the policy text.
+    pub sha256: String,
+    /// When the gateway was built from it.
+    pub loaded_at: SystemTime,
+}
+
+/// What a gateway built on reload may take over: the limit store when it is configured the same
+/// way, and the task that applies other instances' cooldowns, which ends with this gateway.
+#[derive(Clone)]
+struct Handover {
+    store: Arc<Store>,
+    store_identity: StoreIdentity,
+    _cooldown_listener: Option<Arc<AbortOnDrop>>,
+}
+
+/// The part of `[rate_limit]` that decides where counters live.
+#[derive(Clone, PartialEq, Eq)]
+struct StoreIdentity {
+    kind: StoreKind,
+    redis_url: Option<String>,
+    key_prefix: String,
+}
+
+/// Aborts a background task when the last gateway that needs it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl PolicyVersion {
+    /// The version of `policy`, loaded now.
+    pub fn of(policy: &Policy) -> Self {
+        Self {
+            sha256: sha256_hex(policy.source.text().as_bytes()),
+            loaded_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Lower-case hex SHA-256, from the crypto library rustls already links.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// The policy could not be turned into layers (what validation cannot see, e.g. header values).
@@ -105,10 +171,25 @@ fn tier_of(tier: TierSpec) -> Tier {
 
 /// Builds the gateway for `policy`, whose secrets are already resolved.
 pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, BuildError> {
-    let pool = BackendPool::new(
+    build_from(policy, secrets, None)
+}
+
+/// Builds the gateway for `policy`, taking over `previous`'s state when the policy is reloaded:
+/// backend health and rests for the backends still in the policy (same name and endpoint), the
+/// consumers' counters when the limit store is configured the same way, and the draining flag.
+/// Requests in flight keep the stack they started on; nothing of `previous` is changed.
+pub fn build_from(
+    policy: &Policy,
+    secrets: &ResolvedSecrets,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, BuildError> {
+    let mut pool = BackendPool::new(
         backends(policy, secrets)?,
         pool_settings(&policy.failover, &policy.circuit),
     );
+    if let Some(previous) = previous {
+        pool = pool.take_over(&previous.pool);
+    }
     // Per-workload routes: a reserved backend is left out of every other consumer's selection.
     // Application priority: a backend's headroom is kept from the tiers below its shares.
     let pool = policy.backends.iter().fold(pool, |pool, b| {
@@ -165,20 +246,33 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
 
     warm_up_tokenizers(policy);
     let redis_url = secrets.redis_url.as_ref().map(|s| s.expose());
-    let store = match (policy.rate_limit.store, redis_url) {
-        (StoreKind::Redis, Some(url)) => Store::Redis(
+    let store_identity = StoreIdentity {
+        kind: policy.rate_limit.store,
+        redis_url: redis_url.map(str::to_owned),
+        key_prefix: policy.rate_limit.key_prefix.clone(),
+    };
+    // Counters live in the store: a reload that keeps it keeps every consumer's usage.
+    let kept = previous
+        .map(|p| &p.handover)
+        .filter(|h| h.store_identity == store_identity)
+        .map(|h| h.store.clone());
+    let store = match (kept, policy.rate_limit.store, redis_url) {
+        (Some(store), _, _) => store,
+        (None, StoreKind::Redis, Some(url)) => Arc::new(Store::Redis(
             RedisStore::connect_lazy(url, &policy.rate_limit.key_prefix)
                 .map_err(|e| BuildError(format!("rate_limit.redis_url: {e}")))?,
-        ),
-        _ => Store::Memory(MemoryStore::new()),
+        )),
+        // Shared with the status page, which reports consumers' usage from it.
+        (None, _, _) => Arc::new(Store::Memory(MemoryStore::new())),
     };
-    // Shared with the status page, which reports consumers' usage from it.
-    let store = Arc::new(store);
+    let mut cooldown_listener = None;
     if let (StoreKind::Redis, Some(url)) = (policy.rate_limit.store, redis_url) {
         // Every instance learns of a throttled region from the first 429 any instance sees.
         let cooldowns = RedisCooldowns::connect_lazy(url, &policy.rate_limit.key_prefix)
             .map_err(|e| BuildError(format!("rate_limit.redis_url: {e}")))?;
-        failover_layer = failover_layer.on_cooldown(share_cooldowns(cooldowns, pool.clone()));
+        let (hook, listener) = share_cooldowns(cooldowns, pool.clone());
+        failover_layer = failover_layer.on_cooldown(hook);
+        cooldown_listener = Some(Arc::new(AbortOnDrop(listener)));
     }
 
     let consumer_limits = consumer_limits(policy);
@@ -216,7 +310,8 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         .layer(InjectTraceContextLayer)
         .service(ReqwestClient::new());
 
-    let draining = Arc::new(AtomicBool::new(false));
+    let draining = previous.map_or_else(Arc::default, |p| p.draining.clone());
+    let version = PolicyVersion::of(policy);
     let ready = {
         let draining = draining.clone();
         move || health::readyz(draining.clone())
@@ -225,8 +320,14 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         let pool = pool.clone();
         move || health::backends(pool.clone())
     };
-    let mut admin = Admin::new(pool.clone(), store, observe.latency(), metrics.clone())
-        .key(secrets.admin_key.clone());
+    let mut admin = Admin::new(
+        pool.clone(),
+        store.clone(),
+        observe.latency(),
+        metrics.clone(),
+    )
+    .key(secrets.admin_key.clone())
+    .policy(version.clone());
     for (name, limits) in consumer_limits {
         admin = admin.consumer(&name, limits);
     }
@@ -261,6 +362,13 @@ pub fn build(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Gateway, Buil
         admission: admission(&policy.gateway),
         rate_limit,
         tls: None,
+        version,
+        refreshers: None,
+        handover: Handover {
+            store,
+            store_identity,
+            _cooldown_listener: cooldown_listener,
+        },
     })
 }
 
@@ -361,9 +469,12 @@ fn warm_up_tokenizers(policy: &Policy) {
     let spawned = std::thread::Builder::new()
         .name("tokenizer-warm-up".into())
         .spawn(move || {
-            for model in models {
-                gateway_core::tokens::encoding_for_model(&model).warm_up();
-            }
+            // Together: the memory tiktoken takes while loading is returned once, for all.
+            gateway_core::tokens::Encoding::warm_up_all(
+                models
+                    .iter()
+                    .map(|m| gateway_core::tokens::encoding_for_model(m)),
+            );
         });
     if let Err(err) = spawned {
         tracing::warn!(%err, "could not warm up the tokenizers; the first limited request will");

@@ -8,7 +8,9 @@ pub const USAGE: &str = "\
 gateway: a failover gateway for Azure OpenAI
 
 USAGE:
-    gateway serve --policy FILE [--listen ADDR]   serve the policy's backends
+    gateway serve --policy FILE [--listen ADDR] [--watch-policy]
+                                                  serve the policy's backends; SIGHUP reloads the
+                                                  policy, and so does a change to FILE when watched
     gateway check --policy FILE [--skip-secrets]  validate a policy and print a summary
     gateway demo [--listen ADDR]                  three simulated regions behind a gateway on 127.0.0.1:8080
     gateway --help | --version
@@ -25,6 +27,8 @@ pub enum Command {
         policy: PathBuf,
         /// Overrides the policy's listen address.
         listen: Option<SocketAddr>,
+        /// Reload the policy when the file changes, as on SIGHUP.
+        watch_policy: bool,
     },
     /// Validate a policy.
     Check {
@@ -53,6 +57,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     let mut policy = None;
     let mut listen = None;
     let mut skip_secrets = false;
+    let mut watch_policy = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--policy" => policy = Some(PathBuf::from(value(&mut args, "--policy")?)),
@@ -64,6 +69,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     })?);
             }
             "--skip-secrets" => skip_secrets = true,
+            "--watch-policy" => watch_policy = true,
             "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unexpected argument '{other}'")),
         }
@@ -73,6 +79,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         "serve" => Ok(Command::Serve {
             policy: need_policy(policy)?,
             listen,
+            watch_policy,
         }),
         "check" => Ok(Command::Check {
             policy: need_policy(policy)?,
@@ -105,7 +112,16 @@ mod tests {
             p(&["serve", "--policy", "a.toml"]).unwrap(),
             Command::Serve {
                 policy: "a.toml".into(),
-                listen: None
+                listen: None,
+                watch_policy: false,
+            }
+        );
+        assert_eq!(
+            p(&["serve", "--watch-policy", "--policy", "a.toml"]).unwrap(),
+            Command::Serve {
+                policy: "a.toml".into(),
+                listen: None,
+                watch_policy: true,
             }
         );
         assert_eq!(

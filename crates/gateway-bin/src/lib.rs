@@ -4,7 +4,8 @@
 //!   (`gateway-core`) and layer arguments (`gateway-layers`), and composes the layers into an axum
 //!   `Router` in one function that reads top to bottom.
 //! - [`serve`] serves it with graceful shutdown; [`tls`] over HTTPS (HTTP/2 and HTTP/1.1) with
-//!   certificates renewed while serving.
+//!   certificates renewed while serving; [`reload`] swaps in a reloaded policy without dropping a
+//!   request.
 //! - `demo` runs the gateway in front of three simulated regions, for a first contact (feature
 //!   `demo`).
 //! - [`identity`] is the gateway's Entra ID identity: tokens for backends, `keyvault:` references.
@@ -19,6 +20,8 @@
 //!
 //! - `demo` (on by default): `gateway demo` and its simulated regions. A production build can leave
 //!   it out (`--no-default-features`) and links no simulator; `gateway demo` then says so.
+//! - `mimalloc` (off by default): mimalloc as the global allocator of the `gateway` binary, which
+//!   returns memory to the OS after a burst of streams (docs/benchmarks.md, "Memory").
 
 pub mod admin;
 pub mod app;
@@ -28,6 +31,7 @@ pub mod demo;
 pub mod health;
 pub mod identity;
 pub mod observe;
+pub mod reload;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

@@ -3,9 +3,13 @@
 use std::process::ExitCode;
 
 use gateway_bin::cli::{self, Command};
-use gateway_bin::{app, identity, serve, telemetry};
+use gateway_bin::{app, identity, reload, serve, telemetry};
 use gateway_policy::Policy;
 use gateway_policy::secret::SystemSecrets;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -28,9 +32,11 @@ fn main() -> ExitCode {
             policy,
             skip_secrets,
         } => check(&policy, skip_secrets),
-        Command::Serve { policy, listen } => {
-            run(async move { serve_policy(&policy, listen).await })
-        }
+        Command::Serve {
+            policy,
+            listen,
+            watch_policy,
+        } => run(async move { serve_policy(&policy, listen, watch_policy).await }),
         Command::Demo { listen } => demo(listen),
     }
 }
@@ -132,24 +138,38 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
 async fn serve_policy(
     path: &std::path::Path,
     listen: Option<std::net::SocketAddr>,
+    watch_policy: bool,
 ) -> Result<(), String> {
     let policy = Policy::load(path).map_err(|e| format!("invalid policy\n{e}"))?;
     // Logging starts here: its trace export is configured by the policy.
     let telemetry = telemetry::init(&policy.telemetry)?;
-    let result = serve_loaded(&policy, listen).await;
+    let result = serve_loaded(path, &policy, listen, watch_policy).await;
     // After the drain, so the last requests' spans leave too.
     telemetry.shutdown().await;
     result
 }
 
-async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> Result<(), String> {
+async fn serve_loaded(
+    path: &std::path::Path,
+    policy: &Policy,
+    listen: Option<std::net::SocketAddr>,
+    watch_policy: bool,
+) -> Result<(), String> {
+    // Before anything is served: SIGHUP's default action ends the process.
+    #[cfg(unix)]
+    let hangup = reload::hangup().map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
     let (secrets, identity) = identity::resolve_secrets(policy, &SystemSecrets)
         .await
         .map_err(|e| format!("cannot resolve secrets\n{e}"))?;
-    if let Some(identity) = &identity {
-        let refresh = std::time::Duration::from_secs(policy.key_vault.refresh_seconds);
-        identity::keep_fresh(identity, &secrets, refresh).await?;
-    }
+    // Kept for the whole run: they also keep the listeners' Key Vault certificates fresh, which a
+    // reload does not replace.
+    let _refreshers = match &identity {
+        Some(identity) => {
+            let refresh = std::time::Duration::from_secs(policy.key_vault.refresh_seconds);
+            Some(identity::keep_fresh(identity, &secrets, refresh).await?)
+        }
+        None => None,
+    };
     let mut gateway = app::build(policy, &secrets).map_err(|e| format!("invalid policy: {e}"))?;
     // Certificates from Key Vault are read from the values the identity keeps fresh.
     let tls_source = identity::tls_source(&secrets, std::sync::Arc::new(SystemSecrets));
@@ -166,7 +186,12 @@ async fn serve_loaded(policy: &Policy, listen: Option<std::net::SocketAddr>) -> 
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     tracing::info!(%addr, backends = gateway.pool.backends().len(), https = gateway.tls.is_some(), "gateway listening");
     let grace = gateway.shutdown_grace;
-    serve::serve(listener, gateway, serve::shutdown_signal(), grace)
+    let (reloader, current) = reload::Reloader::new(path, gateway);
+    #[cfg(unix)]
+    tokio::spawn(reloader.run(hangup, watch_policy));
+    #[cfg(not(unix))]
+    let _ = (reloader, watch_policy);
+    serve::serve_current(listener, current, serve::shutdown_signal(), grace)
         .await
         .map_err(|e| format!("server error: {e}"))
 }

@@ -9,6 +9,7 @@ mod admission;
 
 pub use admission::Admission;
 
+use axum::Router;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::Gateway;
+use crate::reload::Current;
 
 /// How often the Prometheus recorder folds recorded histogram samples in: keeps memory bounded
 /// between scrapes.
@@ -38,24 +40,53 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> io::Result<()> {
+    let (_fixed, current) = watch::channel(gateway);
+    serve_current(listener, current, shutdown, grace).await
+}
+
+/// Like [`serve`], for the gateway current in `gateways` when each request arrives: a policy
+/// reload ([`crate::reload`]) swaps it while requests in flight finish on theirs. The admin
+/// listener, metrics upkeep and draining flag are the first gateway's, which reloads keep.
+pub async fn serve_current(
+    listener: TcpListener,
+    gateways: watch::Receiver<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> io::Result<()> {
+    // Only what outlives reloads is taken from the first gateway: holding it whole would keep its
+    // stack (and its tasks) alive after a reload replaced it.
+    // Listener-level settings (admission control, drain, certificates) are the first gateway's
+    // too: a reload does not rebind or re-handshake.
+    let (admin_listen, admin_tls, draining, drain, metrics, admission, tls) = {
+        let first = gateways.borrow();
+        let listen = first.admin.as_ref().map(|a| a.listen);
+        let admin_tls = first.admin.as_ref().and_then(|a| a.tls.clone());
+        (
+            listen,
+            admin_tls,
+            first.draining.clone(),
+            first.drain,
+            first.metrics.clone(),
+            first.admission.clone(),
+            first.tls.clone(),
+        )
+    };
     // Bound before anything else starts, so a taken admin port fails start-up as a whole.
-    let admin = match &gateway.admin {
-        Some(admin) => {
-            let listener = TcpListener::bind(admin.listen).await.map_err(|e| {
+    let admin = match admin_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("cannot listen on admin.listen {}: {e}", admin.listen),
+                    format!("cannot listen on admin.listen {addr}: {e}"),
                 )
             })?;
-            tracing::info!(addr = %admin.listen, "admin endpoints listening");
-            Some((listener, admin.router.clone(), admin.tls.clone()))
+            tracing::info!(%addr, "admin endpoints listening");
+            Some((listener, Current::admin(gateways.clone()), admin_tls))
         }
         None => None,
     };
     // `rx` turns true when the listener closes, after the drain.
     let (tx, mut rx) = watch::channel(false);
-    let draining = gateway.draining.clone();
-    let drain = gateway.drain;
     tokio::spawn(async move {
         shutdown.await;
         draining.store(true, Ordering::Relaxed);
@@ -73,6 +104,7 @@ pub async fn serve(
         let stop = async move {
             let _ = stop.wait_for(|v| *v).await;
         };
+        let router = Router::new().fallback_service(router);
         match tls {
             Some(tls) => tokio::spawn(crate::tls::serve(listener, tls, router, stop)),
             None => tokio::spawn(
@@ -82,7 +114,6 @@ pub async fn serve(
             ),
         }
     });
-    let metrics = gateway.metrics.clone();
     let upkeep = tokio::spawn(async move {
         let mut every = tokio::time::interval(METRICS_UPKEEP);
         loop {
@@ -91,19 +122,12 @@ pub async fn serve(
         }
     });
     // The peer's address rides in each request's extensions (`ConnectInfo`), for the access log.
-    let app = gateway
-        .router
+    let app = Router::new()
+        .fallback_service(Current::main(gateways))
         .layer(axum::middleware::from_fn(stamp_request_id));
     // `cut` turns true when the grace is over: streams still running end with an error event.
     let (cut_tx, cut_rx) = watch::channel(false);
-    let server = admission::serve(
-        listener,
-        app,
-        gateway.admission.clone(),
-        gateway.tls.clone(),
-        rx.clone(),
-        cut_rx,
-    );
+    let server = admission::serve(listener, app, admission, tls, rx.clone(), cut_rx);
     tokio::pin!(server);
     let result = tokio::select! {
         res = &mut server => res,

@@ -7,6 +7,7 @@ use gateway_core::limits::{
     Admission, LimitCheck, LimitStore, MemoryStore, RedisStore, Reservation, StoreError, Usage,
 };
 use gateway_core::pool::{BackendPool, RedisCooldowns, unix_ms};
+use tokio::task::JoinHandle;
 
 /// The store chosen by `rate_limit.store`.
 #[derive(Debug)]
@@ -41,26 +42,27 @@ impl LimitStore for Store {
 }
 
 /// Shares backend cooldowns through Redis: what this instance learns from a 429 is published, and
-/// what any instance publishes is applied to `pool`. Returns the hook for the failover layer.
+/// what any instance publishes is applied to `pool`. Returns the hook for the failover layer, and
+/// the listener's task, to be aborted when `pool` is replaced (a policy reload).
 pub fn share_cooldowns(
     cooldowns: RedisCooldowns,
     pool: Arc<BackendPool>,
-) -> impl Fn(&str, &str, Duration) + Send + Sync + 'static {
+) -> (
+    impl Fn(&str, &str, Duration) + Send + Sync + 'static,
+    JoinHandle<()>,
+) {
     let listener_pool = pool.clone();
-    // The listener runs for the life of the process.
-    drop(
-        cooldowns.spawn_listener(move |backend, deployment, until_ms| {
-            let Some(id) = listener_pool.id_of(&backend) else {
-                return;
-            };
-            let left = until_ms.saturating_sub(unix_ms());
-            if left > 0 {
-                let rest = Duration::from_millis(left);
-                listener_pool.cool_down(id, &deployment, rest, Instant::now());
-            }
-        }),
-    );
-    move |backend: &str, deployment: &str, cooldown: Duration| {
+    let listener = cooldowns.spawn_listener(move |backend, deployment, until_ms| {
+        let Some(id) = listener_pool.id_of(&backend) else {
+            return;
+        };
+        let left = until_ms.saturating_sub(unix_ms());
+        if left > 0 {
+            let rest = Duration::from_millis(left);
+            listener_pool.cool_down(id, &deployment, rest, Instant::now());
+        }
+    });
+    let hook = move |backend: &str, deployment: &str, cooldown: Duration| {
         let until =
             unix_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
         let cooldowns = cooldowns.clone();
@@ -72,5 +74,6 @@ pub fn share_cooldowns(
                 tracing::debug!(error = %err, %backend, "could not share a cooldown");
             }
         });
-    }
+    };
+    (hook, listener)
 }

@@ -103,6 +103,7 @@ pub(crate) async fn openai(State(shared): State<Arc<Shared>>, request: Request) 
         }
         Outcome::Drop => {
             shared.record(method, uri, headers, body, 0);
+            shared.count_drop();
             match kill {
                 Some(kill) => {
                     kill.trigger();

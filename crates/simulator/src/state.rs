@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) faults: FaultState,
     pub(crate) variants: Variants,
     request_count: AtomicU64,
+    /// Requests whose connection a `drop` fault closed unanswered.
+    dropped_count: AtomicU64,
     recent: Mutex<VecDeque<Recorded>>,
     /// Hashes of the long prompts seen, for [`Variants::prompt_cache`].
     prompts_seen: Mutex<HashSet<u64>>,
@@ -108,6 +110,7 @@ impl Shared {
             faults: FaultState::new(config.seed, config.faults),
             variants: config.variants,
             request_count: AtomicU64::new(0),
+            dropped_count: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REQUESTS)),
             prompts_seen: Mutex::new(HashSet::new()),
         }
@@ -133,6 +136,10 @@ impl Shared {
 
     pub(crate) fn count_request(&self) {
         self.request_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_drop(&self) {
+        self.dropped_count.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn record(
@@ -177,6 +184,7 @@ impl Shared {
         json!({
             "region": self.region,
             "request_count": self.request_count.load(Ordering::Relaxed),
+            "dropped_count": self.dropped_count.load(Ordering::Relaxed),
             "deployments": deployments,
             "faults": self.faults.list(),
         })
@@ -261,6 +269,12 @@ impl SimHandle {
     /// Requests received on `/openai/*`, including those answered with faults, 429 or 401.
     pub fn request_count(&self) -> u64 {
         self.shared.request_count.load(Ordering::Relaxed)
+    }
+
+    /// Requests (among [`request_count`](Self::request_count)) whose connection a `drop` fault
+    /// closed without an answer: a client sees them as connection errors, not as answers.
+    pub fn dropped_count(&self) -> u64 {
+        self.shared.dropped_count.load(Ordering::Relaxed)
     }
 
     /// The last 256 requests received on `/openai/*`, oldest first.

@@ -123,6 +123,9 @@ async fn drop_closes_the_connection_without_an_answer() {
     let recent = s.sim.recent_requests();
     assert_eq!(recent[0].status, 0);
     assert_eq!(recent[1].status, 200);
+    // Counted apart, so a client's connection errors can be matched against the region's count.
+    assert_eq!((s.sim.request_count(), s.sim.dropped_count()), (2, 1));
+    assert_eq!(s.sim.stats()["dropped_count"], 1);
     s.region.shutdown().await;
 }
 

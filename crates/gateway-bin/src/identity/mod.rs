@@ -83,7 +83,7 @@ impl Identity {
 /// identity `src`'s environment configures. `Ok((secrets, None))` when the policy needs no identity.
 pub async fn resolve_secrets(
     policy: &Policy,
-    src: &dyn SecretSource,
+    src: &(dyn SecretSource + Sync),
 ) -> Result<(ResolvedSecrets, Option<Identity>), String> {
     let references = key_vault_references(policy);
     let identity = if references.is_empty() && !policy.backends.iter().any(|b| b.entra.is_some()) {
@@ -197,14 +197,28 @@ fn tls_key_vault_references(policy: &Policy) -> Vec<(String, KeyVaultRef)> {
         .collect()
 }
 
+/// The background renewals [`keep_fresh`] started; dropping it stops them (a reloaded policy's
+/// gateway replaced the one whose credentials they renewed).
+#[derive(Debug, Default)]
+pub struct Refreshers(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Refreshers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Fetches the first token of every Entra ID scope in `secrets` (an error names the scope), then
 /// spawns the background renewals of those tokens and of the Key Vault values, on the current
-/// runtime, for as long as it runs.
+/// runtime, for as long as the returned [`Refreshers`] is kept.
 pub async fn keep_fresh(
     identity: &Identity,
     secrets: &ResolvedSecrets,
     key_vault_refresh: Duration,
-) -> Result<(), String> {
+) -> Result<Refreshers, String> {
+    let mut tasks = Refreshers::default();
     metrics::describe_counter!(
         REFRESH_FAILURES,
         "Failed renewals of Entra ID tokens and failed Key Vault reads, by kind"
@@ -215,12 +229,13 @@ pub async fn keep_fresh(
         })?;
         live.set(token.token);
         tracing::info!(source = identity.source.name(), %scope, "Entra ID token for the backends");
-        tokio::spawn(renew_token(
+        let task = tokio::spawn(renew_token(
             identity.clone(),
             scope.clone(),
             live.clone(),
             token.expires_at,
         ));
+        tasks.0.push(task.abort_handle());
     }
     let mut by_reference: BTreeMap<KeyVaultRef, Vec<LiveCredential>> = BTreeMap::new();
     for (reference, live) in &secrets.key_vault {
@@ -230,14 +245,15 @@ pub async fn keep_fresh(
             .push(live.clone());
     }
     for (reference, lives) in by_reference {
-        tokio::spawn(refresh_secret(
+        let task = tokio::spawn(refresh_secret(
             identity.clone(),
             reference,
             lives,
             key_vault_refresh,
         ));
+        tasks.0.push(task.abort_handle());
     }
-    Ok(())
+    Ok(tasks)
 }
 
 /// Every `keyvault:` reference in the policy, once each.

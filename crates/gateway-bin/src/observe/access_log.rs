@@ -81,7 +81,7 @@ struct Durations {
 }
 
 /// A UTC timestamp such as `2025-06-01T12:00:00.123Z`.
-struct Rfc3339(SystemTime);
+pub(crate) struct Rfc3339(pub(crate) SystemTime);
 
 /// Writes the line of a request. A closed or failing stdout is ignored: the log must never fail or
 /// delay a request beyond the write itself.

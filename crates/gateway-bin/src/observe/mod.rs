@@ -81,6 +81,8 @@ use tower::Layer;
 pub use latency::{Latency, Recent};
 pub use service::{Observe, ResponseFuture};
 
+pub(crate) use access_log::Rfc3339;
+
 /// Label value for what is not in the policy, or absent: keeps label sets bounded.
 const UNKNOWN: &str = "_unknown";
 /// Consumer label value when `telemetry.consumer_label` is off.

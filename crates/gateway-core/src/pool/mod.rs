@@ -63,6 +63,7 @@ use self::health::{Availability, CircuitChange, Health};
 use self::rests::Rests;
 use self::routes::Reservation;
 
+mod handover;
 mod headroom;
 mod health;
 mod outlier;
@@ -145,10 +146,12 @@ pub struct PoolSettings {
 pub struct BackendPool {
     backends: Vec<Backend>,
     /// One entry per backend, same order. Locked briefly, one at a time, never across `.await`.
-    health: Vec<Mutex<Health>>,
+    /// Behind an `Arc` so a pool built on reload can take an entry over (`handover`).
+    health: Vec<Arc<Mutex<Health>>>,
     /// One entry per backend, same order: the rests of its deployments (429s, spent request
-    /// windows). Locked after `health`, never together with it.
-    rests: Vec<Mutex<Rests>>,
+    /// windows, a refused credential). Locked after `health`, never together with it. Behind an
+    /// `Arc`, as `health`, for the hand-over on reload.
+    rests: Vec<Arc<Mutex<Rests>>>,
     /// One entry per backend, same order: the consumers it is reserved for (see `routes`).
     reserved: Vec<Reservation>,
     /// How long a backend rests after refusing the gateway's credential.
@@ -377,10 +380,10 @@ impl BackendPool {
         let now = Instant::now();
         let health = backends
             .iter()
-            .map(|_| Mutex::new(Health::new(now)))
+            .map(|_| Arc::new(Mutex::new(Health::new(now))))
             .collect();
         let in_flight = backends.iter().map(|_| Arc::default()).collect();
-        let rests = backends.iter().map(|_| Mutex::default()).collect();
+        let rests = backends.iter().map(|_| Arc::default()).collect();
         let reserved = backends.iter().map(|_| None).collect();
         let headroom = backends.iter().map(|_| None).collect();
         Self {

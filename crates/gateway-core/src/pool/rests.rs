@@ -117,6 +117,12 @@ impl Rests {
         std::mem::replace(&mut self.misconfigured, false)
     }
 
+    /// Ends a misconfigured backend's rest now (a reloaded policy may carry a fixed credential):
+    /// it is tried on the next selection, and stays marked until it serves.
+    pub(super) fn end_misconfigured_rest(&mut self) {
+        self.misconfigured_until = None;
+    }
+
     /// Whether the backend refused the gateway's credential and has not served since.
     pub(super) fn is_misconfigured(&self) -> bool {
         self.misconfigured

@@ -3,7 +3,26 @@
 use std::fmt;
 
 #[cfg(feature = "tokenizer")]
-use tiktoken_rs::CoreBPE;
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+#[cfg(feature = "tokenizer")]
+use super::compact::{CompactBpe, Reserved, release_freed_heap};
+
+/// Regular tokens of `o200k_base` (ranks `0..199_998`; its special tokens come after).
+#[cfg(feature = "tokenizer")]
+pub(crate) const O200K_RANKS: u32 = 199_998;
+/// Bytes of all of `o200k_base`'s regular tokens, end to end.
+#[cfg(feature = "tokenizer")]
+pub(crate) const O200K_BYTES: usize = 1_397_670;
+/// Bytes of all of `cl100k_base`'s regular tokens, end to end.
+#[cfg(feature = "tokenizer")]
+pub(crate) const CL100K_BYTES: usize = 643_830;
+/// Regular tokens of `cl100k_base` (ranks `0..100_256`).
+#[cfg(feature = "tokenizer")]
+pub(crate) const CL100K_RANKS: u32 = 100_256;
+/// `cl100k_base`'s split pattern, as tiktoken-rs writes it (it does not export this one).
+#[cfg(feature = "tokenizer")]
+pub(crate) const CL100K_PATTERN: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
 
 /// A tiktoken encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,16 +45,109 @@ impl Encoding {
     /// Loads the encoding now (once per process), so the first request does not pay for it.
     #[cfg(feature = "tokenizer")]
     pub fn warm_up(self) {
-        let _ = self.bpe();
+        Self::warm_up_all([self]);
+    }
+
+    /// Loads these encodings now, those not loaded yet, together: the memory tiktoken takes for a
+    /// moment while each loads is then returned to the OS at once (see `compact`).
+    #[cfg(feature = "tokenizer")]
+    pub fn warm_up_all(encodings: impl IntoIterator<Item = Encoding>) {
+        let _loading = LOADING.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut wanted: Vec<Encoding> = Vec::new();
+        for e in encodings {
+            if !wanted.contains(&e) && e.spec().cell.get().is_none() {
+                wanted.push(e);
+            }
+        }
+        let mut reserved: Vec<_> = wanted
+            .iter()
+            .map(|e| {
+                let spec = e.spec();
+                Reserved::new(spec.ranks, spec.bytes, spec.pattern)
+            })
+            .collect();
+        for (e, r) in wanted.iter().zip(&mut reserved) {
+            if r.as_mut().and_then(|r| r.copy(e.spec().load)).is_none() {
+                *r = None;
+            }
+        }
+        release_freed_heap();
+        for (e, r) in wanted.into_iter().zip(reserved) {
+            e.spec()
+                .cell
+                .get_or_init(|| e.loaded(r.map(Reserved::finish)));
+        }
+    }
+
+    /// The encoding's compact table, built on first use from tiktoken's, which are freed then
+    /// (see `compact`). `None` only if tiktoken's own tables fail to load, which its tests rule out.
+    #[cfg(feature = "tokenizer")]
+    fn bpe(self) -> Option<&'static CompactBpe> {
+        let spec = self.spec();
+        if let Some(loaded) = spec.cell.get() {
+            return loaded.as_ref();
+        }
+        // One load at a time: a request that needs an encoding the warm-up is loading waits for it
+        // instead of loading a second copy beside it.
+        let _loading = LOADING.lock().unwrap_or_else(PoisonError::into_inner);
+        spec.cell
+            .get_or_init(|| {
+                self.loaded(CompactBpe::load(
+                    spec.load,
+                    spec.ranks,
+                    spec.bytes,
+                    spec.pattern,
+                ))
+            })
+            .as_ref()
     }
 
     #[cfg(feature = "tokenizer")]
-    fn bpe(self) -> &'static CoreBPE {
+    fn loaded(self, compact: Option<CompactBpe>) -> Option<CompactBpe> {
+        if compact.is_none() {
+            tracing::error!(
+                encoding = self.name(),
+                "cannot load the tokenizer tables; prompts are estimated from their length"
+            );
+        }
+        compact
+    }
+
+    #[cfg(feature = "tokenizer")]
+    fn spec(self) -> Spec {
+        static O200K: OnceLock<Option<CompactBpe>> = OnceLock::new();
+        static CL100K: OnceLock<Option<CompactBpe>> = OnceLock::new();
         match self {
-            Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
-            Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
+            Encoding::O200k => Spec {
+                cell: &O200K,
+                ranks: O200K_RANKS,
+                bytes: O200K_BYTES,
+                pattern: tiktoken_rs::O200K_BASE_PAT_STR,
+                load: || tiktoken_rs::o200k_base().ok(),
+            },
+            Encoding::Cl100k => Spec {
+                cell: &CL100K,
+                ranks: CL100K_RANKS,
+                bytes: CL100K_BYTES,
+                pattern: CL100K_PATTERN,
+                load: || tiktoken_rs::cl100k_base().ok(),
+            },
         }
     }
+}
+
+/// Held while tiktoken's tables are being loaded and copied (never across an `.await`).
+#[cfg(feature = "tokenizer")]
+static LOADING: Mutex<()> = Mutex::new(());
+
+/// Where an encoding's compact table lives and how it is built.
+#[cfg(feature = "tokenizer")]
+struct Spec {
+    cell: &'static OnceLock<Option<CompactBpe>>,
+    ranks: u32,
+    bytes: usize,
+    pattern: &'static str,
+    load: fn() -> Option<tiktoken_rs::CoreBPE>,
 }
 
 impl fmt::Display for Encoding {
@@ -83,5 +195,8 @@ pub fn count(encoding: Encoding, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    encoding.bpe().encode_ordinary(text).len() as u64
+    match encoding.bpe() {
+        Some(bpe) => bpe.count(text) as u64,
+        None => (text.len() as u64).div_ceil(4),
+    }
 }
