@@ -21,7 +21,8 @@ use gateway_core::tokens::{Encoding, estimate, usage_from_sse_data};
 
 /// A typical chat body: system and user messages, a limit, streaming options.
 fn chat_body(pad_sentences: usize) -> Vec<u8> {
-    let pad = " The quick brown fox jumps over the lazy dog by the river bank.".repeat(pad_sentences);
+    let pad =
+        " The quick brown fox jumps over the lazy dog by the river bank.".repeat(pad_sentences);
     format!(
         r#"{{"messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Say hello in five words.{pad}"}}],"max_tokens":16,"temperature":0.7,"stream":false}}"#
     )
@@ -55,7 +56,10 @@ fn selection(c: &mut Criterion) {
     for n in [3, 100] {
         let pool = pool(n);
         let now = Instant::now();
-        assert!(matches!(pool.select("gpt-4o", &[], now), Selection::Backend(_)));
+        assert!(matches!(
+            pool.select("gpt-4o", &[], now),
+            Selection::Backend(_)
+        ));
         c.bench_function(&format!("select/{n}_backends"), |b| {
             b.iter(|| pool.select(black_box("gpt-4o"), &[], now))
         });
