@@ -39,6 +39,13 @@ def runs(res, group, target=None, label=None, rate=None):
             and (label is None or r["label"] == label) and (rate is None or r["rate"] == rate)]
 
 
+def status(r):
+    """A run's status; an open-loop run that achieved under 90% of its offered rate is saturated."""
+    if r["status"] == "ok" and r.get("rate") and r["rps"] < 0.9 * r["rate"]:
+        return "saturated"
+    return r["status"]
+
+
 def one(res, **kw):
     found = runs(res, **kw)
     return found[0] if found else None
@@ -67,7 +74,7 @@ def render(res):
     d = one(res, group="closed", target="direct")
     for r in runs(res, "closed") + runs(res, "full", label="closed") + runs(res, "peers"):
         rows.append([r["target"], f(r["rps"], 0), f"{r['rps'] / d['rps']:.2f}×" if d and d["rps"] else "–",
-                     f(r.get("p50_ms")), f(r.get("p99_ms")), f(r.get("cpu_us_per_req"), 1), r["status"]])
+                     f(r.get("p50_ms")), f(r.get("p99_ms")), f(r.get("cpu_us_per_req"), 1), status(r)])
     lines += ["## Closed loop at saturation", "",
               table(["target", "req/s", "vs direct", "p50 ms", "p99 ms", "CPU µs/req (that process)", "status"], rows),
               "", "CPU per request is the target process's user+system time over the requests it served "
@@ -84,7 +91,7 @@ def render(res):
         for k in ("p50_ms", "p99_ms", "p999_ms"):
             row += [f(d.get(k)), f(g.get(k)), diff(g.get(k), d.get(k))]
         row += [f(full.get("p50_ms")) if full else "–", f(full.get("p99_ms")) if full else "–"]
-        row.append(", ".join(sorted({x["status"] for x in (d, g, full) if x})))
+        row.append(", ".join(sorted({status(x) for x in (d, g, full) if x})))
         rows.append(row)
     lines += ["## Open loop at fixed rates (latency in ms)", "",
               table(["req/s", "direct p50", "gateway p50", "added p50", "direct p99", "gateway p99", "added p99",
@@ -95,7 +102,7 @@ def render(res):
         lines += ["Peers at the same rates:", "",
                   table(["target", "req/s", "achieved", "p50 ms", "p99 ms", "p99.9 ms", "status"],
                         [[r["target"], f"{r['rate']:,}", f(r["rps"], 0), f(r.get("p50_ms")), f(r.get("p99_ms")),
-                          f(r.get("p999_ms")), r["status"]] for r in peer_open]), ""]
+                          f(r.get("p999_ms")), status(r)] for r in peer_open]), ""]
 
     # streaming
     st = {e["target"]: e for e in res["streaming"]}
@@ -103,10 +110,10 @@ def render(res):
         d = st.get("direct")
         rows = [[e["target"], f(e["ttfb_p50_ms"]), f(e["ttfb_p99_ms"]),
                  diff(e["ttfb_p50_ms"], d["ttfb_p50_ms"]) if d else "–", diff(e["ttfb_p99_ms"], d["ttfb_p99_ms"]) if d else "–",
-                 f(e["total_p50_ms"]), f(e["closed_rps"], 0)] for e in st.values()]
+                 f(e["total_p50_ms"]), f(e["closed_rps"], 0), f"{e['failures']} of {e['requests']}"] for e in st.values()]
         lines += ["## Streaming", "",
                   table(["target", "TTFB p50 ms", "TTFB p99 ms", "added p50", "added p99", "whole stream p50 ms",
-                         "streamed req/s (closed loop)"], rows),
+                         "streamed req/s (closed loop)", "failed streams"], rows),
                   "", "Time to first byte: one request at a time on one connection, from the request's last "
                   "byte to the first `data:` byte (a small client in `compare.py`; oha sees whole responses only).", ""]
 
@@ -122,7 +129,7 @@ def render(res):
                   table(["run", "conns", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "start-up s", "status"],
                         [[r["label"], r["conns"], f(r["rps"], 0), f(r.get("p50_ms")), f(r.get("p99_ms")),
                           f(r.get("cpu_us_per_req"), 1), f(r.get("startup_s"), 2) if r.get("startup_s") else "–",
-                          r["status"]] for r in rs]), "", note, ""]
+                          status(r)] for r in rs]), "", note, ""]
 
     if res["memory"]:
         lines += ["## Memory", "", table(["process", "RSS at rest kB", "peak RSS kB", "RSS at the end kB"],
