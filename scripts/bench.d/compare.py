@@ -271,7 +271,8 @@ class Oha:
         if self.has_no_tui:
             argv.append("--no-tui")
         if self.has_wait:
-            argv.append("--wait-ongoing-requests-after-deadline")
+            # With a per-request timeout, so that a target that hangs a request cannot hang the run.
+            argv += ["--wait-ongoing-requests-after-deadline", "-t", "30s"]
         argv += self.json_flag + [target.url]
         r = subprocess.run(argv, capture_output=True, text=True)
         if r.returncode != 0:
