@@ -188,7 +188,11 @@ async fn serve_loaded(
     let grace = gateway.shutdown_grace;
     let (reloader, current) = reload::Reloader::new(path, gateway);
     #[cfg(unix)]
-    tokio::spawn(reloader.run(hangup, watch_policy));
+    tokio::spawn(reloader.run(
+        hangup,
+        watch_policy,
+        _refreshers.as_ref().map(identity::Refreshers::rotated),
+    ));
     #[cfg(not(unix))]
     let _ = (reloader, watch_policy);
     serve::serve_current(listener, current, serve::shutdown_signal(), grace)

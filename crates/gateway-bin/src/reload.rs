@@ -228,9 +228,15 @@ impl Reloader {
         std::fs::read(&self.path).map_or_else(|_| "unreadable".to_owned(), |b| sha256_hex(&b))
     }
 
-    /// Reloads on every `hangup` (SIGHUP), and every [`WATCH_EVERY`] when `watch` is set and the
-    /// file changed, until the process ends.
-    pub async fn run(mut self, mut hangup: impl Signal, watch: bool) {
+    /// Reloads on every `hangup` (SIGHUP), every [`WATCH_EVERY`] when `watch` is set and the file
+    /// changed, and when `key_vault` says a Key Vault value resolved once (a consumer key, the
+    /// admin key, the Redis URL) rotated, until the process ends.
+    pub async fn run(
+        mut self,
+        mut hangup: impl Signal,
+        watch: bool,
+        key_vault: Option<Arc<tokio::sync::Notify>>,
+    ) {
         let mut every = tokio::time::interval(WATCH_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -242,6 +248,9 @@ impl Reloader {
                     if self.fingerprint() != self.last_tried {
                         let _ = self.reload("watch").await;
                     }
+                }
+                () = async { if let Some(n) = &key_vault { n.notified().await } }, if key_vault.is_some() => {
+                    let _ = self.reload("key_vault").await;
                 }
             }
         }

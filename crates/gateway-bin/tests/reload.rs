@@ -311,3 +311,74 @@ async fn a_watched_policy_file_is_reloaded_when_it_changes() {
     assert_eq!(gw.reloads("error").await, 1);
     assert_eq!(gw.stderr().matches("policy reload failed").count(), 1);
 }
+
+/// A consumer key kept in Key Vault is read once into the consumers' key table: when it rotates,
+/// the refresh notices and reloads the policy, so the new key is served and the old one refused,
+/// with no SIGHUP and no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_key_rotated_in_key_vault_reloads_the_policy() {
+    let stub =
+        gateway_e2e::azure_stub::AzureStub::start(std::time::Duration::from_secs(3600)).await;
+    stub.accept_key("backend-key", true);
+    stub.put_secret("app-key", "client-key-1");
+    let vault = "keyvault:https://stub-vault.vault.azure.net/secrets";
+    let dir = common::temp_dir();
+    let policy = format!(
+        "[gateway]\ndrain_seconds = 0\n\n[key_vault]\nrefresh_seconds = 1\n\n\
+         [[deployments]]\nname = \"gpt-4o\"\n\n{}\n\
+         [[consumers]]\nname = \"app\"\nkeys = [\"{vault}/app-key\"]\n",
+        stub.backend_toml("aoai", 1, "api_key = \"env:BACKEND_KEY\"")
+    );
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let port = common::free_port();
+    let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+    let (_proc, base) = common::spawn_gateway(
+        Command::new(GATEWAY)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--policy",
+            ])
+            .arg(dir.join("policy.toml"))
+            .env_clear()
+            .envs(stub.env())
+            .env("BACKEND_KEY", "backend-key")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr),
+        port,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let status = |key: &'static str| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .post(common::chat_url(&base))
+                .header("api-key", key)
+                .json(&serde_json::json!({"messages":[{"role":"user","content":"hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("client-key-1").await, 200);
+    assert_eq!(status("client-key-2").await, 401);
+
+    stub.put_secret("app-key", "client-key-2");
+    eventually("the rotated consumer key served", || async {
+        (status("client-key-2").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(status("client-key-1").await, 401);
+    let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+    assert!(
+        log.contains("trigger=\"key_vault\"") || log.contains("trigger=key_vault"),
+        "{log}"
+    );
+    assert!(!log.contains("client-key-"), "no key in the log: {log}");
+    stub.stop();
+}

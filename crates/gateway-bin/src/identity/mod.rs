@@ -45,6 +45,9 @@ pub struct Identity {
     source: Arc<TokenSource>,
     client: reqwest::Client,
     vault: Vault,
+    /// The `keyvault:` references resolved once into plain values (consumer keys, the admin key,
+    /// the Redis URL): a rotation of one of them asks for a policy reload ([`Refreshers::rotated`]).
+    resolved_once: Arc<std::collections::BTreeSet<KeyVaultRef>>,
 }
 
 /// The Key Vault secrets a policy refers to, read once, answering [`SecretSource::key_vault`] over
@@ -71,6 +74,7 @@ impl Identity {
             source: Arc::new(source),
             client,
             vault,
+            resolved_once: Arc::default(),
         })
     }
 
@@ -86,11 +90,12 @@ pub async fn resolve_secrets(
     src: &(dyn SecretSource + Sync),
 ) -> Result<(ResolvedSecrets, Option<Identity>), String> {
     let references = key_vault_references(policy);
-    let identity = if references.is_empty() && !policy.backends.iter().any(|b| b.entra.is_some()) {
-        None
-    } else {
-        Some(Identity::from_env(src)?)
-    };
+    let mut identity =
+        if references.is_empty() && !policy.backends.iter().any(|b| b.entra.is_some()) {
+            None
+        } else {
+            Some(Identity::from_env(src)?)
+        };
     let mut values = BTreeMap::new();
     if let Some(identity) = identity.as_ref().filter(|_| !references.is_empty()) {
         let tokens = vault_tokens(identity, &references).await;
@@ -114,9 +119,27 @@ pub async fn resolve_secrets(
     let mut secrets = policy
         .resolve_secrets(&fetched, None)
         .map_err(|e| e.to_string())?;
-    // The listeners' certificates are resolved by the TLS loader, through `tls_source`: their Key
-    // Vault values ride along here so that `keep_fresh` keeps them current too.
-    for (field, reference) in tls_key_vault_references(policy) {
+    // Every other Key Vault value rides along too, so that `keep_fresh` reads it again: the
+    // listeners' certificates, resolved by the TLS loader through `tls_source`, and the values
+    // resolved once (consumer keys, the admin key, the Redis URL), whose rotation asks for a reload.
+    let live: std::collections::BTreeSet<KeyVaultRef> =
+        secrets.key_vault.iter().map(|(r, _)| r.clone()).collect();
+    let tls = tls_key_vault_references(policy);
+    let resolved_once: std::collections::BTreeSet<KeyVaultRef> = key_vault_references(policy)
+        .into_iter()
+        .filter(|r| !live.contains(r) && !tls.iter().any(|(_, t)| t == r))
+        .collect();
+    for (reference, value) in &fetched.values {
+        if let (true, Ok(value)) = (resolved_once.contains(reference), value) {
+            // Only its value is read (to notice a rotation), never sent in a header.
+            let live = LiveCredential::new(CredentialKind::ApiKey, Some(Secret::new(value)));
+            secrets.key_vault.push((reference.clone(), live));
+        }
+    }
+    if let Some(identity) = &mut identity {
+        identity.resolved_once = Arc::new(resolved_once);
+    }
+    for (field, reference) in tls {
         if secrets.key_vault.iter().any(|(r, _)| *r == reference) {
             continue;
         }
@@ -200,11 +223,22 @@ fn tls_key_vault_references(policy: &Policy) -> Vec<(String, KeyVaultRef)> {
 /// The background renewals [`keep_fresh`] started; dropping it stops them (a reloaded policy's
 /// gateway replaced the one whose credentials they renewed).
 #[derive(Debug, Default)]
-pub struct Refreshers(Vec<tokio::task::AbortHandle>);
+pub struct Refreshers {
+    tasks: Vec<tokio::task::AbortHandle>,
+    rotated: Arc<tokio::sync::Notify>,
+}
+
+impl Refreshers {
+    /// Notified when a Key Vault value that was resolved once (a consumer key, the admin key, the
+    /// Redis URL) rotated: only a policy reload puts the new value in use.
+    pub fn rotated(&self) -> Arc<tokio::sync::Notify> {
+        self.rotated.clone()
+    }
+}
 
 impl Drop for Refreshers {
     fn drop(&mut self) {
-        for task in &self.0 {
+        for task in &self.tasks {
             task.abort();
         }
     }
@@ -235,7 +269,7 @@ pub async fn keep_fresh(
             live.clone(),
             token.expires_at,
         ));
-        tasks.0.push(task.abort_handle());
+        tasks.tasks.push(task.abort_handle());
     }
     let mut by_reference: BTreeMap<KeyVaultRef, Vec<LiveCredential>> = BTreeMap::new();
     for (reference, live) in &secrets.key_vault {
@@ -245,13 +279,18 @@ pub async fn keep_fresh(
             .push(live.clone());
     }
     for (reference, lives) in by_reference {
+        let rotated = identity
+            .resolved_once
+            .contains(&reference)
+            .then(|| tasks.rotated.clone());
         let task = tokio::spawn(refresh_secret(
             identity.clone(),
             reference,
             lives,
             key_vault_refresh,
+            rotated,
         ));
-        tasks.0.push(task.abort_handle());
+        tasks.tasks.push(task.abort_handle());
     }
     Ok(tasks)
 }
@@ -350,6 +389,7 @@ async fn refresh_secret(
     reference: KeyVaultRef,
     lives: Vec<LiveCredential>,
     every: Duration,
+    reload: Option<Arc<tokio::sync::Notify>>,
 ) {
     let scope = Vault::scope(&reference);
     let url = reference.url();
@@ -380,14 +420,19 @@ async fn refresh_secret(
             .await
         {
             Ok(value) => {
-                let rotated = lives
+                let changed = lives
                     .iter()
                     .any(|live| live.current().as_ref() != Some(&value));
-                if rotated {
+                if changed {
                     for live in &lives {
                         live.set(value.clone());
                     }
-                    tracing::info!(secret = %url, "Key Vault secret rotated; the new value is in use");
+                    if let Some(reload) = &reload {
+                        tracing::info!(secret = %url, "Key Vault secret rotated; reloading the policy to use it");
+                        reload.notify_one();
+                    } else {
+                        tracing::info!(secret = %url, "Key Vault secret rotated; the new value is in use");
+                    }
                 }
                 outage.ended(&url);
             }
