@@ -20,8 +20,11 @@
 //!
 //! - `demo` (on by default): `gateway demo` and its simulated regions. A production build can leave
 //!   it out (`--no-default-features`) and links no simulator; `gateway demo` then says so.
-//! - `mimalloc` (off by default): mimalloc as the global allocator of the `gateway` binary, which
-//!   returns memory to the OS after a burst of streams (docs/benchmarks.md, "Memory").
+//! - `jemalloc` (on by default): jemalloc, with its background thread, as the global allocator of
+//!   the `gateway` binary, which returns memory to the OS after a burst of streams where glibc's
+//!   malloc keeps it (docs/benchmarks.md, "Memory"). It compiles jemalloc's C sources.
+//! - `mimalloc` (off by default): mimalloc as the global allocator of the `gateway` binary instead
+//!   (it takes precedence over `jemalloc`).
 
 pub mod admin;
 pub mod app;

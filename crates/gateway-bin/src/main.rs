@@ -11,6 +11,12 @@ use gateway_policy::secret::SystemSecrets;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// jemalloc's background thread purges dirty pages on its decay schedule even when the process is
+// idle, so what a burst of streams took goes back to the OS (docs/benchmarks.md, "Memory").
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
