@@ -5,6 +5,7 @@ usage: measure.py GATEWAY_PID GATEWAY_PORT CLIENT_KEY STREAMS
 Prints one `name value` line per figure (kB), which scripts/memory turns into a table.
 """
 import asyncio
+import os
 import sys
 import time
 import urllib.request
@@ -105,6 +106,11 @@ async def main():
     # Let the allocator and tokio's idle timers settle, then look again.
     await asyncio.sleep(10)
     report("after_10s_rss_kb", status("VmRSS"))
+    # MEMORY_LATE_SECONDS: look once more, e.g. after the upstream pool's idle connections (90 s) closed.
+    late = int(os.environ.get("MEMORY_LATE_SECONDS", "0"))
+    if late > 0:
+        await asyncio.sleep(late)
+        report(f"after_{10 + late}s_rss_kb", status("VmRSS"))
     report("peak_hwm_kb", status("VmHWM"))
 
 
