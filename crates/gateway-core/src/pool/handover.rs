@@ -98,8 +98,9 @@ mod tests {
             PoolSettings::default(),
         );
         let a = old.id_of("a").unwrap();
+        // Five connections refused in a row eject it (five 5xx alone no longer do).
         for _ in 0..5 {
-            old.record(a, "gpt-4o", Outcome::ServerError { hint: None }, now);
+            old.record(a, "gpt-4o", Outcome::ConnectError, now);
         }
         let streaming = old.begin(old.id_of("b").unwrap());
         let new = BackendPool::new(
