@@ -230,7 +230,7 @@ where
                 if let Some(wait) = wait {
                     waited = true;
                     tokio::time::sleep(wait).await;
-                    // The rests are over: a backend that said 429 may be asked again.
+                    // The rests are over: every backend may be asked again, within the budget.
                     tried.clear();
                     continue;
                 }
