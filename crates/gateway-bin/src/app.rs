@@ -239,6 +239,7 @@ pub fn build_from(
         .stream_idle_timeout(Duration::from_millis(
             policy.failover.stream_idle_timeout_ms,
         ))
+        .throttle_wait(Duration::from_millis(policy.failover.throttle_wait_ms))
         .flex_fallback(match policy.failover.flex_fallback {
             FlexFallbackSpec::DefaultTier => FlexFallback::DefaultTier,
             FlexFallbackSpec::NextBackend => FlexFallback::NextBackend,

@@ -640,6 +640,69 @@ async fn a_budget_spent_on_throttles_is_the_gateways_429_with_the_shortest_wait(
 
 /// Pool settings whose circuit opens once `volume` attempts within 10 s all failed, for `trip`
 /// (twice as long the second time).
+/// Both backends rest `rest` after a 429, as if other requests had just met it.
+fn rest_both(pool: &BackendPool, rest: Duration) -> Instant {
+    let now = Instant::now();
+    for name in ["ptu", "paygo"] {
+        let id = pool.id_of(name).unwrap();
+        let throttled = Outcome::Throttled { hint: Some(rest) };
+        pool.record(id, "gpt-4o", throttled, now.into_std());
+    }
+    now
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_out_a_rest_that_ends_within_the_throttle_wait() {
+    let upstream = Upstream::default();
+    let pool = two_backends();
+    let gw = gateway(
+        FailoverLayer::new(pool.clone()).throttle_wait(Duration::from_millis(500)),
+        &upstream,
+    );
+    let start = rest_both(&pool, Duration::from_millis(150));
+
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "x-gateway-attempts"), "1");
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    assert_eq!(upstream.calls("ptu") + upstream.calls("paygo"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rest_longer_than_the_throttle_wait_is_the_gateways_429_at_once() {
+    let upstream = Upstream::default();
+    let pool = two_backends();
+    let gw = gateway(
+        FailoverLayer::new(pool.clone()).throttle_wait(Duration::from_millis(500)),
+        &upstream,
+    );
+    let start = rest_both(&pool, Duration::from_secs(2));
+
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "x-gateway-throttled"), "true");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(upstream.calls("ptu") + upstream.calls("paygo"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_once_then_gets_the_gateways_429() {
+    let upstream = Upstream::default();
+    upstream.set("ptu", Reply::with_header(429, "retry-after-ms", "150"));
+    upstream.set("paygo", Reply::with_header(429, "retry-after-ms", "150"));
+    let pool = two_backends();
+    let gw = gateway(
+        FailoverLayer::new(pool.clone()).throttle_wait(Duration::from_millis(500)),
+        &upstream,
+    );
+
+    let res = call(&gw).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "x-gateway-throttled"), "true");
+    // Both, a wait, both again: the rests are over, so a backend that said 429 is asked again.
+    assert_eq!([upstream.calls("ptu"), upstream.calls("paygo")], [2, 2]);
+}
+
 fn circuit(volume: u32, trip: Duration) -> PoolSettings {
     PoolSettings {
         circuit: CircuitSettings {

@@ -272,6 +272,9 @@ pub struct FailoverSettings {
     pub stream_idle_timeout_ms: u64,
     /// What a `"service_tier": "flex"` request does after a 429.
     pub flex_fallback: FlexFallbackSpec,
+    /// Longest wait, in milliseconds, for the first of the resting backends when every backend
+    /// left rests after a 429; 0 answers the gateway's 429 at once.
+    pub throttle_wait_ms: u64,
 }
 
 /// `[circuit]`: when a failing backend is taken out of rotation (ejected), as Envoy's outlier
@@ -621,6 +624,7 @@ impl Default for FailoverSettings {
             on_status: vec![408, 429, 500, 502, 503, 504],
             stream_idle_timeout_ms: 120_000,
             flex_fallback: FlexFallbackSpec::default(),
+            throttle_wait_ms: 0,
         }
     }
 }

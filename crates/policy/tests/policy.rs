@@ -121,7 +121,7 @@ fn unknown_field_points_at_the_key() {
         error(&text),
         "p.toml:12:1: failover.max_attempt: unknown field `max_attempt`, expected one of \
          `max_attempts`, `deadline_ms`, `response_header_timeout_ms`, `default_cooldown_ms`, \
-         `max_cooldown_ms`, `on_status`, `stream_idle_timeout_ms`, `flex_fallback`"
+         `max_cooldown_ms`, `on_status`, `stream_idle_timeout_ms`, `flex_fallback`, `throttle_wait_ms`"
     );
     let text = format!("listen = \"0.0.0.0:1\"\n{BASE}");
     assert_eq!(

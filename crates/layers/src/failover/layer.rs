@@ -32,6 +32,7 @@ pub(super) struct Config {
     pub(super) response_header_timeout: Duration,
     pub(super) stream_idle_timeout: Duration,
     pub(super) flex_fallback: super::FlexFallback,
+    pub(super) throttle_wait: Duration,
 }
 
 /// What every service of one layer shares.
@@ -55,6 +56,7 @@ impl Default for Config {
             response_header_timeout: Duration::from_secs(30),
             stream_idle_timeout: Duration::from_secs(120),
             flex_fallback: super::FlexFallback::default(),
+            throttle_wait: Duration::ZERO,
         }
     }
 }
@@ -124,6 +126,16 @@ impl<P> FailoverLayer<P> {
     /// not counted against the backend's circuit: the attempt already counted when its headers came.
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.stream_idle_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for a resting deployment (default 0: none). When every backend left for a
+    /// request rests after a 429 and the first rest ends within this, the request waits it out
+    /// (once, inside the deadline) and tries again rather than get the gateway's 429 at once:
+    /// rests of a few tens of milliseconds cost a client less held than bounced, and a client
+    /// that comes straight back would only meet the same rest again.
+    pub fn throttle_wait(mut self, wait: Duration) -> Self {
+        self.config.throttle_wait = wait;
         self
     }
 

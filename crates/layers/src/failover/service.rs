@@ -202,6 +202,7 @@ where
     let flex = ctx.service_tier() == Some(FLEX);
     let mut tier: Option<&str> = None;
     let mut retry_same: Option<BackendId> = None;
+    let mut waited = false;
 
     while report.attempts.len() < config.max_attempts as usize {
         let now = Instant::now();
@@ -216,6 +217,23 @@ where
         let id = match selected {
             Selection::Backend(id) => id,
             Selection::Exhausted(e) => {
+                // Every backend left rests after a 429, and the first is back soon: hold the
+                // request rather than bounce it (once; the deadline still bounds it). Spills are
+                // no rest that ends, so they never wait.
+                let wait = e.shortest_cooldown.filter(|wait| {
+                    !waited
+                        && e.throttled > 0
+                        && e.spilled == 0
+                        && *wait <= config.throttle_wait
+                        && now + *wait < deadline
+                });
+                if let Some(wait) = wait {
+                    waited = true;
+                    tokio::time::sleep(wait).await;
+                    // The rests are over: every backend may be asked again, within the budget.
+                    tried.clear();
+                    continue;
+                }
                 exhausted = Some(e);
                 break;
             }
