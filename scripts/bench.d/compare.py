@@ -537,9 +537,9 @@ class Bench:
     def run(self):
         a = self.a
         if a.tls:
-            raise SystemExit("bench-compare: --tls: this gateway has no TLS listener yet ([gateway] has no "
-                             "certificate settings), so TLS on both legs cannot be measured; the switch is "
-                             "here for when it has one")
+            raise SystemExit("bench-compare: --tls: not built yet: the gateway serves HTTPS ([gateway.tls]) "
+                             "but this harness does not yet give the simulator and the gateway certificates, "
+                             "so TLS on both legs is not measured")
         self.sink = start_sink()
         self.start_sim()
         log(f"aoai-sim {self.sim_url}; oha {self.oha.version}; work dir {self.work}")

@@ -67,7 +67,7 @@ def render(res):
              f"closed loop with {s['connections']} connections; open loop at {', '.join(map(str, s['rates']))} "
              f"req/s {'with' if s['co_correction'] else 'WITHOUT'} coordinated-omission correction "
              "(`--latency-correction`). Generator, simulator and gateway share all CPUs (not pinned); "
-             "loopback, plain HTTP (TLS on both legs: not yet, the gateway has no TLS listener).", ""]
+             "loopback, plain HTTP (TLS on both legs: not yet measured by the harness).", ""]
 
     # closed loop
     rows = []
