@@ -150,6 +150,12 @@ async fn serve_policy(
     // Logging starts here: its trace export is configured by the policy.
     let telemetry = telemetry::init(&policy.telemetry)?;
     let result = serve_loaded(path, &policy, listen, watch_policy).await;
+    // The last requests' access-log lines (streams cut at shutdown among them) reach stdout
+    // before the process ends.
+    let _ = tokio::task::spawn_blocking(|| {
+        gateway_bin::observe::flush_access_log(std::time::Duration::from_secs(2))
+    })
+    .await;
     // After the drain, so the last requests' spans leave too.
     telemetry.shutdown().await;
     result

@@ -131,7 +131,13 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
 /// pipe must not block the runtime's workers, and with them every request. When the queue is full
 /// the line is dropped and counted.
 struct Writer {
-    queue: std::sync::mpsc::SyncSender<Vec<u8>>,
+    queue: std::sync::mpsc::SyncSender<Message>,
+}
+
+enum Message {
+    Line(Vec<u8>),
+    /// Answered once every line queued before it is written.
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// Lines waiting for stdout at most.
@@ -140,14 +146,22 @@ const QUEUE: usize = 8192;
 fn writer() -> &'static Writer {
     static WRITER: std::sync::OnceLock<Writer> = std::sync::OnceLock::new();
     WRITER.get_or_init(|| {
-        let (queue, lines) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUE);
+        let (queue, lines) = std::sync::mpsc::sync_channel::<Message>(QUEUE);
         let spawned = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let stdout = std::io::stdout();
-                for line in lines {
-                    // One write of a whole line: lines never interleave.
-                    let _ = stdout.lock().write_all(&line);
+                for message in lines {
+                    match message {
+                        // One write of a whole line: lines never interleave.
+                        Message::Line(line) => {
+                            let _ = stdout.lock().write_all(&line);
+                        }
+                        Message::Flush(done) => {
+                            let _ = stdout.lock().flush();
+                            let _ = done.send(());
+                        }
+                    }
                 }
             });
         if let Err(err) = spawned {
@@ -159,10 +173,32 @@ fn writer() -> &'static Writer {
 
 impl Writer {
     fn send(&self, line: Vec<u8>) {
-        if self.queue.try_send(line).is_err() {
+        if self.queue.try_send(Message::Line(line)).is_err() {
             metrics::counter!("gateway_access_log_dropped_total").increment(1);
         }
     }
+}
+
+/// Waits, at most `limit`, until every access-log line queued so far is on stdout: the last
+/// requests' lines (streams cut at shutdown among them) must not be lost when the process exits.
+/// Blocks the calling thread.
+pub fn flush(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let (done, flushed) = std::sync::mpsc::channel();
+    let mut message = Message::Flush(done);
+    loop {
+        match writer().queue.try_send(message) {
+            Ok(()) => break,
+            Err(std::sync::mpsc::TrySendError::Full(back))
+                if std::time::Instant::now() < deadline =>
+            {
+                message = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = flushed.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
 }
 
 /// What the call was charged (the figure the consumer's limits counted): the backend's usage, or the

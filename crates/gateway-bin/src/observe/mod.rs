@@ -78,6 +78,7 @@ use ::metrics::SharedString;
 use gateway_core::pool::{BackendId, BackendPool};
 use tower::Layer;
 
+pub use access_log::flush as flush_access_log;
 pub use latency::{Latency, Recent};
 pub use service::{Observe, ResponseFuture};
 
