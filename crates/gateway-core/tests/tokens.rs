@@ -13,9 +13,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use gateway_core::operation::Operation;
+use gateway_core::request::RequestJson;
 use gateway_core::tokens::{
     Encoding, Estimate, TOKENS_PER_IMAGE, TOKENS_PER_TOOL_CALL, Usage, count, encoding_for_model,
-    estimate, supports_stream_usage, usage_from_json, usage_from_sse_data,
+    estimate, estimate_parsed, supports_stream_usage, upper_bound_parsed, usage_from_json,
+    usage_from_sse_data,
 };
 use serde_json::{Value, json};
 use simulator::{DeploymentConfig, RegionConfig, RunningRegion};
@@ -410,6 +412,21 @@ async fn estimates_match_the_corpus() {
         if !case.tolerance.allows(got.prompt, reference) {
             failures.push(case.name);
         }
+        // What a limit far from this request reserves instead: never below the exact figure.
+        let json = RequestJson::parse(&body).unwrap();
+        let encoding = encoding_for_model(case.model);
+        let exact = estimate_parsed(case.op, encoding, &json, &body, DEFAULT_COMPLETION);
+        let bound = upper_bound_parsed(case.op, encoding, &json, &body, DEFAULT_COMPLETION);
+        assert_eq!(
+            exact, got,
+            "{}: one parse estimates as a new one",
+            case.name
+        );
+        assert!(
+            bound.prompt >= exact.prompt && bound.completion == exact.completion,
+            "{}: bound {bound:?} under the estimate {exact:?}",
+            case.name
+        );
     }
     println!("{table}");
     assert!(

@@ -14,7 +14,8 @@ use gateway_core::limits::{
 };
 use gateway_core::operation::Operation;
 use gateway_core::pool::{Backend, BackendPool, PoolSettings};
-use gateway_core::tokens;
+use gateway_core::request::RequestJson;
+use gateway_core::tokens::{self, Encoding};
 use gateway_layers::BoxError;
 use gateway_layers::FailoverLayer;
 use gateway_layers::auth::ConsumerKeys;
@@ -110,9 +111,26 @@ fn chat(body: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// The estimate the layer reserves for `body`.
-fn reserved(body: &str) -> u64 {
+/// The exact estimate of `body`: its prompt counted with the tokenizer, plus its output limit.
+fn exact(body: &str) -> u64 {
     tokens::estimate(Operation::ChatCompletions, "gpt-4o", body.as_bytes(), 16).total()
+}
+
+/// The upper bound of `body`'s estimate: its prompt's text counted one token per byte.
+fn bound(body: &str) -> u64 {
+    let json = RequestJson::parse(body.as_bytes()).unwrap();
+    let op = Operation::ChatCompletions;
+    tokens::upper_bound_parsed(op, Encoding::O200k, &json, body.as_bytes(), 16).total()
+}
+
+/// What the layer reserves for `body` under a tokens-per-minute limit of `tpm`: the bound when it is
+/// at most a sixteenth of the limit, else the exact estimate.
+fn reserved(body: &str, tpm: u64) -> u64 {
+    if bound(body) * 16 <= tpm {
+        bound(body)
+    } else {
+        exact(body)
+    }
 }
 
 async fn used(layer: &RateLimitLayer<MemoryStore>) -> Usage {
@@ -137,7 +155,91 @@ async fn a_json_answer_is_reconciled_to_its_usage_before_it_is_sent() {
     assert_eq!((u.tokens_this_minute, u.requests_this_minute), (6, 1));
     let record = res.extensions().get::<Arc<Record>>().unwrap();
     assert_eq!(record.usage().map(|u| u.total), Some(6));
-    assert_eq!(record.estimate().map(|e| e.total()), Some(reserved(CHAT)));
+    assert_eq!(
+        record.estimate().map(|e| e.total()),
+        Some(reserved(CHAT, 1000))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn far_from_every_limit_the_bound_is_reserved_and_the_usage_charged() {
+    // A long prompt: its bound (bytes) is well above its exact count, and far below the limit.
+    const LONG: &str = r#"{"messages":[{"role":"user","content":"The quick brown fox jumps over the lazy dog, again and again, until the dog finally wakes up."}],"max_tokens":10,"stream":true}"#;
+    let tpm = 1_000_000;
+    assert!(bound(LONG) > exact(LONG) + 50 && bound(LONG) * 16 <= tpm);
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 10));
+    let (reply, tx) = stream_reply();
+    let gw = gateway(layer.clone(), reply, Seen::default());
+
+    let res = gw.oneshot(chat(LONG)).await.unwrap();
+    // In flight, the consumer holds the bound, and the record says what was reserved.
+    assert_eq!(used(&layer).await.tokens_this_minute, bound(LONG));
+    let record = res.extensions().get::<Arc<Record>>().unwrap().clone();
+    assert_eq!(record.estimate().map(|e| e.total()), Some(bound(LONG)));
+    for chunk in [CONTENT, USAGE, DONE] {
+        tx.send(Bytes::from(chunk)).await.unwrap();
+    }
+    drop(tx);
+    res.into_body().collect().await.unwrap();
+    layer.settled().await;
+    assert_eq!(used(&layer).await.tokens_this_minute, 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn near_a_limit_the_prompt_is_counted() {
+    let tpm = bound(CHAT) * 16 - 1;
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 10));
+    let gw = gateway(layer.clone(), Reply::Json(500, "{}"), Seen::default());
+
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    let record = res.extensions().get::<Arc<Record>>().unwrap();
+    assert_eq!(record.estimate().map(|e| e.total()), Some(exact(CHAT)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bound_the_store_refuses_is_counted_and_asked_for_again() {
+    let tpm = bound(CHAT) * 16;
+    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 10));
+    // A first call leaves room for the exact estimate, not for the bound.
+    let spent = tpm - exact(CHAT);
+    assert!(tpm - spent < bound(CHAT));
+    let first = format!(
+        r#"{{"usage":{{"prompt_tokens":{spent},"completion_tokens":0,"total_tokens":{spent}}}}}"#
+    );
+    let first: &'static str = Box::leak(first.into_boxed_str());
+    let gw = gateway(layer.clone(), Reply::Json(200, first), Seen::default());
+    assert_eq!(gw.oneshot(chat(CHAT)).await.unwrap().status(), 200);
+    assert_eq!(used(&layer).await.tokens_this_minute, spent);
+
+    let answer = r#"{"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#;
+    let gw = gateway(layer.clone(), Reply::Json(200, answer), Seen::default());
+    let res = gw.clone().oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let record = res.extensions().get::<Arc<Record>>().unwrap();
+    assert_eq!(record.estimate().map(|e| e.total()), Some(exact(CHAT)));
+    let u = used(&layer).await;
+    assert_eq!(
+        (u.tokens_this_minute, u.requests_this_minute),
+        (spent + 10, 2)
+    );
+
+    // Now not even the exact figure fits: 429.
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 429);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_without_usage_is_charged_the_exact_estimate_not_the_bound() {
+    let layer =
+        RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(1_000_000, 10));
+    let gw = gateway(layer.clone(), Reply::Json(200, "{}"), Seen::default());
+
+    let res = gw.oneshot(chat(CHAT)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(bound(CHAT) > exact(CHAT));
+    assert_eq!(used(&layer).await.tokens_this_minute, exact(CHAT));
+    let record = res.extensions().get::<Arc<Record>>().unwrap();
+    assert_eq!(record.charged().map(|c| c.usage.total), Some(exact(CHAT)));
 }
 
 #[tokio::test(start_paused = true)]
@@ -174,7 +276,10 @@ async fn a_stream_is_charged_its_usage_and_the_unrequested_usage_chunk_is_hidden
     assert_eq!(sent["stream_options"]["include_usage"], true);
     assert_eq!(sent["messages"][0]["content"], "Hello there");
     // While the stream runs, the reservation stands.
-    assert_eq!(used(&layer).await.tokens_this_minute, reserved(STREAM));
+    assert_eq!(
+        used(&layer).await.tokens_this_minute,
+        reserved(STREAM, 1000)
+    );
 
     for chunk in [CONTENT, USAGE, DONE] {
         tx.send(Bytes::from(chunk)).await.unwrap();
@@ -206,7 +311,7 @@ async fn a_stream_the_client_drops_is_charged_its_prompt_and_what_was_generated(
     let prompt =
         tokens::estimate(Operation::ChatCompletions, "gpt-4o", STREAM.as_bytes(), 16).prompt;
     assert_eq!(used(&layer).await.tokens_this_minute, prompt + 1);
-    assert!(prompt + 1 < reserved(STREAM));
+    assert!(prompt + 1 < reserved(STREAM, 1000));
 }
 
 #[tokio::test(start_paused = true)]

@@ -179,15 +179,77 @@ pub fn estimate_parsed(
     body: &[u8],
     default_completion: u64,
 ) -> Estimate {
+    estimate_with(
+        operation,
+        encoding,
+        json,
+        body,
+        default_completion,
+        |text| count(encoding, text),
+    )
+}
+
+/// An upper bound of [`estimate_parsed`] for the same request, without tokenizing its text: every
+/// token is at least one byte, so a text counts at most its length in bytes. Message framing,
+/// images and tool definitions (compact JSON can be longer than what was sent) are counted as
+/// [`estimate_parsed`] counts them, and the output reservation is the same.
+///
+/// A limit far above this bound does not need the exact figure to admit the request: a
+/// long prompt is then admitted for the price of summing a few lengths instead of ~100 ns per
+/// token.
+///
+/// ```
+/// use gateway_core::operation::Operation;
+/// use gateway_core::request::RequestJson;
+/// use gateway_core::tokens::{Encoding, estimate_parsed, upper_bound_parsed};
+///
+/// let body = br#"{"messages":[{"role":"user","content":"Hello there, how are you?"}],"max_tokens":50}"#;
+/// let json = RequestJson::parse(body).unwrap();
+/// let op = Operation::ChatCompletions;
+/// let exact = estimate_parsed(op, Encoding::O200k, &json, body, 16);
+/// let bound = upper_bound_parsed(op, Encoding::O200k, &json, body, 16);
+/// assert!(bound.prompt >= exact.prompt);
+/// assert_eq!(bound.prompt, 3 + 3 + "user".len() as u64 + "Hello there, how are you?".len() as u64);
+/// assert_eq!(bound.completion, exact.completion);
+/// ```
+#[cfg(feature = "tokenizer")]
+pub fn upper_bound_parsed(
+    operation: Operation,
+    encoding: Encoding,
+    json: &RequestJson,
+    body: &[u8],
+    default_completion: u64,
+) -> Estimate {
+    estimate_with(
+        operation,
+        encoding,
+        json,
+        body,
+        default_completion,
+        |text| text.len() as u64,
+    )
+}
+
+/// [`estimate_parsed`], counting each prompt text with `text_tokens`.
+#[cfg(feature = "tokenizer")]
+fn estimate_with(
+    operation: Operation,
+    encoding: Encoding,
+    json: &RequestJson,
+    body: &[u8],
+    default_completion: u64,
+    text_tokens: impl Fn(&str) -> u64,
+) -> Estimate {
     let Some(prompt) = json.prompt(operation, body) else {
         return fallback(operation, body.len(), default_completion);
     };
     let mut tokens = prompt.fixed;
     for text in prompt.texts(body) {
-        tokens = tokens.saturating_add(count(encoding, text));
+        tokens = tokens.saturating_add(text_tokens(text));
     }
     for definitions in prompt.definitions(body) {
-        // Counted as their compact JSON, as they were before the body was parsed once.
+        // Counted as their compact JSON, as they were before the body was parsed once; counted
+        // exactly by a bound too (a number may be longer re-serialised than as it was sent).
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(definitions) {
             tokens = tokens.saturating_add(count(encoding, &value.to_string()));
         }

@@ -6,7 +6,10 @@
 //!   tokenizer, plus `max_tokens` times `n`) and reserves them, with one request, atomically under every
 //!   limit that applies: the consumer's own, and the consumer's for that deployment. Over a per-minute
 //!   limit the answer is 429 with `retry-after` and `retry-after-ms` saying when the request would fit;
-//!   over a quota it is 403 saying when the quota resets.
+//!   over a quota it is 403 saying when the quota resets. A request far from every token limit
+//!   (its prompt's length in bytes, an upper bound of its tokens, at most a sixteenth of each)
+//!   reserves that bound instead of being tokenized; if the store refuses the bound, the prompt is
+//!   counted and the exact figure asked for again.
 //! - **After the call** the reservation is reconciled with the real `usage`: from the JSON body, or for
 //!   streams from the final usage chunk, which the layer asks for (`stream_options.include_usage`) when
 //!   the api-version supports it and removes from the stream when the client did not ask for it. A

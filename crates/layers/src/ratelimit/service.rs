@@ -144,24 +144,51 @@ where
         Some((name, limits)) => checks(name, deployment.as_deref(), limits),
         None => Vec::new(),
     };
-    // Exact counting only where a limit needs an exact reservation: tokenizing a long prompt costs
-    // more than everything else the gateway does for a request. Routing can do with a rough figure.
+    let default_completion = config.default_completion_tokens;
     let encoding = model_encoding(ctx, config);
-    let estimate = if checks.is_empty() {
-        rough(ctx, config.default_completion_tokens)
+    let record = req.extensions().get::<Arc<Record>>().cloned();
+    let name = consumer.as_deref().unwrap_or_default();
+    // Exact counting only where a limit needs it: tokenizing a long prompt costs more than
+    // everything else the gateway does for a request. Routing can do with a rough figure, and a
+    // limit far above the prompt's length in bytes with that length (see `Counted`).
+    let mut counted = if checks.is_empty() {
+        Counted::rough(rough(ctx, default_completion))
     } else {
-        exact(ctx, encoding, config.default_completion_tokens)
+        Counted::for_limits(ctx, encoding, default_completion, &checks)
     };
+    // An absurd max_tokens must not overflow a counter (a store error would fail open).
+    let mut need = counted.reserved.total().min(MAX_RESERVATION);
+    if counted.is_bound() && over_a_whole_limit(&checks, need).is_some() {
+        counted = Counted::exact(ctx, encoding, default_completion);
+        need = counted.reserved.total().min(MAX_RESERVATION);
+    }
+    if let Some(res) = never_fits(name, &checks, need) {
+        if let Some(record) = &record {
+            record.set_estimate(counted.reserved);
+        }
+        return Ok(res);
+    }
+    let mut stored = ask_store(&shared, &checks, need).await;
+    if counted.is_bound() && refused_for_tokens(&stored) {
+        // The bound did not fit where the exact figure may: count, and ask again.
+        counted = Counted::exact(ctx, encoding, default_completion);
+        need = counted.reserved.total().min(MAX_RESERVATION);
+        stored = ask_store(&shared, &checks, need).await;
+    }
+    if let Some(record) = &record {
+        record.set_estimate(counted.reserved);
+    }
     // A stream that ends without usage is charged its prompt, counted exactly: now if the
     // reservation needed it, else only then (most streams report usage and never need it).
     let prompt = if checks.is_empty() && cfg!(feature = "tokenizer") && ctx.stream() {
         let ctx = ctx.clone();
-        let default_completion = config.default_completion_tokens;
         PromptTokens::Later(Box::new(move || {
             exact(&ctx, encoding, default_completion).prompt
         }))
+    } else if let Some(recount) = counted.recount.clone() {
+        PromptTokens::Later(Box::new(move || recount.count().prompt))
     } else {
-        PromptTokens::Counted(estimate.prompt)
+        PromptTokens::Counted(counted.reserved.prompt)
     };
     // Chat only: whether Azure's legacy Completions accept `stream_options` is not documented.
     let stream_requested = ctx.stream();
@@ -170,30 +197,8 @@ where
     let wants_usage_chunk = streaming_chat
         && tokens::supports_stream_usage(ctx.api_version.as_deref(), v1)
         && !ctx.json().is_some_and(|j| j.include_usage);
-    req.extensions_mut().insert(estimate);
-    let record = req.extensions().get::<Arc<Record>>().cloned();
-    if let Some(record) = &record {
-        record.set_estimate(estimate);
-    }
+    req.extensions_mut().insert(counted.route);
 
-    // An absurd max_tokens must not overflow a counter (a store error would fail open).
-    let need = estimate.total().min(MAX_RESERVATION);
-    if let Some(res) = never_fits(consumer.as_deref().unwrap_or_default(), &checks, need) {
-        return Ok(res);
-    }
-
-    let stored = if checks.is_empty() {
-        None
-    } else if shared.store_resting() {
-        Some(Err(StoreError(RESTING.into())))
-    } else {
-        let result = shared.store.reserve(&checks, need).await;
-        if result.is_err() {
-            // Only a real failure starts a rest: skipped calls must not prolong it forever.
-            shared.store_failed();
-        }
-        Some(result)
-    };
     let (reservation, remaining) = match stored {
         None => (None, Remaining::default()),
         Some(result) => match result {
@@ -213,7 +218,6 @@ where
                         retry_after,
                         remaining,
                     } => {
-                        let name = consumer.as_deref().unwrap_or_default();
                         tracing::info!(consumer = name, %key, ?kind, "rejected: consumer rate limit");
                         if let Some(record) = &record {
                             record.set_limit(match kind {
@@ -230,7 +234,6 @@ where
                         resets_in,
                         remaining,
                     } => {
-                        let name = consumer.as_deref().unwrap_or_default();
                         tracing::info!(consumer = name, %key, "rejected: consumer quota");
                         if let Some(record) = &record {
                             record.set_limit(Limit::Quota);
@@ -308,7 +311,12 @@ where
     let size = content_length(&parts.headers).or(body.size_hint().upper());
     if size.is_none_or(|n| n > MAX_BUFFERED_ANSWER) {
         // Unknown or huge: stream it through and keep the estimate (the reservation stands).
-        charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
+        let charged = counted.charged();
+        charged_estimate(record.as_deref(), charged.prompt, charged.completion);
+        if counted.is_bound() {
+            // What was reserved is a bound: charge the estimate instead.
+            settle(&shared, held.take().as_ref(), charged.total()).await;
+        }
         let _kept = held.take();
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
     }
@@ -335,8 +343,9 @@ where
                     usage.total
                 }
                 None => {
-                    charged_estimate(record.as_deref(), estimate.prompt, estimate.completion);
-                    estimate.total()
+                    let charged = counted.charged();
+                    charged_estimate(record.as_deref(), charged.prompt, charged.completion);
+                    charged.total()
                 }
             };
             settle(&shared, held.take().as_ref(), consumed).await;
@@ -357,8 +366,9 @@ where
                 ));
             }
             tracing::warn!(error = %err, "upstream answer broke while being read");
-            charged_estimate(record.as_deref(), estimate.prompt, 0);
-            settle(&shared, held.take().as_ref(), estimate.prompt).await;
+            let charged = counted.charged();
+            charged_estimate(record.as_deref(), charged.prompt, 0);
+            settle(&shared, held.take().as_ref(), charged.prompt).await;
             Ok(azure_error(
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
@@ -383,6 +393,149 @@ fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
         next = err.source();
     }
     false
+}
+
+/// Reserving an upper bound of the prompt instead of counting it is harmless while the bound is a
+/// small share of every token limit: each request in flight over-reserves by less than this share
+/// until its answer reconciles. Nearer a limit, or when the store refuses the bound, the prompt is
+/// counted.
+const BOUND_SHARE: u64 = 16;
+
+/// A request's tokens, as the layer knows them before the call.
+struct Counted {
+    /// Reserved against the consumer's limits, and recorded as the request's estimate.
+    reserved: Estimate,
+    /// Given to routing (headroom): the exact figure when counted, else the rough one.
+    route: Estimate,
+    /// Set when `reserved` is an upper bound: what counts the prompt if a charge needs it.
+    recount: Option<Recount>,
+}
+
+/// A request kept to be counted later.
+#[derive(Clone)]
+struct Recount(Arc<(RequestContext, Encoding, u64)>);
+
+impl Recount {
+    fn count(&self) -> Estimate {
+        let (ctx, encoding, default_completion) = &*self.0;
+        exact(ctx, *encoding, *default_completion)
+    }
+}
+
+impl Counted {
+    /// No limit applies: the rough figure for everything.
+    fn rough(estimate: Estimate) -> Self {
+        Self {
+            reserved: estimate,
+            route: estimate,
+            recount: None,
+        }
+    }
+
+    /// The prompt counted with the tokenizer.
+    fn exact(ctx: &RequestContext, encoding: Encoding, default_completion: u64) -> Self {
+        let estimate = exact(ctx, encoding, default_completion);
+        Self {
+            reserved: estimate,
+            route: estimate,
+            recount: None,
+        }
+    }
+
+    /// What limits `checks` need: an upper bound (the prompt's length in bytes) when it is far
+    /// below every token limit, else the exact count.
+    fn for_limits(
+        ctx: &RequestContext,
+        encoding: Encoding,
+        default_completion: u64,
+        checks: &[LimitCheck],
+    ) -> Self {
+        let Some(bound) = upper_bound(ctx, encoding, default_completion) else {
+            return Self::exact(ctx, encoding, default_completion);
+        };
+        let room = bound.total().saturating_mul(BOUND_SHARE);
+        let far = checks.iter().all(|c| {
+            c.limits.tokens_per_minute.is_none_or(|tpm| room <= tpm)
+                && c.limits.quota.is_none_or(|q| room <= q.tokens)
+        });
+        if !far {
+            return Self::exact(ctx, encoding, default_completion);
+        }
+        Self {
+            reserved: bound,
+            route: rough(ctx, default_completion),
+            recount: Some(Recount(Arc::new((
+                ctx.clone(),
+                encoding,
+                default_completion,
+            )))),
+        }
+    }
+
+    fn is_bound(&self) -> bool {
+        self.recount.is_some()
+    }
+
+    /// What to charge when the backend did not say: the exact estimate (counted now if the
+    /// reservation was a bound).
+    fn charged(&self) -> Estimate {
+        self.recount.as_ref().map_or(self.reserved, Recount::count)
+    }
+}
+
+/// An upper bound of the exact estimate, from the body's one parse; `None` without the tokenizer
+/// (the rough figure is all there is then) or a parse.
+#[cfg(feature = "tokenizer")]
+fn upper_bound(
+    ctx: &RequestContext,
+    encoding: Encoding,
+    default_completion: u64,
+) -> Option<Estimate> {
+    let json = ctx.json()?;
+    Some(tokens::upper_bound_parsed(
+        ctx.operation,
+        encoding,
+        json,
+        ctx.body(),
+        default_completion,
+    ))
+}
+
+#[cfg(not(feature = "tokenizer"))]
+fn upper_bound(_: &RequestContext, _: Encoding, _: u64) -> Option<Estimate> {
+    None
+}
+
+/// Asks the store for `need` tokens under `checks`: `None` when no limit applies, a store error
+/// without asking while the store rests.
+async fn ask_store<St: LimitStore>(
+    shared: &Shared<St>,
+    checks: &[LimitCheck],
+    need: u64,
+) -> Option<Result<Admission, StoreError>> {
+    if checks.is_empty() {
+        None
+    } else if shared.store_resting() {
+        Some(Err(StoreError(RESTING.into())))
+    } else {
+        let result = shared.store.reserve(checks, need).await;
+        if result.is_err() {
+            // Only a real failure starts a rest: skipped calls must not prolong it forever.
+            shared.store_failed();
+        }
+        Some(result)
+    }
+}
+
+/// Whether the store refused for want of tokens (which a smaller figure may change).
+fn refused_for_tokens(stored: &Option<Result<Admission, StoreError>>) -> bool {
+    matches!(
+        stored,
+        Some(Ok(Admission::Limited {
+            kind: LimitKind::Tokens,
+            ..
+        } | Admission::QuotaExceeded { .. }))
+    )
 }
 
 /// What routing needs: no tokenizer, the body's length over four plus the output limit.
@@ -516,14 +669,7 @@ fn never_fits<B: From<Bytes>>(
     checks: &[LimitCheck],
     need: u64,
 ) -> Option<Response<B>> {
-    let (limit, what) = match (
-        tightest(checks, |l| l.tokens_per_minute),
-        tightest(checks, |l| l.quota.map(|q| q.tokens)),
-    ) {
-        (Some(tpm), _) if need > tpm => (tpm, "tokens per minute"),
-        (_, Some(quota)) if need > quota => (quota, "tokens of quota"),
-        _ => return None,
-    };
+    let (limit, what) = over_a_whole_limit(checks, need)?;
     Some(azure_error(
         StatusCode::BAD_REQUEST,
         "BadRequest",
@@ -531,6 +677,18 @@ fn never_fits<B: From<Bytes>>(
             "This request needs an estimated {need} tokens (prompt plus max_tokens times n), more than consumer '{consumer}' may use at all ({limit} {what}). Lower max_tokens or split the request."
         ),
     ))
+}
+
+/// The tightest token limit `need` is above, and what it is.
+fn over_a_whole_limit(checks: &[LimitCheck], need: u64) -> Option<(u64, &'static str)> {
+    match (
+        tightest(checks, |l| l.tokens_per_minute),
+        tightest(checks, |l| l.quota.map(|q| q.tokens)),
+    ) {
+        (Some(tpm), _) if need > tpm => Some((tpm, "tokens per minute")),
+        (_, Some(quota)) if need > quota => Some((quota, "tokens of quota")),
+        _ => None,
+    }
 }
 
 fn tightest(checks: &[LimitCheck], f: impl Fn(&Limits) -> Option<u64>) -> Option<u64> {
