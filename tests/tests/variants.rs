@@ -177,9 +177,15 @@ async fn a_stream_without_usage_is_charged_what_it_generated_and_never_shown_a_u
         let now = gw.tokens_this_minute("tester").await;
         let generated =
             gateway_core::tokens::count(gateway_core::tokens::Encoding::O200k, &content(&text));
+        // The prompt as the gateway counts it: a consumer this far from its limit reserved an
+        // upper bound of it (its length in bytes).
+        let body = serde_json::to_vec(&story(include_usage)).unwrap();
+        let op = gateway_core::operation::Operation::ChatCompletions;
+        let prompt = gateway_core::tokens::estimate(op, "gpt-4o", &body, 0).prompt;
+        assert!(prompt + generated < reserved);
         assert_eq!(
             now - charged,
-            reserved - 400 + generated,
+            prompt + generated,
             "include_usage {include_usage}: charged {} of a {reserved}-token reservation for {generated} generated",
             now - charged
         );
