@@ -6,12 +6,13 @@
 //! bytes to rank. [`CompactBpe`] holds every token's bytes in one buffer, their offsets, and an
 //! open-addressing table of ranks: about 5 MB for `o200k_base`. It is built once from tiktoken's
 //! tables, which are then freed, and counts exactly as tiktoken's `encode_ordinary` does: the same
-//! split pattern, and tiktoken's own merge algorithms (MIT licence, OpenAI), the quadratic one for
-//! short pieces and the heap-based one for pieces of 100 bytes and more.
+//! pieces (split by [`Splitter`], tiktoken's pattern without its look-ahead), and tiktoken's own merge
+//! algorithms (MIT licence, OpenAI), the quadratic one for short pieces and the heap-based one for
+//! pieces of 100 bytes and more.
 
 use std::collections::BinaryHeap;
 
-use fancy_regex::Regex;
+use regex::Regex;
 use tiktoken_rs::{CoreBPE, Rank};
 
 /// Table slots per token, at least: keeps probe sequences short.
@@ -27,7 +28,7 @@ pub(crate) struct CompactBpe {
     offsets: Vec<u32>,
     /// Open addressing, linear probing: a rank, or [`EMPTY`].
     table: Vec<u32>,
-    pattern: Regex,
+    splitter: Splitter,
 }
 
 /// The buffers of a [`CompactBpe`], allocated before tiktoken's tables are loaded.
@@ -42,15 +43,16 @@ pub(crate) struct Reserved {
     bytes: Vec<u8>,
     offsets: Vec<u32>,
     table: Vec<u32>,
-    pattern: Regex,
+    splitter: Splitter,
 }
 
 impl Reserved {
-    /// Buffers for `ranks` tokens of about `bytes_hint` bytes in all, and the compiled `pattern`.
-    pub(crate) fn new(ranks: Rank, bytes_hint: usize, pattern: &str) -> Option<Self> {
+    /// Buffers for `ranks` tokens of about `bytes_hint` bytes in all, and the compiled `split`
+    /// pattern (see [`Splitter::new`]).
+    pub(crate) fn new(ranks: Rank, bytes_hint: usize, split: &str) -> Option<Self> {
         Some(Self {
             ranks,
-            pattern: Regex::new(pattern).ok()?,
+            splitter: Splitter::new(split)?,
             bytes: Vec::with_capacity(bytes_hint),
             offsets: Vec::with_capacity(ranks as usize + 1),
             table: vec![EMPTY; (ranks as usize * LOAD).next_power_of_two()],
@@ -77,7 +79,7 @@ impl Reserved {
             bytes: self.bytes,
             offsets: self.offsets,
             table: self.table,
-            pattern: self.pattern,
+            splitter: self.splitter,
         };
         for rank in 0..self.ranks {
             let token = compact.token(rank);
@@ -97,15 +99,15 @@ impl Reserved {
 impl CompactBpe {
     /// Loads tiktoken's tables with `load`, copies their regular (not special) tokens, whose ranks
     /// are `0..ranks` and whose bytes add up to `bytes_hint` or so, then frees them; compiles
-    /// `pattern`, tiktoken's split pattern for that encoding. [`Reserved`] does the same for several
-    /// encodings at once.
+    /// `split`, tiktoken's split pattern for that encoding without its look-ahead (see
+    /// [`Splitter`]). [`Reserved`] does the same for several encodings at once.
     pub(crate) fn load(
         load: impl FnOnce() -> Option<CoreBPE>,
         ranks: Rank,
         bytes_hint: usize,
-        pattern: &str,
+        split: &str,
     ) -> Option<Self> {
-        let mut reserved = Reserved::new(ranks, bytes_hint, pattern)?;
+        let mut reserved = Reserved::new(ranks, bytes_hint, split)?;
         reserved.copy(load)?;
         release_freed_heap();
         Some(reserved.finish())
@@ -114,11 +116,8 @@ impl CompactBpe {
     /// Tokens in `text`, as `CoreBPE::encode_ordinary(text).len()`.
     pub(crate) fn count(&self, text: &str) -> usize {
         let mut tokens = 0;
-        for piece in self.pattern.find_iter(text) {
-            // The pattern has no construct that can fail at match time (no backtracking limit is
-            // reached by these patterns); a failure would only under-count this piece.
-            let Ok(piece) = piece else { continue };
-            let piece = piece.as_str().as_bytes();
+        for piece in self.splitter.pieces(text) {
+            let piece = piece.as_bytes();
             tokens += if self.rank(piece).is_some() || piece.len() == 1 {
                 1
             } else if piece.len() < 100 {
@@ -268,6 +267,94 @@ impl CompactBpe {
     }
 }
 
+/// tiktoken's split of a text into pieces, run by the `regex` crate instead of a backtracking engine.
+///
+/// tiktoken's patterns end with `\s+(?!\S)|\s+` (`o200k_base`) or `\s+(?!\S)|\s` (`cl100k_base`):
+/// a run of spaces before a word stops one char short, so that its last space starts the word's
+/// piece (" world"). That one look-ahead makes fancy_regex run its backtracking VM over the whole
+/// pattern, most of the time a count took. The split patterns given to [`Splitter::new`]
+/// (`encoding::O200K_SPLIT`, `encoding::CL100K_SPLIT`) have a plain `\s+` there instead, and
+/// [`Pieces`] gives that char back. The `regex` crate's searches are leftmost-first, the semantics of
+/// a backtracking engine: at the leftmost position where the pattern matches, the first alternative
+/// that matches wins, and each quantifier takes as much as it can while the rest still matches.
+///
+/// Why giving back is exact. Say the original pattern reaches `\s+(?!\S)` at position p: every
+/// earlier alternative failed there, so p starts a maximal whitespace run p..q with no `\r` or `\n`
+/// in it (else `\s*[\r\n]+`, or `\s*[\r\n]`, matched) and, for `cl100k_base`, not at the end of the
+/// text (else `\s++$` matched). `\s+` takes p..q, and then:
+/// - if q is the end of the text, `(?!\S)` holds: the match is p..q;
+/// - otherwise the char at q is not whitespace, `(?!\S)` fails, and the engine backtracks one char:
+///   at q-1 (whitespace) it holds if p..q-1 is not empty, so with a run of 2 chars or more the match
+///   is p..q-1; with 1 char `\s+(?!\S)` fails and the next alternative (`\s+` or `\s`) takes p..q.
+///
+/// The plain pattern fails the same earlier alternatives at p and matches p..q with `\s+`. So its
+/// matches are the original's, except one from `\s+` of 2 chars or more that ends before the text
+/// does: that one is a char too long, and the search after it must start at that char, as the
+/// original's does. A match comes from `\s+` if and only if its last char is whitespace other than
+/// `\r` and `\n`: every other alternative ends with a letter, a mark, a digit, a contraction's
+/// letter, a char that is not whitespace, or `[\r\n/]`, except `\s+$` (`cl100k_base`), which ends at
+/// the end of the text, where nothing is given back. `char::is_whitespace` is the same Unicode
+/// `White_Space` property as `\s` (a test checks every char).
+pub(crate) struct Splitter {
+    regex: Regex,
+}
+
+impl Splitter {
+    /// Compiles a split pattern written for it (see [`Splitter`]); `None` if it does not compile.
+    pub(crate) fn new(split: &str) -> Option<Self> {
+        Some(Self {
+            regex: Regex::new(split).ok()?,
+        })
+    }
+
+    /// The pieces of `text`, in order: they cover it, end to end.
+    pub(crate) fn pieces<'t>(&self, text: &'t str) -> Pieces<'_, 't> {
+        Pieces {
+            regex: &self.regex,
+            text,
+            at: 0,
+        }
+    }
+}
+
+/// The pieces of a text, from [`Splitter::pieces`].
+pub(crate) struct Pieces<'r, 't> {
+    regex: &'r Regex,
+    text: &'t str,
+    /// Where the next search starts.
+    at: usize,
+}
+
+impl<'t> Iterator for Pieces<'_, 't> {
+    type Item = &'t str;
+
+    fn next(&mut self) -> Option<&'t str> {
+        loop {
+            if self.at > self.text.len() {
+                return None;
+            }
+            let found = self.regex.find_at(self.text, self.at)?;
+            let (start, mut end) = (found.start(), found.end());
+            if end < self.text.len()
+                && let Some(last) = found.as_str().chars().next_back()
+                && last.is_whitespace()
+                && last != '\r'
+                && last != '\n'
+                && found.len() > last.len_utf8()
+            {
+                end -= last.len_utf8();
+            }
+            if end > start {
+                self.at = end;
+                return Some(&self.text[start..end]);
+            }
+            // The split patterns match no empty string; were one found, stepping over a char ends
+            // the iteration all the same.
+            self.at = start + self.text[start..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+}
+
 /// Nudges the allocator into returning what was just freed. glibc's malloc consolidates its small
 /// free chunks and trims the top of the heap when a chunk of 64 KiB or more is freed; the tens of
 /// thousands of small ones tiktoken's tables were made of do not trigger that on their own. Any other
@@ -307,6 +394,12 @@ struct State {
 
 #[cfg(test)]
 mod tests {
+    use tiktoken_rs::O200K_BASE_PAT_STR;
+
+    use super::super::encoding::{
+        CL100K_BYTES, CL100K_PATTERN, CL100K_RANKS, CL100K_SPLIT, O200K_BYTES, O200K_RANKS,
+        O200K_SPLIT,
+    };
     use super::*;
 
     /// Texts where tokenisers differ if anything is off: long pieces (the heap path), non-Latin
@@ -346,45 +439,161 @@ mod tests {
         texts
     }
 
+    /// Whitespace the patterns treat apart: spaces, runs of them, tabs, `\r`, `\n` and both, Unicode
+    /// spaces (no-break, ideographic, thin), separators (U+2028, NEL), and `\v`, `\f`.
+    const WHITESPACE: &[&str] = &[
+        " ", "  ", "\t", "\r", "\n", "\r\n", "\n\n", "\u{a0}", "\u{3000}", "\u{2009}", "\u{2028}",
+        "\u{85}", "\u{b}", "\u{c}",
+    ];
+
+    /// Everything else: letters of several scripts and cases (title case, modifier, the long s and
+    /// the Kelvin sign that `(?i)` folds to `s` and `k`), combining marks, digits of several kinds,
+    /// punctuation, emoji with a modifier, invisible format chars, and contractions.
+    const OTHERS: &[&str] = &[
+        "a", "Z", "the", "Hello", "é", "ß", "ſ", "\u{212a}", "İ", "ǅ", "ʰ", "Ж", "мир", "α",
+        "日本", "ア", "한", "ا", "\u{301}", "\u{94d}", "0", "7", "123", "4567", "٣", "½", "Ⅻ", ".",
+        ",", "!", "?", "/", "-", "_", "(", ")", "\"", "'", "`", "{", "}", "🚀", "👍🏽", "\u{200d}",
+        "\u{200b}", "\u{feff}", "'s", "'S", "'t", "'re", "'ve", "'m", "'ll", "'LL", "'d", "'D",
+    ];
+
+    /// 4,500 texts from a fixed seed: short random mixes of everything (every class next to every
+    /// other, at the start and at the end of a text), whitespace-only texts, and prose-like words
+    /// between runs of whitespace, with leading and trailing whitespace at times.
+    fn generated() -> Vec<String> {
+        let mut rng = fastrand::Rng::with_seed(0x70c5);
+        let mut pick = |units: &[&'static str]| units[rng.usize(..units.len())];
+        let mut texts = Vec::new();
+        let all: Vec<&str> = WHITESPACE.iter().chain(OTHERS).copied().collect();
+        for n in 0..3_000 {
+            texts.push((0..=n % 20).map(|_| pick(&all)).collect());
+        }
+        for n in 0..500 {
+            texts.push((0..=n % 12).map(|_| pick(WHITESPACE)).collect());
+        }
+        for n in 0..1_000 {
+            let mut text = String::new();
+            for word in 0..=n % 8 {
+                for _ in 0..(n + word) % 4 {
+                    text.push_str(pick(WHITESPACE));
+                }
+                for _ in 0..=(n / 3 + word) % 3 {
+                    text.push_str(pick(OTHERS));
+                }
+            }
+            for _ in 0..n % 3 {
+                text.push_str(pick(WHITESPACE));
+            }
+            texts.push(text);
+        }
+        texts
+    }
+
+    fn texts() -> Vec<String> {
+        corpus().into_iter().chain(generated()).collect()
+    }
+
+    fn shown(text: &str) -> String {
+        text.chars().take(60).collect()
+    }
+
     #[test]
-    fn counts_exactly_as_tiktoken_o200k() {
-        let bpe = tiktoken_rs::o200k_base().unwrap();
-        let compact = CompactBpe::load(
-            || tiktoken_rs::o200k_base().ok(),
-            super::super::encoding::O200K_RANKS,
-            super::super::encoding::O200K_BYTES,
-            tiktoken_rs::O200K_BASE_PAT_STR,
-        )
-        .unwrap();
-        assert_eq!(compact.bytes.len(), super::super::encoding::O200K_BYTES);
-        for text in corpus() {
+    fn split_patterns_are_tiktokens_without_the_look_ahead() {
+        assert!(O200K_BASE_PAT_STR.contains(r"|\s+(?!\S)|\s+"));
+        assert_eq!(
+            O200K_SPLIT,
+            O200K_BASE_PAT_STR.replace(r"|\s+(?!\S)|\s+", r"|\s+")
+        );
+        assert!(CL100K_PATTERN.ends_with(r"|\s+(?!\S)|\s"));
+        let cl100k = CL100K_PATTERN
+            .replace(r"|\s+(?!\S)|\s", r"|\s+")
+            .replace("?+", "?")
+            .replace("{1,3}+", "{1,3}")
+            .replace("*+", "*")
+            .replace("++", "+");
+        assert_eq!(CL100K_SPLIT, cl100k);
+    }
+
+    /// The splitter's pieces are those of tiktoken's own pattern run by fancy_regex (as tiktoken-rs
+    /// runs it), and giving a char back is what makes them so on many of the texts.
+    #[test]
+    fn splits_as_the_original_patterns() {
+        let texts = texts();
+        for (original, split) in [
+            (O200K_BASE_PAT_STR, O200K_SPLIT),
+            (CL100K_PATTERN, CL100K_SPLIT),
+        ] {
+            let original = fancy_regex::Regex::new(original).unwrap();
+            let splitter = Splitter::new(split).unwrap();
+            let mut gave_back = 0;
+            for text in &texts {
+                let expected: Vec<&str> = original
+                    .find_iter(text)
+                    .map(|m| m.unwrap().as_str())
+                    .collect();
+                let pieces: Vec<&str> = splitter.pieces(text).collect();
+                assert_eq!(pieces, expected, "{text:?}");
+                assert_eq!(pieces.concat(), *text);
+                let plain: Vec<&str> = splitter.regex.find_iter(text).map(|m| m.as_str()).collect();
+                if plain != pieces {
+                    gave_back += 1;
+                }
+            }
+            assert!(gave_back > 1_000, "{gave_back}");
+        }
+    }
+
+    /// `char::is_whitespace`, which decides whether a piece gives a char back, is `\s`.
+    #[test]
+    fn whitespace_is_the_patterns_whitespace() {
+        let every_char: String = (0..=u32::from(char::MAX))
+            .filter_map(char::from_u32)
+            .collect();
+        let by_regex: Vec<char> = Regex::new(r"\s")
+            .unwrap()
+            .find_iter(&every_char)
+            .flat_map(|m| m.as_str().chars())
+            .collect();
+        let by_std: Vec<char> = every_char.chars().filter(|c| c.is_whitespace()).collect();
+        assert_eq!(by_regex, by_std);
+        assert!(by_std.contains(&'\u{3000}') && by_std.contains(&'\u{85}'));
+    }
+
+    fn counts_exactly_as_tiktoken(
+        load: fn() -> Option<CoreBPE>,
+        ranks: Rank,
+        bytes: usize,
+        split: &str,
+    ) {
+        let bpe = load().unwrap();
+        let compact = CompactBpe::load(load, ranks, bytes, split).unwrap();
+        assert_eq!(compact.bytes.len(), bytes);
+        for text in texts() {
             assert_eq!(
                 compact.count(&text),
                 bpe.encode_ordinary(&text).len(),
                 "{:?}",
-                text.chars().take(60).collect::<String>()
+                shown(&text)
             );
         }
     }
 
     #[test]
+    fn counts_exactly_as_tiktoken_o200k() {
+        counts_exactly_as_tiktoken(
+            || tiktoken_rs::o200k_base().ok(),
+            O200K_RANKS,
+            O200K_BYTES,
+            O200K_SPLIT,
+        );
+    }
+
+    #[test]
     fn counts_exactly_as_tiktoken_cl100k() {
-        let bpe = tiktoken_rs::cl100k_base().unwrap();
-        let compact = CompactBpe::load(
+        counts_exactly_as_tiktoken(
             || tiktoken_rs::cl100k_base().ok(),
-            super::super::encoding::CL100K_RANKS,
-            super::super::encoding::CL100K_BYTES,
-            super::super::encoding::CL100K_PATTERN,
-        )
-        .unwrap();
-        assert_eq!(compact.bytes.len(), super::super::encoding::CL100K_BYTES);
-        for text in corpus() {
-            assert_eq!(
-                compact.count(&text),
-                bpe.encode_ordinary(&text).len(),
-                "{:?}",
-                text.chars().take(60).collect::<String>()
-            );
-        }
+            CL100K_RANKS,
+            CL100K_BYTES,
+            CL100K_SPLIT,
+        );
     }
 }
