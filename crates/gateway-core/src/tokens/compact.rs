@@ -13,6 +13,9 @@
 use std::collections::BinaryHeap;
 
 use regex::Regex;
+use regex_automata::hybrid::dfa::{Cache, DFA};
+use regex_automata::util::pool::{Pool, PoolGuard};
+use regex_automata::{Anchored, Input};
 use tiktoken_rs::{CoreBPE, Rank};
 
 /// Table slots per token, at least: keeps probe sequences short.
@@ -296,30 +299,89 @@ impl CompactBpe {
 /// the end of the text, where nothing is given back. `char::is_whitespace` is the same Unicode
 /// `White_Space` property as `\s` (a test checks every char).
 pub(crate) struct Splitter {
+    /// The pattern's lazy DFA, searched anchored: every char starts a piece (it is a letter, a
+    /// digit, whitespace, or none of these, and each class starts an alternative), so the piece
+    /// after one starts where that one ends, and only its end is to be found. The DFA finds it in
+    /// one forward scan, where an unanchored search scans forward and then back.
+    dfa: DFA,
+    /// The DFA's caches of built states, one per thread at a time.
+    caches: Pool<Cache, CacheFn>,
+    /// The same pattern, searched unanchored where the DFA finds no piece (which the paragraph
+    /// above rules out) or gives up (which it does not, configured as it is): never slower than
+    /// exact.
     regex: Regex,
+    /// The pattern is `encoding::O200K_SPLIT`, whose pieces of ASCII text [`o200k_ascii`] finds.
+    o200k: bool,
 }
+
+/// Makes a [`Cache`] for the [`Splitter`]'s DFA.
+type CacheFn = Box<dyn Fn() -> Cache + Send + Sync>;
 
 impl Splitter {
     /// Compiles a split pattern written for it (see [`Splitter`]); `None` if it does not compile.
     pub(crate) fn new(split: &str) -> Option<Self> {
+        let dfa = DFA::new(split).ok()?;
+        let for_caches = dfa.clone();
         Some(Self {
+            dfa,
+            caches: Pool::new(Box::new(move || for_caches.create_cache())),
             regex: Regex::new(split).ok()?,
+            o200k: split == super::encoding::O200K_SPLIT,
         })
     }
 
     /// The pieces of `text`, in order: they cover it, end to end.
-    pub(crate) fn pieces<'t>(&self, text: &'t str) -> Pieces<'_, 't> {
+    pub(crate) fn pieces<'s, 't>(&'s self, text: &'t str) -> Pieces<'s, 't> {
         Pieces {
-            regex: &self.regex,
+            splitter: self,
+            cache: self.caches.get(),
             text,
             at: 0,
         }
     }
+
+    /// The piece that starts at `at` (a char boundary before the end of `text`): its end.
+    fn piece(&self, cache: &mut Cache, text: &str, at: usize) -> Option<(usize, usize)> {
+        if self.o200k
+            && let Some(end) = o200k_ascii(text.as_bytes(), at)
+        {
+            return Some((at, end));
+        }
+        self.searched_piece(cache, text, at)
+    }
+
+    /// [`Splitter::piece`], searched for.
+    fn searched_piece(&self, cache: &mut Cache, text: &str, at: usize) -> Option<(usize, usize)> {
+        let (start, mut end) = self.find(cache, text, at)?;
+        if end < text.len()
+            && let Some(last) = text[start..end].chars().next_back()
+            && last.is_whitespace()
+            && last != '\r'
+            && last != '\n'
+            && end - start > last.len_utf8()
+        {
+            end -= last.len_utf8();
+        }
+        Some((start, end))
+    }
+
+    /// The first match of the split pattern at or after `at`, as the `regex` crate finds it.
+    fn find(&self, cache: &mut Cache, text: &str, at: usize) -> Option<(usize, usize)> {
+        let input = Input::new(text)
+            .span(at..text.len())
+            .anchored(Anchored::Yes);
+        if let Ok(Some(end)) = self.dfa.try_search_fwd(cache, &input) {
+            return Some((at, end.offset()));
+        }
+        let found = self.regex.find_at(text, at)?;
+        Some((found.start(), found.end()))
+    }
 }
 
 /// The pieces of a text, from [`Splitter::pieces`].
-pub(crate) struct Pieces<'r, 't> {
-    regex: &'r Regex,
+pub(crate) struct Pieces<'s, 't> {
+    splitter: &'s Splitter,
+    cache: PoolGuard<'s, Cache, CacheFn>,
     text: &'t str,
     /// Where the next search starts.
     at: usize,
@@ -329,30 +391,168 @@ impl<'t> Iterator for Pieces<'_, 't> {
     type Item = &'t str;
 
     fn next(&mut self) -> Option<&'t str> {
+        let text = self.text;
         loop {
-            if self.at > self.text.len() {
+            if self.at >= text.len() {
                 return None;
             }
-            let found = self.regex.find_at(self.text, self.at)?;
-            let (start, mut end) = (found.start(), found.end());
-            if end < self.text.len()
-                && let Some(last) = found.as_str().chars().next_back()
-                && last.is_whitespace()
-                && last != '\r'
-                && last != '\n'
-                && found.len() > last.len_utf8()
-            {
-                end -= last.len_utf8();
-            }
+            let (start, end) = self.splitter.piece(&mut self.cache, text, self.at)?;
             if end > start {
                 self.at = end;
-                return Some(&self.text[start..end]);
+                return Some(&text[start..end]);
             }
             // The split patterns match no empty string; were one found, stepping over a char ends
             // the iteration all the same.
-            self.at = start + self.text[start..].chars().next().map_or(1, char::len_utf8);
+            self.at = start + text[start..].chars().next().map_or(1, char::len_utf8);
         }
     }
+}
+
+/// Classes of bytes for [`o200k_ascii`]: what `o200k_base`'s pattern tells apart among ASCII chars.
+mod class {
+    /// Not ASCII: a byte of a longer char.
+    pub(super) const OTHER_CHAR: u8 = 0;
+    /// `A-Z`: `\p{Lu}`.
+    pub(super) const UPPER: u8 = 1;
+    /// `a-z`: `\p{Ll}`.
+    pub(super) const LOWER: u8 = 2;
+    /// `0-9`: `\p{N}`.
+    pub(super) const DIGIT: u8 = 3;
+    /// `\r`, `\n`.
+    pub(super) const NEWLINE: u8 = 4;
+    /// The rest of `\s`: ` `, `\t`, `\v` (0x0B), `\f` (0x0C).
+    pub(super) const SPACE: u8 = 5;
+    /// Everything else (punctuation, symbols, control chars): `[^\s\p{L}\p{N}]`.
+    pub(super) const PUNCT: u8 = 6;
+    /// Past the end of the text.
+    pub(super) const END: u8 = 7;
+}
+
+/// The [`class`] of every byte.
+static CLASSES: [u8; 256] = {
+    let mut classes = [class::OTHER_CHAR; 256];
+    let mut b = 0;
+    while b < 128 {
+        classes[b] = match b as u8 {
+            b'A'..=b'Z' => class::UPPER,
+            b'a'..=b'z' => class::LOWER,
+            b'0'..=b'9' => class::DIGIT,
+            b'\r' | b'\n' => class::NEWLINE,
+            b' ' | b'\t' | 0x0b | 0x0c => class::SPACE,
+            _ => class::PUNCT,
+        };
+        b += 1;
+    }
+    classes
+};
+
+/// The end of the piece of `text` that starts at `at`, as [`Splitter`] with
+/// `encoding::O200K_SPLIT` would find it, when every byte that decides it is ASCII; `None` otherwise
+/// (the splitter then searches its DFA). Most text sent to a gateway is ASCII, and this costs a
+/// table look-up per byte where a DFA's transitions are a chain of dependent loads.
+///
+/// The pattern's alternatives, tried in order (leftmost-first), read on ASCII:
+/// 1. and 2. `[^\r\n\p{L}\p{N}]?` (a space, tab or punctuation, taken only if letters follow),
+///    upper-case letters, lower-case ones (at least one letter), and a contraction if one follows.
+///    With ASCII letters the `*`/`+` never give anything back: no letter is both upper- and
+///    lower-case, as the `\p{Lm}`, `\p{Lo}` and `\p{M}` of both classes are.
+/// 3. `\p{N}{1,3}`: up to 3 digits.
+/// 4. ` ?[^\s\p{L}\p{N}]+[\r\n/]*`: an optional space, punctuation, then `\r`, `\n` and `/`.
+/// 5. `\s*[\r\n]+`: whitespace up to the last `\r` or `\n` of its run, if it has one.
+/// 6. `\s+`: the run, a char short if it has 2 or more and text follows (see [`Splitter`]).
+///
+/// Every run stops at a byte that must be ASCII (or the end): a longer char there might be a letter,
+/// a mark, a digit or whitespace that the run would take; that returns `None`.
+fn o200k_ascii(text: &[u8], at: usize) -> Option<usize> {
+    use class::{DIGIT, END, LOWER, NEWLINE, OTHER_CHAR, PUNCT, SPACE, UPPER};
+    let class = |i: usize| text.get(i).map_or(END, |&b| CLASSES[usize::from(b)]);
+    let run = |mut i: usize, of: u8| {
+        while class(i) == of {
+            i += 1;
+        }
+        i
+    };
+    let first = class(at);
+    if first == OTHER_CHAR || first == END {
+        return None;
+    }
+    // 1 and 2.
+    let letters = if first == SPACE || first == PUNCT {
+        at + 1
+    } else {
+        at
+    };
+    let lower = run(letters, UPPER);
+    let end = run(lower, LOWER);
+    if class(lower) == OTHER_CHAR || class(end) == OTHER_CHAR {
+        return None;
+    }
+    if end > letters {
+        return contraction(text, end);
+    }
+    // 3.
+    if first == DIGIT {
+        let mut end = at + 1;
+        while end < at + 3 && class(end) == DIGIT {
+            end += 1;
+        }
+        return (end == at + 3 || class(end) != OTHER_CHAR).then_some(end);
+    }
+    // 4.
+    if first == PUNCT || text[at] == b' ' {
+        let punct = if first == PUNCT { at } else { at + 1 };
+        let end = run(punct, PUNCT);
+        if end > punct {
+            if class(end) == OTHER_CHAR {
+                return None;
+            }
+            let mut end = end;
+            while matches!(text.get(end), Some(b'\r' | b'\n' | b'/')) {
+                end += 1;
+            }
+            return Some(end);
+        }
+    }
+    // 5 and 6: `first` is whitespace.
+    let mut end = at;
+    while matches!(class(end), SPACE | NEWLINE) {
+        end += 1;
+    }
+    if class(end) == OTHER_CHAR {
+        return None;
+    }
+    if let Some(last_newline) = (at..end).rev().find(|&i| class(i) == NEWLINE) {
+        return Some(last_newline + 1);
+    }
+    Some(if end < text.len() && end - at >= 2 {
+        end - 1
+    } else {
+        end
+    })
+}
+
+/// The end of `(?i:'s|'t|'re|'ve|'m|'ll|'d)?` at `at`, where an ASCII byte or the end is; `None` if
+/// a longer char decides it (`ſ` is an `s` to `(?i)`).
+fn contraction(text: &[u8], at: usize) -> Option<usize> {
+    if text.get(at) != Some(&b'\'') {
+        return Some(at);
+    }
+    let lower = |i: usize| match text.get(i) {
+        Some(b) if !b.is_ascii() => None,
+        b => Some(b.map(u8::to_ascii_lowercase)),
+    };
+    // The contractions start with different letters: one of them at most can match.
+    let second = match lower(at + 1)? {
+        Some(b's' | b't' | b'm' | b'd') => return Some(at + 2),
+        Some(b'r' | b'v') => b'e',
+        Some(b'l') => b'l',
+        _ => return Some(at),
+    };
+    Some(if lower(at + 2)? == Some(second) {
+        at + 3
+    } else {
+        at
+    })
 }
 
 /// Nudges the allocator into returning what was just freed. glibc's malloc consolidates its small
@@ -456,20 +656,39 @@ mod tests {
         "\u{200b}", "\u{feff}", "'s", "'S", "'t", "'re", "'ve", "'m", "'ll", "'LL", "'d", "'D",
     ];
 
-    /// 4,500 texts from a fixed seed: short random mixes of everything (every class next to every
-    /// other, at the start and at the end of a text), whitespace-only texts, and prose-like words
-    /// between runs of whitespace, with leading and trailing whitespace at times.
+    /// 6,000 texts from a fixed seed: short random mixes of everything (every class next to every
+    /// other, at the start and at the end of a text), whitespace-only texts, ASCII ones, and
+    /// prose-like words between runs of whitespace, with leading and trailing whitespace at times.
     fn generated() -> Vec<String> {
         let mut rng = fastrand::Rng::with_seed(0x70c5);
-        let mut pick = |units: &[&'static str]| units[rng.usize(..units.len())];
         let mut texts = Vec::new();
         let all: Vec<&str> = WHITESPACE.iter().chain(OTHERS).copied().collect();
         for n in 0..3_000 {
-            texts.push((0..=n % 20).map(|_| pick(&all)).collect());
+            texts.push((0..=n % 20).map(|_| all[rng.usize(..all.len())]).collect());
         }
         for n in 0..500 {
-            texts.push((0..=n % 12).map(|_| pick(WHITESPACE)).collect());
+            texts.push(
+                (0..=n % 12)
+                    .map(|_| WHITESPACE[rng.usize(..WHITESPACE.len())])
+                    .collect(),
+            );
         }
+        // ASCII: the splitter's fast path. Any char, more often those the pattern cares about.
+        let ascii: Vec<char> = " \t\r\n'sStTlLdDrReEvVmM/!.,-09aZ".chars().collect();
+        for n in 0..1_500 {
+            texts.push(
+                (0..=n % 30)
+                    .map(|_| {
+                        if rng.bool() {
+                            ascii[rng.usize(..ascii.len())]
+                        } else {
+                            char::from(rng.u8(..128))
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        let mut pick = |units: &[&'static str]| units[rng.usize(..units.len())];
         for n in 0..1_000 {
             let mut text = String::new();
             for word in 0..=n % 8 {
@@ -539,6 +758,59 @@ mod tests {
                 }
             }
             assert!(gave_back > 1_000, "{gave_back}");
+        }
+    }
+
+    /// Wherever it starts, a piece found by the ASCII fast path is the one the DFA finds, and the
+    /// fast path finds most pieces of ASCII text.
+    #[test]
+    fn the_ascii_fast_path_finds_the_searched_pieces() {
+        let splitter = Splitter::new(O200K_SPLIT).unwrap();
+        assert!(splitter.o200k);
+        let mut cache = splitter.dfa.create_cache();
+        let (mut fast, mut searched) = (0, 0);
+        for text in texts() {
+            for (at, _) in text.char_indices() {
+                let expected = splitter.searched_piece(&mut cache, &text, at);
+                match o200k_ascii(text.as_bytes(), at) {
+                    Some(end) => {
+                        assert_eq!(Some((at, end)), expected, "{text:?} at {at}");
+                        fast += 1;
+                    }
+                    None => searched += 1,
+                }
+            }
+        }
+        assert!(fast > 50_000 && searched > 10_000, "{fast} {searched}");
+        assert!(!Splitter::new(CL100K_SPLIT).unwrap().o200k);
+    }
+
+    /// The byte classes of the fast path are the pattern's.
+    #[test]
+    fn ascii_classes_are_the_patterns() {
+        let is = |class: &str, b: u8| {
+            Regex::new(&format!("^{class}$"))
+                .unwrap()
+                .is_match(char::from(b).encode_utf8(&mut [0; 4]))
+        };
+        for b in 0..=255_u8 {
+            let expected = if !b.is_ascii() {
+                class::OTHER_CHAR
+            } else if is(r"\p{Lu}", b) {
+                class::UPPER
+            } else if is(r"\p{Ll}", b) {
+                class::LOWER
+            } else if is(r"\p{N}", b) {
+                class::DIGIT
+            } else if is(r"[\r\n]", b) {
+                class::NEWLINE
+            } else if is(r"\s", b) {
+                class::SPACE
+            } else {
+                assert!(is(r"[^\s\p{L}\p{N}]", b));
+                class::PUNCT
+            };
+            assert_eq!(CLASSES[usize::from(b)], expected, "{b:#x}");
         }
     }
 
