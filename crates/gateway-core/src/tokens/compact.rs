@@ -138,11 +138,7 @@ impl CompactBpe {
     }
 
     fn slot_of(&self, bytes: &[u8]) -> usize {
-        // FNV-1a: tokens are short, and this needs no seed, so tables are the same in every process.
-        let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        (hash as usize) & (self.table.len() - 1)
+        (hash(bytes) as usize) & (self.table.len() - 1)
     }
 
     fn rank(&self, bytes: &[u8]) -> Option<Rank> {
@@ -153,7 +149,7 @@ impl CompactBpe {
             if rank == EMPTY {
                 return None;
             }
-            if self.token(rank) == bytes {
+            if same_bytes(self.token(rank), bytes) {
                 return Some(rank);
             }
             slot = (slot + 1) & mask;
@@ -555,6 +551,72 @@ fn contraction(text: &[u8], at: usize) -> Option<usize> {
     })
 }
 
+/// A hash of a token's bytes, with no seed (tables are the same in every process). Word at a time,
+/// as foldhash and wyhash do: a count looks up every piece, and FNV-1a, a byte at a time, was a
+/// chain of as many multiplications as bytes. Tokens are short: most take one multiplication.
+fn hash(bytes: &[u8]) -> u64 {
+    const K0: u64 = 0x243f_6a88_85a3_08d3;
+    const K1: u64 = 0x1319_8a2e_0370_7344;
+    const K2: u64 = 0xa409_3822_299f_31d0;
+    let n = bytes.len();
+    let mut seed = K0 ^ n as u64;
+    let (a, b) = match n {
+        0 => (0, 0),
+        1..=3 => (
+            u64::from(bytes[0]),
+            (u64::from(bytes[n / 2]) << 8) | u64::from(bytes[n - 1]),
+        ),
+        4..=8 => (read4(bytes, 0), read4(bytes, n - 4)),
+        _ => {
+            let mut words = bytes[..n - 1].chunks_exact(8);
+            for word in &mut words {
+                seed = folded_multiply(read8(word) ^ K1, seed ^ K2);
+            }
+            (read8(&bytes[n - 8..]), 0)
+        }
+    };
+    folded_multiply(a ^ K1, b ^ seed)
+}
+
+/// Bytes `i..i + 4` of `bytes`, little-endian.
+fn read4(bytes: &[u8], i: usize) -> u64 {
+    u64::from(u32::from_le_bytes([
+        bytes[i],
+        bytes[i + 1],
+        bytes[i + 2],
+        bytes[i + 3],
+    ]))
+}
+
+/// The first 8 bytes of `bytes` (8 or more), little-endian.
+fn read8(bytes: &[u8]) -> u64 {
+    let mut le = [0; 8];
+    le.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(le)
+}
+
+/// The product of `a` and `b`, its high and low halves folded together: every bit of each moves
+/// every bit of the result, in one multiplication.
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// `a == b`, inline: tokens are a few bytes long, shorter than a call to `memcmp`.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        // These positions cover every byte.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=8 => read4(a, 0) == read4(b, 0) && read4(a, n - 4) == read4(b, n - 4),
+        _ => a == b,
+    }
+}
+
 /// Nudges the allocator into returning what was just freed. glibc's malloc consolidates its small
 /// free chunks and trims the top of the heap when a chunk of 64 KiB or more is freed; the tens of
 /// thousands of small ones tiktoken's tables were made of do not trigger that on their own. Any other
@@ -839,6 +901,24 @@ mod tests {
         let bpe = load().unwrap();
         let compact = CompactBpe::load(load, ranks, bytes, split).unwrap();
         assert_eq!(compact.bytes.len(), bytes);
+        // The hash spreads the tokens: linear probing at this load takes 1.3 probes on average
+        // to find a token with a uniform hash.
+        let mask = compact.table.len() - 1;
+        let (mut tokens, mut probes) = (0, 0);
+        for rank in 0..ranks {
+            let token = compact.token(rank);
+            if token.is_empty() {
+                continue;
+            }
+            let mut slot = compact.slot_of(token);
+            probes += 1;
+            while compact.table[slot] != rank {
+                slot = (slot + 1) & mask;
+                probes += 1;
+            }
+            tokens += 1;
+        }
+        assert!(probes * 10 < tokens * 15, "{probes} probes for {tokens} tokens");
         for text in texts() {
             assert_eq!(
                 compact.count(&text),
