@@ -918,7 +918,10 @@ mod tests {
             }
             tokens += 1;
         }
-        assert!(probes * 10 < tokens * 15, "{probes} probes for {tokens} tokens");
+        assert!(
+            probes * 10 < tokens * 15,
+            "{probes} probes for {tokens} tokens"
+        );
         for text in texts() {
             assert_eq!(
                 compact.count(&text),
