@@ -266,15 +266,17 @@ impl CompactBpe {
     }
 }
 
-/// tiktoken's split of a text into pieces, run by the `regex` crate instead of a backtracking engine.
+/// tiktoken's split of a text into pieces, without a backtracking engine: the `regex` crate's lazy
+/// DFA (from regex-automata, the engine under `regex`), and for ASCII text in `o200k_base` a walk over
+/// byte classes ([`o200k_ascii`]).
 ///
 /// tiktoken's patterns end with `\s+(?!\S)|\s+` (`o200k_base`) or `\s+(?!\S)|\s` (`cl100k_base`):
 /// a run of spaces before a word stops one char short, so that its last space starts the word's
 /// piece (" world"). That one look-ahead makes fancy_regex run its backtracking VM over the whole
 /// pattern, most of the time a count took. The split patterns given to [`Splitter::new`]
 /// (`encoding::O200K_SPLIT`, `encoding::CL100K_SPLIT`) have a plain `\s+` there instead, and
-/// [`Pieces`] gives that char back. The `regex` crate's searches are leftmost-first, the semantics of
-/// a backtracking engine: at the leftmost position where the pattern matches, the first alternative
+/// [`Splitter::searched_piece`] gives that char back. The DFA's searches are leftmost-first (its
+/// default, and `regex`'s), the semantics of a backtracking engine: at the leftmost position where the pattern matches, the first alternative
 /// that matches wins, and each quantifier takes as much as it can while the rest still matches.
 ///
 /// Why giving back is exact. Say the original pattern reaches `\s+(?!\S)` at position p: every
@@ -303,8 +305,8 @@ pub(crate) struct Splitter {
     /// The DFA's caches of built states, one per thread at a time.
     caches: Pool<Cache, CacheFn>,
     /// The same pattern, searched unanchored where the DFA finds no piece (which the paragraph
-    /// above rules out) or gives up (which it does not, configured as it is): never slower than
-    /// exact.
+    /// above rules out) or gives up (which it does not, configured as it is): the split stays exact
+    /// even then.
     regex: Regex,
     /// The pattern is `encoding::O200K_SPLIT`, whose pieces of ASCII text [`o200k_ascii`] finds.
     o200k: bool,
