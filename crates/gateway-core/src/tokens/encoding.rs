@@ -24,7 +24,7 @@ pub(crate) const CL100K_RANKS: u32 = 100_256;
 /// reference the splitter is tested against.
 #[cfg(all(feature = "tokenizer", test))]
 pub(crate) const CL100K_PATTERN: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
-/// [`CL100K_PATTERN`] for the `regex` crate, which matches the same pieces with
+/// `CL100K_PATTERN` (kept for tests) for the `regex` crate, which matches the same pieces with
 /// [`Splitter`](super::compact::Splitter): its tail `\s+(?!\S)|\s` is `\s+` (the splitter gives back
 /// the char the look-ahead would), and its possessive quantifiers are greedy ones. Possessive or not
 /// changes no match here, since a backtracking engine never backtracks into them: `\p{L}++`,
