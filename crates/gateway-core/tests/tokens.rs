@@ -435,6 +435,44 @@ async fn estimates_match_the_corpus() {
     );
 }
 
+/// Every string of the corpus' bodies (and each body's JSON) counts as tiktoken-rs's own
+/// `encode_ordinary` counts it, in both encodings.
+#[test]
+fn counts_the_corpus_texts_exactly_as_tiktoken() {
+    fn strings(value: &Value, into: &mut Vec<String>) {
+        match value {
+            Value::String(s) => into.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|v| strings(v, into)),
+            Value::Object(map) => {
+                for (key, v) in map {
+                    into.push(key.clone());
+                    strings(v, into);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut texts = Vec::new();
+    for case in corpus() {
+        texts.push(case.body.to_string());
+        texts.push(serde_json::to_string_pretty(&case.body).unwrap());
+        strings(&case.body, &mut texts);
+    }
+    assert!(texts.len() > 200, "{}", texts.len());
+    for (encoding, bpe) in [
+        (Encoding::O200k, tiktoken_rs::o200k_base_singleton()),
+        (Encoding::Cl100k, tiktoken_rs::cl100k_base_singleton()),
+    ] {
+        for text in &texts {
+            assert_eq!(
+                count(encoding, text),
+                bpe.encode_ordinary(text).len() as u64,
+                "{encoding} {text:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn completion_reservation() {
     let chat = |body: Value| {

@@ -20,9 +20,35 @@ pub(crate) const CL100K_BYTES: usize = 643_830;
 /// Regular tokens of `cl100k_base` (ranks `0..100_256`).
 #[cfg(feature = "tokenizer")]
 pub(crate) const CL100K_RANKS: u32 = 100_256;
-/// `cl100k_base`'s split pattern, as tiktoken-rs writes it (it does not export this one).
-#[cfg(feature = "tokenizer")]
+/// `cl100k_base`'s split pattern, as tiktoken-rs writes it (it does not export this one): the
+/// reference the splitter is tested against.
+#[cfg(all(feature = "tokenizer", test))]
 pub(crate) const CL100K_PATTERN: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
+/// `CL100K_PATTERN` (kept for tests) for the `regex` crate, which matches the same pieces with
+/// [`Splitter`](super::compact::Splitter): its tail `\s+(?!\S)|\s` is `\s+` (the splitter gives back
+/// the char the look-ahead would), and its possessive quantifiers are greedy ones. Possessive or not
+/// changes no match here, since a backtracking engine never backtracks into them: `\p{L}++`,
+/// `\p{N}{1,3}+` and `[\r\n]*+` end their alternative; `[^\s\p{L}\p{N}]++` is followed by
+/// `[\r\n]*+`, which cannot fail; giving back the char of `[^\r\n\p{L}\p{N}]?+` leaves a non-letter
+/// where `\p{L}++` must start, and giving back a whitespace char of `\s++` leaves one before `$`.
+#[cfg(feature = "tokenizer")]
+pub(crate) const CL100K_SPLIT: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+";
+/// tiktoken-rs's `O200K_BASE_PAT_STR` for the `regex` crate, which matches the same pieces with
+/// [`Splitter`](super::compact::Splitter): its alternatives `\s+(?!\S)|\s+` are one `\s+`.
+#[cfg(feature = "tokenizer")]
+pub(crate) const O200K_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|",
+    r"\p{N}{1,3}",
+    "|",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    "|",
+    r"\s*[\r\n]+",
+    "|",
+    r"\s+",
+);
 
 /// A tiktoken encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,7 +89,7 @@ impl Encoding {
             .iter()
             .map(|e| {
                 let spec = e.spec();
-                Reserved::new(spec.ranks, spec.bytes, spec.pattern)
+                Reserved::new(spec.ranks, spec.bytes, spec.split)
             })
             .collect();
         for (e, r) in wanted.iter().zip(&mut reserved) {
@@ -93,10 +119,7 @@ impl Encoding {
         spec.cell
             .get_or_init(|| {
                 self.loaded(CompactBpe::load(
-                    spec.load,
-                    spec.ranks,
-                    spec.bytes,
-                    spec.pattern,
+                    spec.load, spec.ranks, spec.bytes, spec.split,
                 ))
             })
             .as_ref()
@@ -122,14 +145,14 @@ impl Encoding {
                 cell: &O200K,
                 ranks: O200K_RANKS,
                 bytes: O200K_BYTES,
-                pattern: tiktoken_rs::O200K_BASE_PAT_STR,
+                split: O200K_SPLIT,
                 load: || tiktoken_rs::o200k_base().ok(),
             },
             Encoding::Cl100k => Spec {
                 cell: &CL100K,
                 ranks: CL100K_RANKS,
                 bytes: CL100K_BYTES,
-                pattern: CL100K_PATTERN,
+                split: CL100K_SPLIT,
                 load: || tiktoken_rs::cl100k_base().ok(),
             },
         }
@@ -146,7 +169,8 @@ struct Spec {
     cell: &'static OnceLock<Option<CompactBpe>>,
     ranks: u32,
     bytes: usize,
-    pattern: &'static str,
+    /// The split pattern, for [`Splitter`](super::compact::Splitter).
+    split: &'static str,
     load: fn() -> Option<tiktoken_rs::CoreBPE>,
 }
 
