@@ -120,8 +120,9 @@ def render(res):
                   table(["target", "TTFB p50 ms", "TTFB p99 ms", "added p50", "added p99", "whole stream p50 ms",
                          "streamed req/s (closed loop)", "failed streams"], rows),
                   "", "Time to first byte: one request at a time on one connection, from the request's last "
-                  "byte to the first `data:` byte (a small client in `compare.py`; oha sees whole responses only). "
-                  "A `(TLS)` row is compared with `direct (TLS)`; its handshake is done before the clock starts.", ""]
+                  "byte to the first `data:` byte (a small client in `compare.py`; oha sees whole responses only)."
+                  + (" A `(TLS)` row is compared with `direct (TLS)`; its handshake is done before the clock starts."
+                     if "direct (TLS)" in st else ""), ""]
 
     lines += tls_section(res)
 
