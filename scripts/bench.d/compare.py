@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,8 @@ PORTKEY_VERSION = "1.15.2"
 
 PROCS = []
 FAILED = []
+# With --tls: trusts the harness's CA, for the harness's own requests (readiness, checks, TTFB).
+TLS_CONTEXT = None
 
 
 def log(msg):
@@ -106,7 +109,7 @@ def wait_ready(p, url, timeout, headers=None, method="GET", body=None):
             raise RuntimeError(f"{p.bench_name} exited during start-up:\n{tail(p.bench_log)}")
         try:
             req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
-            with urllib.request.urlopen(req, timeout=2) as r:
+            with urllib.request.urlopen(req, timeout=2, context=TLS_CONTEXT) as r:
                 if r.status == 200:
                     return
         except Exception:
@@ -184,6 +187,34 @@ def machine():
             "load_before": open("/proc/loadavg").read().split()[:3], "source": rev}
 
 
+# --- certificates for --tls -------------------------------------------------------------------------
+
+def make_certs(workdir):
+    """A CA and a leaf it signs for 127.0.0.1 and localhost, made with the openssl CLI in `workdir`.
+    RSA 2048, as the certificates of *.openai.azure.com. Returns (ca.pem, leaf.pem, leaf.key)."""
+    if not shutil.which("openssl"):
+        raise SystemExit("bench-compare: --tls needs the openssl command-line tool to make its test certificates "
+                         "(Debian/Ubuntu: apt-get install openssl)")
+    d = os.path.join(workdir, "tls")
+    os.makedirs(d, exist_ok=True)
+
+    def openssl(*argv):
+        r = subprocess.run(["openssl", *argv], cwd=d, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {argv[0]} failed: {r.stderr.strip()[-500:]}")
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=bench-compare test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "leaf.ext"), "w") as f:
+        f.write("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext")
+    return tuple(os.path.join(d, n) for n in ("ca.pem", "leaf.pem", "leaf.key"))
+
+
 # --- the OTLP sink ---------------------------------------------------------------------------------
 
 class Sink(http.server.BaseHTTPRequestHandler):
@@ -255,6 +286,9 @@ class Oha:
         self.has_no_tui = "--no-tui" in helptext
         # Without it, requests in flight at the end of `-z` are aborted and counted as errors.
         self.has_wait = "--wait-ongoing-requests-after-deadline" in helptext
+        # HTTPS targets: trust the harness's CA (oha 1.16 has --cacert); an oha without it checks nothing.
+        self.has_cacert = "--cacert" in helptext
+        self.cacert = None
 
     def run(self, target, body, seconds, conns, rate=None):
         body_file = os.path.join(self.workdir, f"body-{len(body)}-{hash(body) & 0xffff}.json")
@@ -268,6 +302,8 @@ class Oha:
             argv += ["-q", str(rate)]
             if self.has_correction:
                 argv.append("--latency-correction")
+        if target.url.startswith("https://"):
+            argv += ["--cacert", self.cacert] if self.has_cacert else ["--insecure"]
         if self.has_no_tui:
             argv.append("--no-tui")
         if self.has_wait:
@@ -322,6 +358,9 @@ def ttfb(target, body, count, budget_s=10.0):
                 # A stream from a zero-delay simulator takes milliseconds: 5 s means it hangs.
                 sock = socket.create_connection((host, int(port)), timeout=5)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if target.base.startswith("https://"):
+                    # The handshake is done here, before the clock starts: TTFB on an open connection.
+                    sock = TLS_CONTEXT.wrap_socket(sock, server_hostname=host)
             t0 = time.perf_counter()
             buf, first = b"", None
             try:
@@ -373,10 +412,11 @@ class Bench:
             "profile": args.profile, "seconds": args.seconds, "connections": args.connections,
             "rates": args.rates, "smoke": args.smoke, "oha": self.oha.version,
             "co_correction": self.oha.has_correction, "large_consumers": args.large_consumers,
-            "pinned": False, "tls": False}, "runs": [], "streaming": [], "memory": [], "notes": []}
+            "pinned": False, "tls": args.tls}, "runs": [], "streaming": [], "memory": [], "notes": []}
         self.backend_key = f"bench-backend-{random.getrandbits(32):x}"
         self.client_key = f"bench-client-{random.getrandbits(32):x}"
         self.loads = []
+        self.sim_urls = []
 
     def cleanup(self):
         stop_all()
@@ -421,27 +461,42 @@ class Bench:
         return run
 
     def reset_sim(self):
-        urllib.request.urlopen(urllib.request.Request(self.sim_url + "/sim/reset", method="POST"), timeout=5).close()
+        for url in self.sim_urls:
+            urllib.request.urlopen(urllib.request.Request(url + "/sim/reset", method="POST"), timeout=5,
+                                   context=TLS_CONTEXT).close()
 
     # processes
-    def start_sim(self):
+    def start_sim(self, name="aoai-sim", tls=None):
+        """Starts a simulator, over HTTPS with `tls` = (certificate, key); returns it and its direct
+        target."""
         port = free_port()
-        self.sim_url = f"http://127.0.0.1:{port}"
-        # 1e12 TPM: never throttles in any run here (a 429 would fail the run, so it cannot go unseen).
-        self.sim = start("aoai-sim", [self.a.sim, "--listen", f"127.0.0.1:{port}", "--region", "Loopback",
-                                      "--deployment", f"{SIM_DEPLOYMENT}=1000000000000", "--api-key",
-                                      self.backend_key, "--token-delay-ms", "0"], self.work,
-                         env={"RUST_LOG": "warn"})
-        wait_ready(self.sim, self.sim_url + "/sim/stats", 20)
-        self.direct = Target("direct", self.sim_url,
-                             f"/openai/deployments/{SIM_DEPLOYMENT}/chat/completions?api-version={API}",
-                             {"api-key": self.backend_key}, pid=self.sim.pid)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        argv = [self.a.sim, "--listen", f"127.0.0.1:{port}", "--region", "Loopback",
+                # 1e12 TPM: never throttles in any run here (a 429 would fail the run, so it cannot go unseen).
+                "--deployment", f"{SIM_DEPLOYMENT}=1000000000000", "--api-key", self.backend_key,
+                "--token-delay-ms", "0"]
+        if tls:
+            argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+        p = start(name, argv, self.work, env={"RUST_LOG": "warn"})
+        wait_ready(p, url + "/sim/stats", 20)
+        self.sim_urls.append(url)
+        direct = Target("direct (TLS)" if tls else "direct", url,
+                        f"/openai/deployments/{SIM_DEPLOYMENT}/chat/completions?api-version={API}",
+                        {"api-key": self.backend_key}, pid=p.pid)
+        return p, direct
 
     def policy(self, backends=1, consumers=1, limits=False, full=False, store="memory", redis_url=None,
-               access_log=True):
+               access_log=True, tls=None, sim_url=None):
+        """A policy file; with `tls` = (CA, certificate, key) the gateway serves HTTPS with the
+        certificate and trusts the CA for its backend (`sim_url`, an https:// simulator)."""
         port = free_port()
+        sim_url = sim_url or self.sim_url
         lines = ["[gateway]", f'listen = "127.0.0.1:{port}"', "shutdown_grace_seconds = 1",
                  "max_body_bytes = 4194304", ""]
+        if tls:
+            ca, cert, key = tls
+            lines += ["[gateway.tls]", f'certificate = "file:{cert}"', f'private_key = "file:{key}"', "",
+                      "[upstream]", f'ca_file = "{ca}"', ""]
         if full or not access_log:
             lines += ["[telemetry]", f"access_log = {'true' if access_log else 'false'}"]
             if full:
@@ -452,7 +507,7 @@ class Bench:
         lines += ["[[deployments]]", 'name = "gpt-4o"', ""]
         for i in range(backends):
             lines += ["[[backends]]", f'name = "bench-sim-{i}"', 'region = "Loopback"',
-                      f'endpoint = "{self.sim_url}"', 'api_key = "env:BENCH_BACKEND_KEY"',
+                      f'endpoint = "{sim_url}"', 'api_key = "env:BENCH_BACKEND_KEY"',
                       "[backends.deployments]", f'"gpt-4o" = "{SIM_DEPLOYMENT}"', ""]
         keydir = os.path.join(self.work, f"keys-{consumers}")
         os.makedirs(keydir, exist_ok=True)
@@ -485,7 +540,7 @@ class Bench:
         # The access log (stdout) goes to /dev/null: its cost is the gateway's work, not the disk's.
         p = start(f"gateway-{name}", [self.a.gateway, "serve", "--policy", path], self.work, env=env,
                   stdout=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
+        base = f"{'https' if kw.get('tls') else 'http'}://127.0.0.1:{port}"
         wait_ready(p, base + "/readyz", 600)  # 100,000 consumers take a while to load
         t = Target(name, base, f"/openai/deployments/gpt-4o/chat/completions?api-version={API}",
                    {"api-key": self.client_key}, pid=p.pid)
@@ -497,7 +552,7 @@ class Bench:
         """One request by hand: it must succeed and be served by the sim."""
         req = urllib.request.Request(t.url, data=chat_body(), method="POST",
                                      headers={"content-type": "application/json", **t.headers})
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=TLS_CONTEXT) as r:
             body = r.read()
             if r.status != 200 or b"choices" not in body:
                 raise RuntimeError(f"check request through {t.name} failed: {r.status} {body[:200]!r}")
@@ -534,14 +589,37 @@ class Bench:
             if failures and strict:
                 FAILED.append(f"stream/{target.name}: {failures} failures")
 
+    def tls(self):
+        """TLS on both legs, as in production against *.openai.azure.com: the client speaks HTTPS to
+        the gateway, the gateway HTTPS to a simulator of its own (certificates from a CA made for the
+        run). The same closed- and open-loop runs and TTFB as group 1, direct and through the gateway."""
+        global TLS_CONTEXT
+        ca, cert, key = make_certs(self.work)
+        TLS_CONTEXT = ssl.create_default_context(cafile=ca)
+        self.oha.cacert = ca
+        if not self.oha.has_cacert:
+            self.results["notes"].append("this oha has no --cacert: the TLS runs used --insecure (certificates unchecked)")
+        sim, direct = self.start_sim("aoai-sim-tls", tls=(cert, key))
+        log(f"aoai-sim over TLS {direct.base}")
+        p, gw = self.start_gateway("gateway-tls", tls=(ca, cert, key), sim_url=direct.base)
+        gw.name = "gateway (TLS)"
+        small = chat_body()
+        for target in (direct, gw):
+            self.measure("tls-closed", target, small)
+        for rate in self.a.rates:
+            for target in (direct, gw):
+                self.measure("tls-open", target, small, rate=rate)
+        self.streaming([direct, gw])
+        self.memory(p, gw)
+        stop(p)
+        stop(sim)
+        self.sim_urls.remove(direct.base)
+
     def run(self):
         a = self.a
-        if a.tls:
-            raise SystemExit("bench-compare: --tls: not built yet: the gateway serves HTTPS ([gateway.tls]) "
-                             "but this harness does not yet give the simulator and the gateway certificates, "
-                             "so TLS on both legs is not measured")
         self.sink = start_sink()
-        self.start_sim()
+        self.sim, self.direct = self.start_sim()
+        self.sim_url = self.direct.base
         log(f"aoai-sim {self.sim_url}; oha {self.oha.version}; work dir {self.work}")
 
         # 1. the plain gateway: closed and open loop, streaming, body sizes
@@ -555,6 +633,10 @@ class Bench:
                              conns=min(a.connections, 8) if size > 1024 else None)
         self.memory(p, gw)
         stop(p)
+
+        # 1b. TLS on both legs, right after the plain figures it is compared with
+        if a.tls:
+            self.tls()
 
         # 2. the full policy: limits, metrics, access log, spans exported to a collector that is up
         p, full = self.start_gateway("full-policy", limits=True, full=True)

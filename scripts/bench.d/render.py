@@ -67,7 +67,8 @@ def render(res):
              f"closed loop with {s['connections']} connections; open loop at {', '.join(map(str, s['rates']))} "
              f"req/s {'with' if s['co_correction'] else 'WITHOUT'} coordinated-omission correction "
              "(`--latency-correction`). Generator, simulator and gateway share all CPUs (not pinned); "
-             "loopback, plain HTTP (TLS on both legs: not yet measured by the harness).", ""]
+             "loopback, plain HTTP/1.1" + ("; TLS on both legs measured apart, see below." if s.get("tls") else
+                                            " (TLS on both legs: not measured in this run, see `--tls`)."), ""]
 
     # closed loop
     rows = []
@@ -107,15 +108,23 @@ def render(res):
     # streaming
     st = {e["target"]: e for e in res["streaming"]}
     if st:
-        d = st.get("direct")
-        rows = [[e["target"], f(e["ttfb_p50_ms"]), f(e["ttfb_p99_ms"]),
-                 diff(e["ttfb_p50_ms"], d["ttfb_p50_ms"]) if d else "–", diff(e["ttfb_p99_ms"], d["ttfb_p99_ms"]) if d else "–",
-                 f(e["total_p50_ms"]), f(e["closed_rps"], 0), f"{e['failures']} of {e['requests']}"] for e in st.values()]
+        rows = []
+        for e in st.values():
+            # Each path against its own direct figure: over TLS, the simulator over TLS.
+            d = st.get("direct (TLS)" if e["target"].endswith("(TLS)") else "direct")
+            rows.append([e["target"], f(e["ttfb_p50_ms"]), f(e["ttfb_p99_ms"]),
+                         diff(e["ttfb_p50_ms"], d["ttfb_p50_ms"]) if d else "–",
+                         diff(e["ttfb_p99_ms"], d["ttfb_p99_ms"]) if d else "–",
+                         f(e["total_p50_ms"]), f(e["closed_rps"], 0), f"{e['failures']} of {e['requests']}"])
         lines += ["## Streaming", "",
                   table(["target", "TTFB p50 ms", "TTFB p99 ms", "added p50", "added p99", "whole stream p50 ms",
                          "streamed req/s (closed loop)", "failed streams"], rows),
                   "", "Time to first byte: one request at a time on one connection, from the request's last "
-                  "byte to the first `data:` byte (a small client in `compare.py`; oha sees whole responses only).", ""]
+                  "byte to the first `data:` byte (a small client in `compare.py`; oha sees whole responses only)."
+                  + (" A `(TLS)` row is compared with `direct (TLS)`; its handshake is done before the clock starts."
+                     if "direct (TLS)" in st else ""), ""]
+
+    lines += tls_section(res)
 
     # limited consumer, full policy, bodies, scale
     for group, title, note in (
@@ -143,6 +152,51 @@ def render(res):
     return "\n".join(lines) + "\n"
 
 
+def tls_section(res):
+    """TLS on both legs beside the same runs in plain HTTP: what TLS costs each path, and what the
+    gateway adds when both of its legs are encrypted."""
+    if not runs(res, "tls-closed"):
+        return []
+    lines = ["## TLS on both legs", "",
+             "As in production against `*.openai.azure.com`: the client speaks HTTPS to the gateway "
+             "(`[gateway.tls]`) and the gateway HTTPS to the simulator (`aoai-sim --tls-cert`), which it "
+             "trusts through `[upstream] ca_file`; `direct (TLS)` is the client speaking HTTPS to that "
+             "simulator. HTTP/1.1 on both legs, RSA 2048 certificates from a CA made for the run with "
+             "`openssl`, TLS 1.3; connections are kept alive, so handshakes are few. Measured right after "
+             "the plain runs it is compared with.", ""]
+    rows = []
+    for name, plain_name in (("direct (TLS)", "direct"), ("gateway (TLS)", "gateway")):
+        t, pl = one(res, group="tls-closed", target=name), one(res, group="closed", target=plain_name)
+        if not t:
+            continue
+        rows.append([plain_name, f(pl["rps"], 0) if pl else "–", f(t["rps"], 0),
+                     f"{t['rps'] / pl['rps']:.2f}×" if pl and pl["rps"] else "–",
+                     f(pl.get("p50_ms")) if pl else "–", f(t.get("p50_ms")), f(pl.get("p99_ms")) if pl else "–",
+                     f(t.get("p99_ms")), f(pl.get("cpu_us_per_req"), 1) if pl else "–", f(t.get("cpu_us_per_req"), 1),
+                     status(t)])
+    lines += ["Closed loop at saturation:", "",
+              table(["path", "plain req/s", "TLS req/s", "TLS vs plain", "plain p50 ms", "TLS p50 ms", "plain p99 ms",
+                     "TLS p99 ms", "plain CPU µs/req", "TLS CPU µs/req", "status"], rows), ""]
+    rows = []
+    for rate in res["settings"]["rates"]:
+        d, g = one(res, group="tls-open", target="direct (TLS)", rate=rate), one(res, group="tls-open", target="gateway (TLS)", rate=rate)
+        pg = one(res, group="open", target="gateway", rate=rate)
+        if not (d and g):
+            continue
+        row = [f"{rate:,}"]
+        for k in ("p50_ms", "p99_ms", "p999_ms"):
+            row += [f(d.get(k)), f(g.get(k)), diff(g.get(k), d.get(k))]
+        row += [f(pg.get("p50_ms")) if pg else "–", f(pg.get("p99_ms")) if pg else "–"]
+        row.append(", ".join(sorted({status(x) for x in (d, g) if x})))
+        rows.append(row)
+    lines += ["Open loop at fixed rates (latency in ms; the last two columns are the plain gateway's, from the "
+              "open-loop table above):", "",
+              table(["req/s", "direct p50", "gateway p50", "added p50", "direct p99", "gateway p99", "added p99",
+                     "direct p99.9", "gateway p99.9", "added p99.9", "plain gateway p50", "plain gateway p99", "status"], rows),
+              ""]
+    return lines
+
+
 def plot(res, out, cache):
     """Latency (p50 and p99) against offered load, one line per target."""
     script = f"""
@@ -153,7 +207,7 @@ import matplotlib.pyplot as plt
 res = json.load(open({json.dumps(os.path.abspath(res))}))
 series = {{}}
 for r in res["runs"]:
-    if r["rate"] and r["group"] in ("open", "full", "peers-open") and r.get("p50_ms") is not None:
+    if r["rate"] and r["group"] in ("open", "full", "peers-open", "tls-open") and r.get("p50_ms") is not None:
         name = r["target"]
         series.setdefault(name, []).append((r["rate"], r["p50_ms"], r["p99_ms"]))
 fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

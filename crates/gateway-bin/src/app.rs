@@ -309,7 +309,7 @@ pub fn build_from(
         .layer(failover_layer)
         // Each attempt runs in its own client span: its backend gets that span's traceparent.
         .layer(InjectTraceContextLayer)
-        .service(ReqwestClient::new());
+        .service(upstream_client(policy)?);
 
     let draining = previous.map_or_else(Arc::default, |p| p.draining.clone());
     let version = PolicyVersion::of(policy);
@@ -395,6 +395,21 @@ fn admission(gateway: &GatewaySettings) -> Admission {
 }
 
 /// The policy's backends, each with its resolved credential (parallel to `policy.backends`).
+/// The client every backend is called with: the system's CA roots, plus `upstream.ca_file`'s.
+fn upstream_client(policy: &Policy) -> Result<ReqwestClient, BuildError> {
+    let roots = crate::tls::upstream_roots(policy).map_err(BuildError)?;
+    let what = if roots.is_empty() {
+        "the upstream HTTP client cannot start"
+    } else {
+        "upstream.ca_file: the upstream HTTP client cannot start with these certificates"
+    };
+    let client = ReqwestClient::builder()
+        .tls_certs_merge(roots)
+        .build()
+        .map_err(|e| BuildError(format!("{what}: {}", gateway_layers::client::Chain(&e))))?;
+    Ok(ReqwestClient::from_client(client))
+}
+
 fn backends(policy: &Policy, secrets: &ResolvedSecrets) -> Result<Vec<Backend>, BuildError> {
     let mut backends = Vec::with_capacity(policy.backends.len());
     for (spec, credential) in policy.backends.iter().zip(&secrets.backends) {

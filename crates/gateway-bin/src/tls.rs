@@ -1,5 +1,7 @@
 //! TLS on the listeners: rustls with the aws-lc-rs provider reqwest already links, HTTP/2 or
-//! HTTP/1.1 as the client offers (ALPN), and certificates that can be renewed while serving.
+//! HTTP/1.1 as the client offers (ALPN), and certificates that can be renewed while serving. And
+//! the private CA certificates the upstream client trusts besides the system's
+//! ([`upstream_roots`], `upstream.ca_file`).
 //!
 //! [`Tls`] answers every handshake with its current certificate ([`ResolvesServerCert`]). The
 //! certificate and key are secret references re-resolved every `reload_seconds`; a changed pair
@@ -39,7 +41,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{ServerConfig, version};
+use tokio_rustls::rustls::{RootCertStore, ServerConfig, version};
 use tower::ServiceExt;
 
 /// A client that opened a connection has this long to finish its TLS handshake.
@@ -299,6 +301,39 @@ pub fn keep_renewed(tls: &ListenerTls, policy: &Policy, src: Arc<dyn SecretSourc
     }
 }
 
+/// The certificates in `upstream.ca_file`, for the upstream client to trust besides the system's
+/// roots (none when the setting is absent). Each must parse as a trust anchor. The error names the
+/// setting and the file.
+pub fn upstream_roots(policy: &Policy) -> Result<Vec<reqwest::Certificate>, String> {
+    let Some(path) = policy.upstream_ca_file() else {
+        return Ok(Vec::new());
+    };
+    let at = |problem: String| format!("upstream.ca_file: {}: {problem}", path.display());
+    let pem = std::fs::read(&path).map_err(|e| at(format!("cannot read it: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| at(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(at(
+            "holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)".into(),
+        ));
+    }
+    // reqwest would only find a bad one when it builds the client, with a vaguer message.
+    let mut anchors = RootCertStore::empty();
+    certs
+        .into_iter()
+        .enumerate()
+        .map(|(i, der)| {
+            let certificate = reqwest::Certificate::from_der(&der)
+                .map_err(|e| at(format!("certificate {}: {e}", i + 1)))?;
+            anchors
+                .add(der)
+                .map_err(|e| at(format!("certificate {} cannot be trusted: {e}", i + 1)))?;
+            Ok(certificate)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -331,5 +366,58 @@ mod tests {
         for line in pem_lines() {
             assert!(!shown.contains(line), "{line} in {shown}");
         }
+    }
+
+    fn policy_with_ca(path: &std::path::Path) -> Policy {
+        let text = format!(
+            "[upstream]\nca_file = \"{}\"\n\n[[deployments]]\nname = \"d\"\n\n[[backends]]\nname = \"b\"\nregion = \"r\"\nendpoint = \"https://b.example\"\napi_key = \"env:K\"\ndeployments = {{ d = \"d\" }}\n",
+            path.display()
+        );
+        Policy::from_toml_str(&text, "p.toml").unwrap()
+    }
+
+    #[test]
+    fn upstream_roots_name_the_setting_and_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("gw-upstream-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+
+        // The fixture's certificate (with its key in the same file: only certificates count).
+        let ok = write("ok.pem", PEM);
+        assert_eq!(upstream_roots(&policy_with_ca(&ok)).unwrap().len(), 1);
+
+        let missing = dir.join("missing.pem");
+        let error = upstream_roots(&policy_with_ca(&missing)).unwrap_err();
+        assert!(
+            error.starts_with(&format!(
+                "upstream.ca_file: {}: cannot read it:",
+                missing.display()
+            )),
+            "{error}"
+        );
+
+        let empty = write("empty.pem", "not a certificate\n");
+        let error = upstream_roots(&policy_with_ca(&empty)).unwrap_err();
+        assert!(error.contains("holds no PEM certificate"), "{error}");
+
+        let garbage = write(
+            "garbage.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let error = upstream_roots(&policy_with_ca(&garbage)).unwrap_err();
+        assert!(error.starts_with("upstream.ca_file: "), "{error}");
+        assert!(error.contains("certificate 1 cannot be trusted"), "{error}");
+
+        let none = Policy::from_toml_str(
+            "[[deployments]]\nname = \"d\"\n\n[[backends]]\nname = \"b\"\nregion = \"r\"\nendpoint = \"https://b.example\"\napi_key = \"env:K\"\ndeployments = { d = \"d\" }\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert!(upstream_roots(&none).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

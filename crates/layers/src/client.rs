@@ -94,14 +94,20 @@ impl ReqwestClient {
 
     /// Like [`new`](Self::new), returning the error instead of panicking.
     pub fn try_new() -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        Ok(Self {
+            client: Self::builder().build()?,
+        })
+    }
+
+    /// The builder behind [`new`](Self::new), for adding to its settings (e.g. CA certificates
+    /// with `tls_certs_merge`) before [`from_client`](Self::from_client).
+    pub fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
             // A redirect could carry the backend's credential to another host.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
-            .build()?;
-        Ok(Self { client })
     }
 
     /// Uses a client you configured yourself.

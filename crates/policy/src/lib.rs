@@ -105,6 +105,9 @@ pub struct Policy {
     /// How often `keyvault:` references are read again.
     #[serde(default)]
     pub key_vault: KeyVaultSettings,
+    /// The HTTP client that calls the backends: which CA certificates it trusts.
+    #[serde(default)]
+    pub upstream: UpstreamSettings,
     /// Where the policy was read from: names the file in errors found after loading, and is the
     /// base for relative `file:` secrets. Not part of the TOML.
     #[serde(skip)]
@@ -178,6 +181,17 @@ pub struct TlsSettings {
     /// connections.
     #[serde(default = "default_tls_reload")]
     pub reload_seconds: u64,
+}
+
+/// `[upstream]`: the HTTP client every backend is called with (one client for all backends).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    /// Path to a PEM bundle of CA certificates trusted for the backends' TLS certificates, besides
+    /// the system's roots: a TLS-inspecting proxy's or an API Management front's private CA. A
+    /// relative path is relative to the policy file's directory. Read at start-up and on every
+    /// reload; a file that cannot be read or holds no usable certificate stops either.
+    pub ca_file: Option<String>,
 }
 
 /// `[[backends]]`: one Azure OpenAI resource in one region.
@@ -530,6 +544,41 @@ fn default_priority() -> u32 {
 
 fn default_weight() -> u32 {
     1
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// `upstream.ca_file` as a path to read: a relative one joined to the policy file's directory
+    /// (as `file:` references are), or taken as it is when the policy was not read from a file.
+    ///
+    /// ```
+    /// use gateway_policy::Policy;
+    ///
+    /// let text = r#"
+    /// [upstream]
+    /// ca_file = "certs/proxy-ca.pem"
+    ///
+    /// [[deployments]]
+    /// name = "gpt-4o"
+    ///
+    /// [[backends]]
+    /// name = "sweden"
+    /// region = "Sweden Central"
+    /// endpoint = "https://sweden.openai.azure.com"
+    /// api_key = "env:SWEDEN_KEY"
+    /// deployments = { gpt-4o = "gpt-4o" }
+    /// "#;
+    /// let policy = Policy::from_toml_str(text, "p.toml").unwrap();
+    /// assert_eq!(policy.upstream_ca_file().unwrap(), std::path::Path::new("certs/proxy-ca.pem"));
+    /// ```
+    pub fn upstream_ca_file(&self) -> Option<std::path::PathBuf> {
+        let file = std::path::Path::new(self.upstream.ca_file.as_deref()?);
+        Some(match self.source.dir() {
+            Some(dir) if file.is_relative() => dir.join(file),
+            _ => file.to_path_buf(),
+        })
+    }
 }
 
 // === impl BackendSpec ===

@@ -38,6 +38,12 @@ impl Policy {
                 )?;
             }
         }
+        if let Some(ca_file) = &self.upstream.ca_file {
+            writeln!(
+                out,
+                "upstream tls: trusts the CA certificates in {ca_file} besides the system's"
+            )?;
+        }
         if let Some(entra) = &gateway.entra {
             writeln!(
                 out,

@@ -46,6 +46,7 @@ impl Policy {
         check.key_vault(self);
         check.entra(self);
         check.tls(self);
+        check.upstream(self);
         check.routes(self);
         if check.errors.is_empty() {
             return Ok(());
@@ -98,6 +99,17 @@ impl Policy {
                     "{} ms is longer than failover.deadline_ms ({} ms), so the deadline always fires first",
                     failover.response_header_timeout_ms, failover.deadline_ms
                 ),
+            ));
+        }
+        if self.upstream.ca_file.is_some()
+            && !self
+                .backends
+                .iter()
+                .any(|b| b.endpoint.to_ascii_lowercase().starts_with("https://"))
+        {
+            warnings.push(locator.at_value(
+                "upstream.ca_file",
+                "no backend is called over https://, so these certificates are never used",
             ));
         }
         routes::warnings(self, &locator, &mut warnings);
@@ -821,6 +833,29 @@ impl Checker<'_> {
             self.at_key(
                 "admin.tls",
                 "needs `admin.listen`: without it the admin endpoints are served on the gateway's listener, with `gateway.tls`",
+            );
+        }
+    }
+}
+
+impl Checker<'_> {
+    fn upstream(&mut self, policy: &Policy) {
+        let Some(ca_file) = &policy.upstream.ca_file else {
+            return;
+        };
+        if ca_file.trim().is_empty() {
+            self.at_value(
+                "upstream.ca_file",
+                "must be the path of a PEM file of CA certificates",
+            );
+        } else if ["env:", "file:", "keyvault:"]
+            .iter()
+            .any(|prefix| ca_file.starts_with(prefix))
+        {
+            // CA certificates are public: they are read from a path, not through a secret.
+            self.at_value(
+                "upstream.ca_file",
+                "expected a path (e.g. `/etc/gateway/proxy-ca.pem`), not a secret reference: CA certificates are not secret",
             );
         }
     }

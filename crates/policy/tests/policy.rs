@@ -127,7 +127,7 @@ fn unknown_field_points_at_the_key() {
     assert_eq!(
         error(&text),
         "p.toml:1:1: listen: unknown field `listen`, expected one of `gateway`, `backends`, \
-         `deployments`, `failover`, `circuit`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`, `key_vault`"
+         `deployments`, `failover`, `circuit`, `circuit_breaker`, `consumers`, `headers`, `rate_limit`, `telemetry`, `admin`, `key_vault`, `upstream`"
     );
 }
 
@@ -727,6 +727,77 @@ fn unresolvable_secrets_name_the_reference_and_position() {
             "full.toml:38:16: backends[2].bearer_token: cannot read secret file `{}` (from `file:secrets/france.token`): No such file or directory (os error 2)",
             dir.0.join("secrets/france.token").display()
         )
+    );
+}
+
+#[test]
+fn upstream_ca_file_is_a_path_relative_to_the_policy() {
+    let dir = TempDir::new("upstream-ca").unwrap();
+    let path = dir
+        .write(
+            "gw/policy.toml",
+            &format!("[upstream]\nca_file = \"certs/ca.pem\"\n\n{BASE}"),
+        )
+        .unwrap();
+    let policy = Policy::load(&path).unwrap();
+    assert_eq!(
+        policy.upstream_ca_file().unwrap(),
+        dir.0.join("gw/certs/ca.pem")
+    );
+    assert!(
+        policy.summary().contains(
+            "upstream tls: trusts the CA certificates in certs/ca.pem besides the system's"
+        ),
+        "{}",
+        policy.summary()
+    );
+    assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+
+    let absolute = dir
+        .write(
+            "gw/absolute.toml",
+            &format!("[upstream]\nca_file = \"/etc/gw/ca.pem\"\n\n{BASE}"),
+        )
+        .unwrap();
+    let policy = Policy::load(&absolute).unwrap();
+    assert_eq!(
+        policy.upstream_ca_file().unwrap(),
+        Path::new("/etc/gw/ca.pem")
+    );
+
+    let none = Policy::from_toml_str(BASE, "p.toml").unwrap();
+    assert!(none.upstream_ca_file().is_none());
+    assert!(!none.summary().contains("upstream tls"));
+}
+
+#[test]
+fn upstream_ca_file_must_be_a_path() {
+    assert_eq!(
+        error(&format!(
+            "[upstream]\nca_file = \"file:/etc/ca.pem\"\n\n{BASE}"
+        )),
+        "p.toml:2:11: upstream.ca_file: expected a path (e.g. `/etc/gateway/proxy-ca.pem`), not a secret reference: CA certificates are not secret"
+    );
+    assert_eq!(
+        error(&format!("[upstream]\nca_file = \" \"\n\n{BASE}")),
+        "p.toml:2:11: upstream.ca_file: must be the path of a PEM file of CA certificates"
+    );
+    assert!(
+        error(&format!("[upstream]\nca = \"x.pem\"\n\n{BASE}"))
+            .contains("upstream.ca: unknown field `ca`, expected `ca_file`")
+    );
+    // Certificates for backends that are all plain HTTP are never used.
+    let plain = format!(
+        "[upstream]\nca_file = \"ca.pem\"\n\n{}",
+        BASE.replace("https://sweden", "http://sweden")
+    );
+    let policy = Policy::from_toml_str(&plain, "p.toml").unwrap();
+    let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "p.toml:2:11: upstream.ca_file: no backend is called over https://, so these certificates are never used"
+        ]
     );
 }
 

@@ -35,6 +35,8 @@
 //! # }
 //! ```
 //!
+//! [`spawn_tls`] serves a region over HTTPS instead, with a [`ServerTls`] certificate.
+//!
 //! The `aoai-sim` binary serves one region from the command line (`aoai-sim --help`).
 
 pub mod admin;
@@ -53,5 +55,5 @@ pub use config::{
     DeploymentKind, DoneEnding, RegionConfig, ResetFormat, Variants,
 };
 pub use faults::{Fault, FaultKind};
-pub use server::{RunningRegion, router, spawn};
+pub use server::{RunningRegion, ServerTls, router, spawn, spawn_tls};
 pub use state::{RECENT_REQUESTS, RecordedRequest, SimHandle};

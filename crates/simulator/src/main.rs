@@ -1,10 +1,11 @@
 //! `aoai-sim`: serve one simulated Azure OpenAI region until Ctrl-C.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use simulator::{DeploymentConfig, DoneEnding, Fault, RegionConfig, ResetFormat};
+use simulator::{DeploymentConfig, DoneEnding, Fault, RegionConfig, ResetFormat, ServerTls};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
@@ -28,6 +29,9 @@ OPTIONS:
                              carries azure-openai-deployment-utilization, e.g. `87%`
     --reasoning NAME         make deployment NAME a reasoning model (repeatable): it reports as
                              many reasoning tokens as it writes, in completion_tokens_details
+    --tls-cert FILE          serve HTTPS (HTTP/1.1) with this PEM certificate chain, leaf first
+                             (needs --tls-key)
+    --tls-key FILE           the PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
     -h, --help               print this help
 
 VARIANTS (how real backends differ from Azure's documented answers; all off by default):
@@ -59,6 +63,13 @@ Logs go to stderr; set RUST_LOG (default: info).";
 struct Args {
     listen: SocketAddr,
     config: RegionConfig,
+    /// `--tls-cert` and `--tls-key`.
+    tls: Option<TlsFiles>,
+}
+
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[tokio::main]
@@ -81,6 +92,13 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    let tls = match args.tls.as_ref().map(load_tls).transpose() {
+        Ok(tls) => tls,
+        Err(message) => {
+            eprintln!("aoai-sim: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = args.config;
     let summary: Vec<String> = config
         .deployments
@@ -88,7 +106,11 @@ async fn main() -> ExitCode {
         .map(|d| format!("{}={} ({:?}, {})", d.name, d.tpm, d.kind, d.model))
         .collect();
     let keys = config.api_keys.join(", ");
-    let region = match simulator::spawn(config, args.listen).await {
+    let spawned = match tls {
+        Some(tls) => simulator::spawn_tls(config, args.listen, tls).await,
+        None => simulator::spawn(config, args.listen).await,
+    };
+    let region = match spawned {
         Ok(region) => region,
         Err(error) => {
             eprintln!("aoai-sim: cannot listen on {}: {error}", args.listen);
@@ -109,6 +131,22 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Reads `--tls-cert` and `--tls-key`; the error names the option at fault.
+fn load_tls(files: &TlsFiles) -> Result<ServerTls, String> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let cert = read("--tls-cert", &files.cert)?;
+    let key = read("--tls-key", &files.key)?;
+    ServerTls::from_pem(&cert, &key).map_err(|e| {
+        format!(
+            "--tls-cert {} / --tls-key {}: {e}",
+            files.cert.display(),
+            files.key.display()
+        )
+    })
+}
+
 /// Parses the arguments; `Ok(None)` means `--help`.
 fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 9001).into();
@@ -121,6 +159,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut ptu = Vec::new();
     let mut reasoning = Vec::new();
     let mut variants = simulator::Variants::default();
+    let mut tls_cert = None;
+    let mut tls_key = None;
 
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -170,6 +210,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
                 fault.validate().map_err(|e| format!("--fault {v}: {e}"))?;
                 faults.push(fault);
             }
+            "--tls-cert" => tls_cert = Some(PathBuf::from(value()?)),
+            "--tls-key" => tls_key = Some(PathBuf::from(value()?)),
             "--ptu" => ptu.push(value()?),
             "--reasoning" => reasoning.push(value()?),
             "--prompt-cache" => variants.prompt_cache = switch()?,
@@ -206,6 +248,12 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
         }
     }
 
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => return Err("--tls-cert needs --tls-key".into()),
+        (None, Some(_)) => return Err("--tls-key needs --tls-cert".into()),
+    };
     if deployments.is_empty() {
         deployments.push(parse_deployment("gpt-4o=30000")?);
         deployments.push(parse_deployment("text-embedding-3-small=100000")?);
@@ -234,7 +282,11 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     config.deployments = deployments;
     config.faults = faults;
     config.variants = variants;
-    Ok(Some(Args { listen, config }))
+    Ok(Some(Args {
+        listen,
+        config,
+        tls,
+    }))
 }
 
 /// `name=tpm` or `name=tpm:model`.
@@ -306,6 +358,34 @@ mod tests {
         assert_eq!(c.faults, vec![Fault::drop_connection().percent(5.0)]);
         assert_eq!(c.variants, simulator::Variants::default());
         assert!(c.deployments.iter().all(|d| !d.ptu));
+        assert!(parsed.tls.is_none());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let parsed = args(&["--tls-cert", "c.pem", "--tls-key=k.pem"])
+            .unwrap()
+            .unwrap();
+        let tls = parsed.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.key, PathBuf::from("k.pem"));
+        let alone = args(&["--tls-cert", "c.pem"]).err().unwrap();
+        assert!(alone.contains("--tls-key"), "{alone}");
+        let alone = args(&["--tls-key", "k.pem"]).err().unwrap();
+        assert!(alone.contains("--tls-cert"), "{alone}");
+    }
+
+    #[test]
+    fn unreadable_tls_files_are_named() {
+        let files = TlsFiles {
+            cert: PathBuf::from("/nonexistent/aoai-sim-cert.pem"),
+            key: PathBuf::from("/nonexistent/aoai-sim-key.pem"),
+        };
+        let error = load_tls(&files).err().unwrap();
+        assert!(
+            error.starts_with("--tls-cert /nonexistent/aoai-sim-cert.pem:"),
+            "{error}"
+        );
     }
 
     #[test]
