@@ -196,7 +196,7 @@ async fn handle(shared: &Shared, parts: &Parts, body: &Bytes) -> Outcome {
         let response = reply.fault_status(429, Some(1_000), route.op, version_label);
         return Outcome::Respond(response);
     }
-    let plan = match plan(route.op, request) {
+    let plan = match plan(route.op, request, shared.variants.approximate_tokens) {
         Ok(plan) => plan,
         Err(message) => return Outcome::Respond(reply.bad_request(&message)),
     };
@@ -287,7 +287,7 @@ fn authorized(headers: &HeaderMap, keys: &[String]) -> bool {
         .is_some_and(|key| keys.iter().any(|k| k == key))
 }
 
-fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
+fn plan(op: Operation, request: &Value, approximate: bool) -> Result<Plan, String> {
     let uint = |key: &str| request.get(key).and_then(Value::as_u64);
     let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
     let include_usage = request
@@ -305,7 +305,7 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
             let messages = request.get("messages").filter(|m| m.is_array());
             let messages = messages.ok_or_else(|| required("messages"))?;
             Plan {
-                prompt: tokens::chat_prompt(messages),
+                prompt: tokens::chat_prompt(messages, approximate),
                 max_tokens: uint("max_completion_tokens").or_else(|| uint("max_tokens")),
                 n,
                 stream,
@@ -316,7 +316,8 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
         Operation::Completions => {
             let prompt = request.get("prompt").ok_or_else(|| required("prompt"))?;
             Plan {
-                prompt: tokens::text_prompt(prompt).ok_or("'prompt' must be a string or array")?,
+                prompt: tokens::text_prompt(prompt, approximate)
+                    .ok_or("'prompt' must be a string or array")?,
                 max_tokens: uint("max_tokens"),
                 n,
                 stream,
@@ -327,7 +328,8 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
         Operation::Embeddings => {
             let input = request.get("input").ok_or_else(|| required("input"))?;
             Plan {
-                prompt: tokens::text_prompt(input).ok_or("'input' must be a string or array")?,
+                prompt: tokens::text_prompt(input, approximate)
+                    .ok_or("'input' must be a string or array")?,
                 max_tokens: None,
                 n: 1,
                 stream: false,
@@ -338,8 +340,9 @@ fn plan(op: Operation, request: &Value) -> Result<Plan, String> {
         Operation::Responses => {
             let input = request.get("input").ok_or_else(|| required("input"))?;
             let mut prompt = match input {
-                Value::Array(_) => tokens::chat_prompt(input),
-                _ => tokens::text_prompt(input).ok_or("'input' must be a string or array")?,
+                Value::Array(_) => tokens::chat_prompt(input, approximate),
+                _ => tokens::text_prompt(input, approximate)
+                    .ok_or("'input' must be a string or array")?,
             };
             if let Some(instructions) = request.get("instructions").and_then(Value::as_str) {
                 prompt.add_extra(instructions);

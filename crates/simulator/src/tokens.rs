@@ -116,7 +116,7 @@ pub fn count_tokens(text: &str) -> u64 {
 ///
 /// Anything other than an array counts as no messages (only the reply priming).
 pub fn chat_prompt_tokens(messages: &Value) -> u64 {
-    chat_prompt(messages).tokens
+    chat_prompt(messages, false).tokens
 }
 
 /// What the handlers need to know about a prompt.
@@ -128,14 +128,17 @@ pub(crate) struct Prompt {
     pub(crate) hash: u64,
     /// The last user message (or the prompt) carries [`CONTENT_FILTER_MARKER`].
     pub(crate) flagged: bool,
+    /// Count a token per four bytes of text ([`Variants::approximate_tokens`](crate::Variants)).
+    pub(crate) approximate: bool,
 }
 
 /// Counts a chat `messages` array (also used for Responses API input items).
-pub(crate) fn chat_prompt(messages: &Value) -> Prompt {
+pub(crate) fn chat_prompt(messages: &Value, approximate: bool) -> Prompt {
     let mut prompt = Prompt {
         tokens: REPLY_PRIMING_TOKENS,
         hash: FNV_OFFSET,
         flagged: false,
+        approximate,
     };
     let Some(messages) = messages.as_array() else {
         return prompt;
@@ -164,11 +167,12 @@ pub(crate) fn chat_prompt(messages: &Value) -> Prompt {
 
 /// Counts a plain prompt: a string, an array of strings, or token arrays (legacy completions,
 /// embeddings, Responses API string input). Returns `None` for another shape.
-pub(crate) fn text_prompt(input: &Value) -> Option<Prompt> {
+pub(crate) fn text_prompt(input: &Value, approximate: bool) -> Option<Prompt> {
     let mut prompt = Prompt {
         tokens: 0,
         hash: FNV_OFFSET,
         flagged: false,
+        approximate,
     };
     match input {
         Value::String(s) => prompt.add_flagged_text(s),
@@ -232,7 +236,11 @@ fn for_each_text(content: &Value, f: &mut impl FnMut(&str)) {
 
 impl Prompt {
     fn add_text(&mut self, text: &str) {
-        self.tokens += count_tokens(text);
+        self.tokens += if self.approximate {
+            (text.len() as u64).div_ceil(4)
+        } else {
+            count_tokens(text)
+        };
         self.hash = fnv(self.hash, text.as_bytes());
     }
 
@@ -360,7 +368,7 @@ mod tests {
             + (3 + count_tokens("system") + count_tokens("You are helpful."))
             + (3 + count_tokens("user") + count_tokens("Hi") + count_tokens("ann") + 1);
         assert_eq!(chat_prompt_tokens(&messages), expected);
-        assert!(!chat_prompt(&messages).flagged);
+        assert!(!chat_prompt(&messages, false).flagged);
     }
 
     #[test]
@@ -368,13 +376,13 @@ mod tests {
         let flagged = json!([
             {"role": "user", "content": "x [[content_filter]]"},
         ]);
-        assert!(chat_prompt(&flagged).flagged);
+        assert!(chat_prompt(&flagged, false).flagged);
         let earlier = json!([
             {"role": "user", "content": "x [[content_filter]]"},
             {"role": "assistant", "content": "no"},
             {"role": "user", "content": "fine"},
         ]);
-        assert!(!chat_prompt(&earlier).flagged);
+        assert!(!chat_prompt(&earlier, false).flagged);
     }
 
     #[test]
@@ -401,9 +409,12 @@ mod tests {
 
     #[test]
     fn text_prompts() {
-        let p = text_prompt(&json!(["ab", [1, 2, 3]])).unwrap();
+        let p = text_prompt(&json!(["ab", [1, 2, 3]]), false).unwrap();
         assert_eq!(p.tokens, count_tokens("ab") + 3);
-        assert!(text_prompt(&json!({"x": 1})).is_none());
+        assert!(text_prompt(&json!({"x": 1}), false).is_none());
+        // For benchmarks: a token per four bytes, rounded up, token arrays as they are.
+        let p = text_prompt(&json!(["hello world", [1, 2, 3]]), true).unwrap();
+        assert_eq!(p.tokens, 3 + 3);
         assert_eq!(inputs(&json!([1, 2])).len(), 1);
         assert_eq!(inputs(&json!(["a", "b"])), vec!["a", "b"]);
     }
