@@ -46,6 +46,12 @@ pub struct ReqwestClient {
     client: reqwest::Client,
 }
 
+/// An attempt's URL, already parsed, in the request's extensions: [`ReqwestClient`] then sends the
+/// request to it rather than parse the request's URI again. It must be that URI; the failover layer
+/// adds it to the attempts it builds.
+#[derive(Clone, Debug)]
+pub struct UpstreamUrl(pub reqwest::Url);
+
 /// What made an upstream attempt fail, in words fit for the client: a category, never the error's
 /// own text (which names the backend's URL and deployment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,10 +263,27 @@ impl Service<Request<Full<Bytes>>> for ReqwestClient {
                     .map(|c| c.to_bytes())
                     .unwrap_or_default()
             });
-            let req = reqwest::Request::try_from(req)?;
+            let req = request(req)?;
             let res = client.execute(req).await?;
             Ok(Response::from(res))
         })
+    }
+}
+
+/// The reqwest form of `req`: with the [`UpstreamUrl`] it carries when that is all its extensions,
+/// else by reqwest's own conversion (which parses the URI and keeps the extensions).
+fn request(mut req: Request<Bytes>) -> Result<reqwest::Request, reqwest::Error> {
+    let url = req.extensions_mut().remove::<UpstreamUrl>();
+    match url {
+        Some(UpstreamUrl(url)) if req.extensions().is_empty() => {
+            let (parts, body) = req.into_parts();
+            let mut out = reqwest::Request::new(parts.method, url);
+            *out.headers_mut() = parts.headers;
+            *out.version_mut() = parts.version;
+            *out.body_mut() = Some(body.into());
+            Ok(out)
+        }
+        _ => reqwest::Request::try_from(req),
     }
 }
 

@@ -130,6 +130,11 @@ pub(super) fn write(obs: &Observation, record: Option<&Record>, end: End, total:
 /// Lines go to stdout from a thread of their own, through a bounded queue: a slow or stalled log
 /// pipe must not block the runtime's workers, and with them every request. When the queue is full
 /// the line is dropped and counted.
+///
+/// The thread writes in batches: it wakes for the first line after a quiet spell, writes whatever
+/// has queued up by then in one write, and then rests [`BATCH`] before it looks again. Woken for every
+/// line, it cost a futex wake on the request's worker, a context switch and a `write` per request:
+/// under load, about a tenth of the gateway's CPU (docs/benchmarks.md, "Profile of the hot path").
 struct Writer {
     queue: std::sync::mpsc::SyncSender<Message>,
 }
@@ -142,6 +147,11 @@ enum Message {
 
 /// Lines waiting for stdout at most.
 const QUEUE: usize = 8192;
+/// The writer's rest between batches: how late a line may reach stdout under load. The queue holds
+/// far more than a rest's worth of lines at any rate the gateway serves.
+const BATCH: Duration = Duration::from_millis(10);
+/// A batch larger than this is written before the queue is drained further.
+const BATCH_BYTES: usize = 256 * 1024;
 
 fn writer() -> &'static Writer {
     static WRITER: std::sync::OnceLock<Writer> = std::sync::OnceLock::new();
@@ -149,26 +159,48 @@ fn writer() -> &'static Writer {
         let (queue, lines) = std::sync::mpsc::sync_channel::<Message>(QUEUE);
         let spawned = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                let stdout = std::io::stdout();
-                for message in lines {
-                    match message {
-                        // One write of a whole line: lines never interleave.
-                        Message::Line(line) => {
-                            let _ = stdout.lock().write_all(&line);
-                        }
-                        Message::Flush(done) => {
-                            let _ = stdout.lock().flush();
-                            let _ = done.send(());
-                        }
-                    }
-                }
-            });
+            .spawn(move || write_batches(&lines));
         if let Err(err) = spawned {
             tracing::error!(%err, "cannot start the access-log writer; access log lines are lost");
         }
         Writer { queue }
     })
+}
+
+/// The writer thread: until every sender is gone, waits for a line, writes what queued up with it,
+/// and rests. Whole lines only, so lines never interleave with another writer's.
+fn write_batches(lines: &std::sync::mpsc::Receiver<Message>) {
+    let stdout = std::io::stdout();
+    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // Blocks only while nothing is queued: an idle gateway's writer sleeps until the next line.
+    while let Ok(first) = lines.recv() {
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => {
+                    batch.extend_from_slice(&line);
+                    if batch.len() >= BATCH_BYTES {
+                        let _ = stdout.lock().write_all(&batch);
+                        batch.clear();
+                    }
+                }
+                Message::Flush(done) => {
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(&batch);
+                    let _ = out.flush();
+                    batch.clear();
+                    let _ = done.send(());
+                }
+            }
+            next = lines.try_recv().ok();
+        }
+        if !batch.is_empty() {
+            let _ = stdout.lock().write_all(&batch);
+            batch.clear();
+        }
+        // Lines sent during the rest find no receiver waiting: their senders wake nobody.
+        std::thread::sleep(BATCH);
+    }
 }
 
 impl Writer {

@@ -72,10 +72,11 @@ mod observation;
 mod service;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use ::metrics::SharedString;
+use ::metrics::{Counter, Histogram, SharedString};
 use gateway_core::pool::{BackendId, BackendPool};
+use gateway_layers::failover::AttemptOutcome;
 use tower::Layer;
 
 pub use access_log::flush as flush_access_log;
@@ -106,12 +107,50 @@ struct Shared {
     latency: Arc<Latency>,
     access_log: bool,
     consumer_label: bool,
+    /// The handles of the series whose labels are fixed by the pool, registered on first use.
+    handles: Arc<Handles>,
 }
 
 #[derive(Clone, Debug)]
 struct BackendLabels {
     name: SharedString,
     region: SharedString,
+}
+
+/// Registered metric handles, kept so that a request does not build a label set, hash it and look
+/// it up in the recorder's registry for each of them (docs/benchmarks.md, "Profile of the hot
+/// path"). Each is registered when first used, as the `counter!` it replaces did: a series appears
+/// on `/metrics` only once it has been counted.
+#[derive(Debug, Default)]
+struct Handles {
+    overhead: OnceLock<Histogram>,
+    /// By failed attempt outcome ([`outcome_index`]).
+    failovers: [OnceLock<Counter>; OUTCOMES],
+    /// By [`BackendId`].
+    backends: Vec<BackendHandles>,
+}
+
+#[derive(Debug, Default)]
+struct BackendHandles {
+    ttfb: OnceLock<Histogram>,
+    /// By attempt outcome ([`outcome_index`]).
+    attempts: [OnceLock<Counter>; OUTCOMES],
+}
+
+/// The number of [`AttemptOutcome`]s.
+const OUTCOMES: usize = 7;
+
+/// An outcome's place in the handle arrays.
+fn outcome_index(outcome: AttemptOutcome) -> usize {
+    match outcome {
+        AttemptOutcome::Served => 0,
+        AttemptOutcome::Throttled => 1,
+        AttemptOutcome::AuthFailure => 2,
+        AttemptOutcome::ServerError => 3,
+        AttemptOutcome::DeploymentNotFound => 4,
+        AttemptOutcome::Timeout => 5,
+        AttemptOutcome::ConnectError => 6,
+    }
 }
 
 // === impl ObserveLayer ===
@@ -128,6 +167,10 @@ impl ObserveLayer {
                 region: SharedString::from(b.region.clone()),
             })
             .collect::<Vec<_>>();
+        let handles = Handles {
+            backends: backends.iter().map(|_| BackendHandles::default()).collect(),
+            ..Handles::default()
+        };
         Self {
             shared: Arc::new(Shared {
                 latency: Arc::new(Latency::new(backends.len())),
@@ -135,6 +178,7 @@ impl ObserveLayer {
                 deployments: HashMap::new(),
                 access_log: true,
                 consumer_label: true,
+                handles: Arc::new(handles),
             }),
         }
     }

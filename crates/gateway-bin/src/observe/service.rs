@@ -131,29 +131,44 @@ fn on_headers<B>(
         let last = report.attempts.len().saturating_sub(1);
         for (i, a) in report.attempts.iter().enumerate() {
             upstream += a.elapsed;
-            let Some(labels) = shared.backend(a.backend) else {
+            let (Some(labels), Some(handles)) = (
+                shared.backend(a.backend),
+                shared.handles.backends.get(a.backend.0),
+            ) else {
                 continue;
             };
-            counter!(
-                UPSTREAM_ATTEMPTS,
-                "backend" => labels.name.clone(),
-                "region" => labels.region.clone(),
-                "outcome" => a.outcome.as_str(),
-            )
-            .increment(1);
+            let outcome = super::outcome_index(a.outcome);
+            handles.attempts[outcome]
+                .get_or_init(|| {
+                    counter!(
+                        UPSTREAM_ATTEMPTS,
+                        "backend" => labels.name.clone(),
+                        "region" => labels.region.clone(),
+                        "outcome" => a.outcome.as_str(),
+                    )
+                })
+                .increment(1);
             // A timeout or a refused connection has no first byte to time.
             if a.status.is_some() {
-                histogram!(UPSTREAM_TTFB, "backend" => labels.name.clone())
+                handles
+                    .ttfb
+                    .get_or_init(|| histogram!(UPSTREAM_TTFB, "backend" => labels.name.clone()))
                     .record(a.elapsed.as_secs_f64());
                 shared.latency.observe(a.backend, a.elapsed);
             }
             if i < last {
-                counter!(FAILOVERS, "reason" => a.outcome.as_str()).increment(1);
+                shared.handles.failovers[outcome]
+                    .get_or_init(|| counter!(FAILOVERS, "reason" => a.outcome.as_str()))
+                    .increment(1);
             }
         }
     }
     let overhead = ttfb.saturating_sub(upstream);
-    histogram!(OVERHEAD).record(overhead.as_secs_f64());
+    shared
+        .handles
+        .overhead
+        .get_or_init(|| histogram!(OVERHEAD))
+        .record(overhead.as_secs_f64());
     if let Some(limit) = record.and_then(Record::limit) {
         let consumer = shared.consumer(record.and_then(Record::consumer));
         counter!(LIMIT_REJECTIONS, "consumer" => consumer, "limit" => limit.as_str()).increment(1);

@@ -3,8 +3,9 @@
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
-use opentelemetry::propagation::Injector;
+use opentelemetry::propagation::{Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tower::{Layer, Service};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -93,9 +94,8 @@ fn inject(headers: &mut HeaderMap) {
     }
     headers.remove(&TRACEPARENT);
     headers.remove(&TRACESTATE);
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&cx, &mut HeaderInjector(headers));
-    });
+    // The propagator `init` installs, without the global lock (see `server_span`).
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
 }
 
 // === impl HeaderInjector ===

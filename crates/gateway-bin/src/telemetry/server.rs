@@ -24,8 +24,9 @@ use gateway_layers::context::RequestContext;
 use gateway_layers::record::{End, Record};
 use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Response, header};
-use opentelemetry::propagation::Extractor;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Span;
@@ -174,9 +175,9 @@ fn server_span<B>(req: &Request<B>) -> Span {
         gateway.attempts = Empty,
         error.type = Empty,
     );
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HeaderExtractor(req.headers()))
-    });
+    // W3C trace context, the one propagator `init` installs; called directly rather than through
+    // `opentelemetry::global`, whose lock every request would take (and bounce between cores).
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
     if parent.span().span_context().is_valid() {
         // Fails only when traces are off (no OpenTelemetry layer): nothing to link then.
         let _ = span.set_parent(parent);

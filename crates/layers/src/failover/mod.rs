@@ -169,6 +169,9 @@ pub struct FailoverReport {
 #[derive(Clone, Debug)]
 struct Upstream {
     base: String,
+    /// `base` parsed once, when it is a bare origin (no path, query or fragment): each attempt's URL
+    /// is then this with its path and query set, not the whole string parsed again.
+    origin: Option<reqwest::Url>,
     credential: UpstreamCredential,
     served_by: HeaderValue,
     name: Arc<str>,
@@ -216,8 +219,16 @@ impl Upstream {
         };
         let served_by = HeaderValue::from_str(&format!("{} ({})", b.name, b.region))
             .unwrap_or_else(|_| HeaderValue::from_static("backend"));
+        let base = b.endpoint.trim_end_matches('/').to_owned();
+        let origin = reqwest::Url::parse(&base).ok().filter(|u| {
+            !u.cannot_be_a_base()
+                && u.path() == "/"
+                && u.query().is_none()
+                && u.fragment().is_none()
+        });
         Self {
-            base: b.endpoint.trim_end_matches('/').to_owned(),
+            base,
+            origin,
             credential,
             served_by,
             name: Arc::from(b.name.as_str()),

@@ -29,7 +29,7 @@ use super::{
     FailoverReport, FlexFallback, ServedBy, Shared,
 };
 use crate::BoxError;
-use crate::client::{Chain, ErrorCause};
+use crate::client::{Chain, ErrorCause, UpstreamUrl};
 use crate::context::{DeploymentSource, RequestContext};
 use crate::error::{azure_error, set_retry_after, too_many_requests};
 use crate::headers::{
@@ -610,7 +610,21 @@ fn build_attempt(
         uri.push_str(q);
     }
 
+    // The client's own URL type, made from the parsed origin: spares it parsing `uri` again.
+    let url = up.origin.as_ref().map(|origin| {
+        let (path, query) = match uri[up.base.len()..].split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (&uri[up.base.len()..], None),
+        };
+        let mut url = origin.clone();
+        url.set_path(path);
+        url.set_query(query);
+        UpstreamUrl(url)
+    });
     let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
+    if let Some(url) = url {
+        builder = builder.extension(url);
+    }
     if let Some(headers) = builder.headers_mut() {
         headers.reserve(parts.headers.len() + 1);
         for (name, value) in &parts.headers {
@@ -793,5 +807,47 @@ mod tests {
             br#"{"error":{"code":"404","message":"Resource not found"}}"#
         ));
         assert!(!is_deployment_not_found(b"not json"));
+    }
+
+    /// The URL handed to the client is the one reqwest would parse from the attempt's URI.
+    #[test]
+    fn the_parsed_url_is_the_attempts_uri() {
+        let backend = |endpoint: &str| gateway_core::pool::Backend {
+            name: "b".into(),
+            region: "r".into(),
+            endpoint: endpoint.into(),
+            priority: 1,
+            weight: 1,
+            deployments: Default::default(),
+            credential: None,
+        };
+        let paths = [
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            "/openai/deployments/gpt-4o/embeddings",
+            "/openai/deployments/gpt-4o/chat/completions?",
+            "/openai/v1/chat/completions?api-version=preview&x=%20a%2Fb",
+            "/openai/deployments/d%C3%A9j%C3%A0/chat/completions?a=1&a=2",
+        ];
+        for endpoint in ["http://127.0.0.1:8080", "https://x.openai.azure.com/"] {
+            let up = super::super::Upstream::new(&backend(endpoint));
+            assert!(up.origin.is_some(), "{endpoint} is a bare origin");
+            for path in paths {
+                let (parts, _) = Request::post(path).body(()).unwrap().into_parts();
+                let ctx = RequestContext::from_parts_and_body(
+                    &parts,
+                    Bytes::from_static(b"{}"),
+                    Instant::now().into_std(),
+                )
+                .unwrap();
+                let req = build_attempt(&parts, &ctx, &up, None, None, None).unwrap();
+                let url = &req.extensions().get::<UpstreamUrl>().unwrap().0;
+                let parsed = reqwest::Url::parse(&req.uri().to_string()).unwrap();
+                assert_eq!(url, &parsed, "{endpoint}{path}");
+                assert_eq!(url.as_str(), parsed.as_str());
+            }
+        }
+        // An endpoint with a path of its own is parsed whole, as before.
+        let up = super::super::Upstream::new(&backend("http://127.0.0.1:8080/prefix"));
+        assert!(up.origin.is_none());
     }
 }
