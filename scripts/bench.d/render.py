@@ -128,7 +128,7 @@ def render(res):
 
     # limited consumer, full policy, bodies, scale
     for group, title, note in (
-            ("limited", "A limited consumer: what the tokenizer costs", "The consumer has TPM and RPM limits far above what the run sends: every request is estimated with the tokenizer and counted, none is refused."),
+            ("limited", "A limited consumer: small and large prompts", "The consumer has TPM and RPM limits far above what the run sends: every request is reserved and counted against them, none is refused. That far from its limits a prompt is not tokenized: an upper bound of its tokens (its length in bytes) is reserved, and the answer's usage replaces it. The exact count, paid near a limit, is measured by the criterion bench (`cargo bench -p gateway-core --bench hot_paths -- estimate`; docs/benchmarks.md)."),
             ("bodies", "Body size", "Fewer connections (8) for 1 MB bodies."),
             ("scale", "Scale pairs (gateway, closed loop)", "Consumers beyond the first only fill the tables (keys from files); each has limits, so the store holds them all.")):
         rs = runs(res, group)
