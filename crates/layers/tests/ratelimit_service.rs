@@ -42,6 +42,8 @@ const CONTENT: &str =
 /// A usage chunk as Python's json writes it: spaces after colons.
 const USAGE: &str = "data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 9, \"completion_tokens\": 2, \"total_tokens\": 11}}\n\n";
 const DONE: &str = "data: [DONE]\n\n";
+/// A long prompt: its bound (bytes) is well above its exact count.
+const LONG: &str = r#"{"messages":[{"role":"user","content":"The quick brown fox jumps over the lazy dog, again and again, until the dog finally wakes up."}],"max_tokens":10,"stream":true}"#;
 
 /// What the upstream does with each call.
 #[derive(Clone)]
@@ -163,8 +165,6 @@ async fn a_json_answer_is_reconciled_to_its_usage_before_it_is_sent() {
 
 #[tokio::test(start_paused = true)]
 async fn far_from_every_limit_the_bound_is_reserved_and_the_usage_charged() {
-    // A long prompt: its bound (bytes) is well above its exact count, and far below the limit.
-    const LONG: &str = r#"{"messages":[{"role":"user","content":"The quick brown fox jumps over the lazy dog, again and again, until the dog finally wakes up."}],"max_tokens":10,"stream":true}"#;
     let tpm = 1_000_000;
     assert!(bound(LONG) > exact(LONG) + 50 && bound(LONG) * 16 <= tpm);
     let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 10));
@@ -186,6 +186,39 @@ async fn far_from_every_limit_the_bound_is_reserved_and_the_usage_charged() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn as_what_is_left_shrinks_prompts_are_counted_so_bounds_in_flight_cost_little_room() {
+    let (b, e) = (bound(LONG), exact(LONG));
+    let tpm = b * 16 * 2;
+    let layer =
+        RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 1000));
+    // Streams held open: every reservation stays in flight.
+    let mut open = Vec::new();
+    let mut estimates = Vec::new();
+    loop {
+        let (reply, tx) = stream_reply();
+        let res = gateway(layer.clone(), reply, Seen::default())
+            .oneshot(chat(LONG))
+            .await
+            .unwrap();
+        if res.status() == 429 {
+            break;
+        }
+        let record = res.extensions().get::<Arc<Record>>().unwrap().clone();
+        estimates.push(record.estimate().unwrap().total());
+        open.push((res, tx));
+        assert!(open.len() < 1000, "never refused");
+    }
+    // A bound while what the last request left is at least 16 bounds (the first 17), then counts:
+    // the bounds hold 17 b, and the rest of the minute is filled with exact reservations.
+    let bounds = estimates.iter().filter(|&&t| t == b).count() as u64;
+    assert_eq!(bounds, 17, "{estimates:?}");
+    assert!(estimates[17..].iter().all(|&t| t == e), "{estimates:?}");
+    assert_eq!(estimates.len() as u64, 17 + (tpm - 17 * b) / e);
+    // Without the hint, every request would have reserved its bound: 32 in flight in all.
+    assert!(estimates.len() as u64 > tpm / b);
+}
+
+#[tokio::test(start_paused = true)]
 async fn near_a_limit_the_prompt_is_counted() {
     let tpm = bound(CHAT) * 16 - 1;
     let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 10));
@@ -199,15 +232,19 @@ async fn near_a_limit_the_prompt_is_counted() {
 #[tokio::test(start_paused = true)]
 async fn a_bound_the_store_refuses_is_counted_and_asked_for_again() {
     let tpm = bound(CHAT) * 16;
-    let layer = RateLimitLayer::new(Arc::new(MemoryStore::new())).consumer("app", limits(tpm, 10));
-    // A first call leaves room for the exact estimate, not for the bound.
+    // Two gateways sharing one store, as replicas share Redis: what one spends, the other has not
+    // seen, so it still reserves a bound.
+    let store = Arc::new(MemoryStore::new());
+    let other = RateLimitLayer::new(store.clone()).consumer("app", limits(tpm, 10));
+    let layer = RateLimitLayer::new(store).consumer("app", limits(tpm, 10));
+    // The other's call leaves room for the exact estimate, not for the bound.
     let spent = tpm - exact(CHAT);
     assert!(tpm - spent < bound(CHAT));
     let first = format!(
         r#"{{"usage":{{"prompt_tokens":{spent},"completion_tokens":0,"total_tokens":{spent}}}}}"#
     );
     let first: &'static str = Box::leak(first.into_boxed_str());
-    let gw = gateway(layer.clone(), Reply::Json(200, first), Seen::default());
+    let gw = gateway(other, Reply::Json(200, first), Seen::default());
     assert_eq!(gw.oneshot(chat(CHAT)).await.unwrap().status(), 200);
     assert_eq!(used(&layer).await.tokens_this_minute, spent);
 

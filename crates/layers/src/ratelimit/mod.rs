@@ -7,9 +7,9 @@
 //!   limit that applies: the consumer's own, and the consumer's for that deployment. Over a per-minute
 //!   limit the answer is 429 with `retry-after` and `retry-after-ms` saying when the request would fit;
 //!   over a quota it is 403 saying when the quota resets. A request far from every token limit
-//!   (its prompt's length in bytes, an upper bound of its tokens, at most a sixteenth of each)
-//!   reserves that bound instead of being tokenized; if the store refuses the bound, the prompt is
-//!   counted and the exact figure asked for again.
+//!   (its prompt's length in bytes, an upper bound of its tokens, at most a sixteenth of each, and of
+//!   what the consumer's last request left) reserves that bound instead of being tokenized; if the
+//!   store refuses the bound, the prompt is counted and the exact figure asked for again.
 //! - **After the call** the reservation is reconciled with the real `usage`: from the JSON body, or for
 //!   streams from the final usage chunk, which the layer asks for (`stream_options.include_usage`) when
 //!   the api-version supports it and removes from the stream when the client did not ask for it. A
@@ -132,7 +132,7 @@ pub struct LimitHeaders {
 struct RateLimitConfig {
     /// Limits by consumer name. A consumer without an entry is not limited (its tokens are still
     /// estimated for routing).
-    consumers: HashMap<Arc<str>, ConsumerLimits>,
+    consumers: HashMap<Arc<str>, Limited>,
     /// Logical deployment -> model name, to choose a tokenizer; the deployment name when absent.
     models: HashMap<String, String>,
     /// Completion tokens reserved when a request names no `max_tokens`.
@@ -141,6 +141,26 @@ struct RateLimitConfig {
     on_store_error: OnStoreError,
     /// Response header names.
     headers: LimitHeaders,
+}
+
+/// A limited consumer: its limits, and the tokens its last admission or refusal left.
+#[derive(Debug)]
+struct Limited {
+    limits: ConsumerLimits,
+    /// Tokens left (per minute or of the quota, the lower) after the consumer's last request the
+    /// store answered, `u64::MAX` before the first: whether a prompt's upper bound may be reserved
+    /// instead of its count depends on it (the service's `Counted::for_limits`). A hint, shared by the
+    /// consumer's requests to every deployment; the store has the truth.
+    room: AtomicU64,
+}
+
+impl Clone for Limited {
+    fn clone(&self) -> Self {
+        Self {
+            limits: self.limits.clone(),
+            room: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 /// Layer that accounts consumer limits. See the [module docs](self).
@@ -267,7 +287,13 @@ impl<St: LimitStore> RateLimitLayer<St> {
     /// estimated, roughly, for routing).
     pub fn consumer(self, name: &str, limits: ConsumerLimits) -> Self {
         self.with(|c| {
-            c.consumers.insert(Arc::from(name), limits);
+            c.consumers.insert(
+                Arc::from(name),
+                Limited {
+                    limits,
+                    room: AtomicU64::new(u64::MAX),
+                },
+            );
         })
     }
 
@@ -296,7 +322,11 @@ impl<St: LimitStore> RateLimitLayer<St> {
 
     /// The limits of `consumer`, as configured.
     pub fn limits(&self, consumer: &str) -> Option<&ConsumerLimits> {
-        self.shared.config.consumers.get(consumer)
+        self.shared
+            .config
+            .consumers
+            .get(consumer)
+            .map(|c| &c.limits)
     }
 
     /// The store.

@@ -137,13 +137,14 @@ where
     };
     let deployment = ctx.deployment.clone();
     let consumer = req.extensions().get::<Consumer>().map(|c| c.name.clone());
-    let checks = match consumer
+    let entry = consumer
         .as_deref()
-        .and_then(|c| config.consumers.get(c).map(|l| (c, l)))
-    {
-        Some((name, limits)) => checks(name, deployment.as_deref(), limits),
+        .and_then(|c| config.consumers.get(c).map(|l| (c, l)));
+    let checks = match entry {
+        Some((name, entry)) => checks(name, deployment.as_deref(), &entry.limits),
         None => Vec::new(),
     };
+    let room = entry.map(|(_, l)| &l.room);
     let default_completion = config.default_completion_tokens;
     let encoding = model_encoding(ctx, config);
     let record = req.extensions().get::<Arc<Record>>().cloned();
@@ -154,7 +155,8 @@ where
     let mut counted = if checks.is_empty() {
         Counted::rough(rough(ctx, default_completion))
     } else {
-        Counted::for_limits(ctx, encoding, default_completion, &checks)
+        let room = room.map_or(u64::MAX, |r| r.load(Ordering::Relaxed));
+        Counted::for_limits(ctx, encoding, default_completion, &checks, room)
     };
     // An absurd max_tokens must not overflow a counter (a store error would fail open).
     let mut need = counted.reserved.total().min(MAX_RESERVATION);
@@ -174,6 +176,9 @@ where
         counted = Counted::exact(ctx, encoding, default_completion);
         need = counted.reserved.total().min(MAX_RESERVATION);
         stored = ask_store(&shared, &checks, need).await;
+    }
+    if let (Some(room), Some(Ok(admission))) = (room, &stored) {
+        room.store(tokens_left(admission), Ordering::Relaxed);
     }
     if let Some(record) = &record {
         record.set_estimate(counted.reserved);
@@ -314,8 +319,11 @@ where
         let charged = counted.charged();
         charged_estimate(record.as_deref(), charged.prompt, charged.completion);
         if counted.is_bound() {
-            // What was reserved is a bound: charge the estimate instead.
-            settle(&shared, held.take().as_ref(), charged.total()).await;
+            // What was reserved is a bound: charge the estimate instead, without holding the
+            // answer's headers for the store.
+            if let Some(reservation) = held.take() {
+                reconciler(shared.clone(), reservation).fire(charged.total());
+            }
         }
         let _kept = held.take();
         return Ok(Response::from_parts(parts, UsageBody::passthrough(body)));
@@ -396,10 +404,26 @@ fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Reserving an upper bound of the prompt instead of counting it is harmless while the bound is a
-/// small share of every token limit: each request in flight over-reserves by less than this share
-/// until its answer reconciles. Nearer a limit, or when the store refuses the bound, the prompt is
-/// counted.
+/// small share of every token limit and of what the consumer's last request left: requests in
+/// flight then over-reserve (the bound is about four times the count for English text) only while
+/// the consumer is far from its limits, and once what is left falls under this many bounds, prompts
+/// are counted, so the room the over-reservations leave still admits what exact counts would, until
+/// the limit is near. When the store refuses a bound, the prompt is counted and asked for again.
 const BOUND_SHARE: u64 = 16;
+
+/// The tokens an admission or refusal says are left: per minute or of the quota, the lower.
+fn tokens_left(admission: &Admission) -> u64 {
+    let remaining = match admission {
+        Admission::Admitted { remaining, .. }
+        | Admission::Limited { remaining, .. }
+        | Admission::QuotaExceeded { remaining, .. } => remaining,
+    };
+    match (remaining.tokens, remaining.quota_tokens) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => u64::MAX,
+    }
+}
 
 /// A request's tokens, as the layer knows them before the call.
 struct Counted {
@@ -443,21 +467,24 @@ impl Counted {
     }
 
     /// What limits `checks` need: an upper bound (the prompt's length in bytes) when it is far
-    /// below every token limit, else the exact count.
+    /// below every token limit and the tokens the consumer's last request left (`left`), else the
+    /// exact count.
     fn for_limits(
         ctx: &RequestContext,
         encoding: Encoding,
         default_completion: u64,
         checks: &[LimitCheck],
+        left: u64,
     ) -> Self {
         let Some(bound) = upper_bound(ctx, encoding, default_completion) else {
             return Self::exact(ctx, encoding, default_completion);
         };
         let room = bound.total().saturating_mul(BOUND_SHARE);
-        let far = checks.iter().all(|c| {
-            c.limits.tokens_per_minute.is_none_or(|tpm| room <= tpm)
-                && c.limits.quota.is_none_or(|q| room <= q.tokens)
-        });
+        let far = room <= left
+            && checks.iter().all(|c| {
+                c.limits.tokens_per_minute.is_none_or(|tpm| room <= tpm)
+                    && c.limits.quota.is_none_or(|q| room <= q.tokens)
+            });
         if !far {
             return Self::exact(ctx, encoding, default_completion);
         }
