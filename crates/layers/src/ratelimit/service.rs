@@ -159,11 +159,8 @@ where
         Counted::for_limits(ctx, encoding, default_completion, &checks, room)
     };
     // An absurd max_tokens must not overflow a counter (a store error would fail open).
+    // A bound is at most a sixteenth of every token limit, so only an exact figure can be over one.
     let mut need = counted.reserved.total().min(MAX_RESERVATION);
-    if counted.is_bound() && over_a_whole_limit(&checks, need).is_some() {
-        counted = Counted::exact(ctx, encoding, default_completion);
-        need = counted.reserved.total().min(MAX_RESERVATION);
-    }
     if let Some(res) = never_fits(name, &checks, need) {
         if let Some(record) = &record {
             record.set_estimate(counted.reserved);
@@ -696,7 +693,14 @@ fn never_fits<B: From<Bytes>>(
     checks: &[LimitCheck],
     need: u64,
 ) -> Option<Response<B>> {
-    let (limit, what) = over_a_whole_limit(checks, need)?;
+    let (limit, what) = match (
+        tightest(checks, |l| l.tokens_per_minute),
+        tightest(checks, |l| l.quota.map(|q| q.tokens)),
+    ) {
+        (Some(tpm), _) if need > tpm => (tpm, "tokens per minute"),
+        (_, Some(quota)) if need > quota => (quota, "tokens of quota"),
+        _ => return None,
+    };
     Some(azure_error(
         StatusCode::BAD_REQUEST,
         "BadRequest",
@@ -704,18 +708,6 @@ fn never_fits<B: From<Bytes>>(
             "This request needs an estimated {need} tokens (prompt plus max_tokens times n), more than consumer '{consumer}' may use at all ({limit} {what}). Lower max_tokens or split the request."
         ),
     ))
-}
-
-/// The tightest token limit `need` is above, and what it is.
-fn over_a_whole_limit(checks: &[LimitCheck], need: u64) -> Option<(u64, &'static str)> {
-    match (
-        tightest(checks, |l| l.tokens_per_minute),
-        tightest(checks, |l| l.quota.map(|q| q.tokens)),
-    ) {
-        (Some(tpm), _) if need > tpm => Some((tpm, "tokens per minute")),
-        (_, Some(quota)) if need > quota => Some((quota, "tokens of quota")),
-        _ => None,
-    }
 }
 
 fn tightest(checks: &[LimitCheck], f: impl Fn(&Limits) -> Option<u64>) -> Option<u64> {
